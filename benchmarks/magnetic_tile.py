@@ -1,0 +1,96 @@
+"""Accuracy and training time of config variants on an MVTec-layout category.
+
+Each variant is the default CFlowConfig with a few fields changed; all run in one
+process, one after another, with the same data and threads, and are trained and
+tested exactly as `cflow-ad train` / `cflow-ad test` do. Prints a Markdown table and
+optionally writes the figures as JSON.
+
+    python benchmarks/magnetic_tile.py --variants default n256 n8192 --epochs 1 --sub-epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cflow_ad import api
+from cflow_ad.checkpoint import read_metadata
+from cflow_ad.config import CFlowConfig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
+
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "pad32": {"border_pad": 32},
+    "n256": {"fiber_batch": 256},
+    "n8192": {"fiber_batch": 8192},
+    "logsigmoid": {"loss": "logsigmoid"},
+    "strides-4-8-16": {"last_stride": 16},
+    "4-scales": {"pool_layers": 4},
+    "2-scales": {"pool_layers": 2},
+    "512px": {"image_size": 512},
+    "4-couplings": {"coupling_layers": 4},
+    "uflow": {"conditional": False},
+    "no-rotation": {"rotation": 0.0},
+    "hard-permutation": {"permutation": "hard"},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--category", default="magnetic_tile")
+    p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    p.add_argument("--epochs", type=int, help="override meta-epochs for every variant")
+    p.add_argument("--sub-epochs", type=int, help="override sub-epochs for every variant")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    common = {"seed": args.seed}
+    if args.epochs:
+        common["epochs"] = args.epochs
+    if args.sub_epochs:
+        common["sub_epochs"] = args.sub_epochs
+    rows = []
+    for name in args.variants:
+        cfg = CFlowConfig(**{**common, **VARIANTS[name]})
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            ckpt = api.train(cfg, tmp, data=args.data, category=args.category, progress=False, log=lambda m: None)
+            train_s = time.perf_counter() - t0
+            history = read_metadata(ckpt)["extra"]["history"]
+            m = api.test(ckpt, None, data=args.data, category=args.category, progress=False)
+        row = {
+            "variant": name,
+            "changes": {**common, **VARIANTS[name]},
+            "image_auroc": m["image_auroc"],
+            "pixel_auroc": m["pixel_auroc"],
+            "aupro": m["aupro"],
+            "train_s": round(train_s, 1),
+            "s_per_epoch": round(sum(history["epoch_seconds"]) / len(history["epoch_seconds"]), 1),
+            "final_loss": round(history["epoch_loss"][-1], 4),
+            "test_s": m["seconds"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| variant | image AUROC | pixel AUROC | AUPRO | train s | s/epoch | final loss |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {100 * r['image_auroc']:.1f} | {100 * r['pixel_auroc']:.1f} | {100 * r['aupro']:.1f} "
+            f"| {r['train_s']:.0f} | {r['s_per_epoch']:.0f} | {r['final_loss']} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

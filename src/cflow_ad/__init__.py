@@ -1,0 +1,8 @@
+"""CFLOW-AD: anomaly detection with localization via conditional normalizing flows."""
+
+from .config import CFlowConfig
+from .errors import CflowInputError
+from .model import CFlowModel
+
+__all__ = ["CFlowConfig", "CFlowModel", "CflowInputError"]
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""The Python API behind the CLI: train, test and predict, each one call.
+
+Each function mirrors one `cflow-ad` command, takes the same options and writes the
+same files, so anything done on the command line can be scripted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import data as D
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import CFlowConfig
+from .errors import CflowInputError
+from .metrics import evaluate
+from .model import CFlowModel
+from .scoring import score_set
+from .training import fit
+from .visualize import heat_rgb, overlay_rgb, save_png
+
+
+def open_dataset(
+    split: str,
+    size: int,
+    data: str | Path | None = None,
+    category: str | None = None,
+    normal_dir: str | Path | None = None,
+    abnormal_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+) -> D.AnomalyDataset:
+    """An MVTec-layout split (data + category) or a plain folder layout (normal/abnormal/mask dirs)."""
+    if data is not None:
+        if not category:
+            raise CflowInputError(f"no category given for '{data}': pass --category (one of the folders under it)")
+        return D.mvtec_dataset(data, category, split, size)
+    if normal_dir is None:
+        raise CflowInputError("no data given: pass --data ROOT --category NAME, or --normal-dir DIR")
+    return D.folder_dataset(normal_dir, size, abnormal_dir if split == "test" else None, mask_dir if split == "test" else None)
+
+
+def _model(model: CFlowModel | str | Path) -> CFlowModel:
+    return model if isinstance(model, CFlowModel) else load_checkpoint(model)
+
+
+def train(
+    config: CFlowConfig,
+    output: str | Path,
+    data: str | Path | None = None,
+    category: str | None = None,
+    normal_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train on defect-free images and write `output/model.safetensors`; returns its path."""
+    dataset = open_dataset("train", config.image_size, data, category, normal_dir)
+    val = None
+    if config.val_fraction > 0:
+        dataset, val = D.split_train_val(dataset, config.val_fraction, config.seed)
+    model = CFlowModel(config)
+    t0 = time.perf_counter()
+    history = fit(model, dataset, val, progress=progress, log=log)
+    history["train_seconds"] = time.perf_counter() - t0
+    history["train_images"] = len(dataset)
+    path = save_checkpoint(model, Path(output) / "model.safetensors", extra={"history": history})
+    return path
+
+
+@torch.no_grad()
+def _log_maps(model: CFlowModel, dataset, progress: bool, desc: str):
+    """Per-scale log-density maps plus masks/labels/types/paths of a whole dataset."""
+    loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
+    parts: list[list[torch.Tensor]] = [[] for _ in model.decoders]
+    masks, labels, types, paths = [], [], [], []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for k, lm in enumerate(model.log_density_maps(model.features(batch["image"]))):
+            parts[k].append(lm)
+        masks.append(batch["mask"][:, 0] > 0.5)
+        labels += [int(v) for v in batch["label"]]
+        types += list(batch["defect_type"])
+        paths += list(batch["path"])
+    return [torch.cat(p) for p in parts], torch.cat(masks), labels, types, paths
+
+
+def test(
+    model: CFlowModel | str | Path,
+    output: str | Path | None = None,
+    data: str | Path | None = None,
+    category: str | None = None,
+    normal_dir: str | Path | None = None,
+    abnormal_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    normalization: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score a labelled test set; writes metrics.json and scores.csv to `output` when given."""
+    model = _model(model).eval()
+    mode = normalization or model.config.normalization
+    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir)
+    t0 = time.perf_counter()
+    logs, masks, labels, types, paths = _log_maps(model, dataset, progress, "test")
+    maps, scores = score_set(logs, model.image_size, mode, model.ref_log_density, model.map_offset)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
+    metrics.update(normalization=mode, images=len(labels), seconds=round(seconds, 2))
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with open(out / "scores.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "defect_type", "label", "score"])
+            w.writerows([p, t, lab, f"{s:.6f}"] for p, t, lab, s in zip(paths, types, labels, scores.tolist()))
+    return metrics
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, i = path.stem, 1
+    while stem in used:
+        i += 1
+        stem = f"{path.stem}_{i}"
+    used.add(stem)
+    return stem
+
+
+@torch.no_grad()
+def predict(
+    model: CFlowModel | str | Path,
+    paths: Sequence[str | Path],
+    output: str | Path,
+    normalization: str | None = None,
+    overlays: bool = True,
+    progress: bool = True,
+    warn: Callable[[str], None] = print,
+) -> list[dict]:
+    """Score images/folders; writes scores.csv and a heat map (and overlay) PNG per image.
+
+    Unreadable files are skipped, reported through `warn` and listed in scores.csv
+    with their error, so nothing is lost silently.
+    """
+    model = _model(model).eval()
+    mode = normalization or model.config.normalization
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    files = D.list_images(paths)
+    rows: list[dict] = []
+    good: list[tuple[Path, torch.Tensor]] = []
+    for p in tqdm(files, desc="read", disable=not progress, leave=False):
+        try:
+            good.append((p, D.load_image(p, model.config.image_size)))
+        except CflowInputError as exc:
+            warn(f"skipped: {exc}")
+            rows.append({"path": str(p), "score": None, "error": str(exc)})
+    if good:
+        images = torch.stack([img for _, img in good])
+        logs = [
+            torch.cat(parts)
+            for parts in zip(
+                *(
+                    model.log_density_maps(model.features(images[i : i + model.config.batch_size]))
+                    for i in range(0, len(images), model.config.batch_size)
+                )
+            )
+        ]
+        maps, scores = score_set(logs, model.image_size, mode, model.ref_log_density, model.map_offset)
+        used: set[str] = set()
+        scale = 2 * float(model.train_max_score)
+        for (p, img), amap, score in zip(good, maps, scores.tolist()):
+            stem = _unique_stem(p, used)
+            heat = heat_rgb(amap, scale)
+            row = {"path": str(p), "score": score, "error": "", "map": str(save_png(heat, out / f"{stem}_map.png"))}
+            if overlays:
+                row["overlay"] = str(save_png(overlay_rgb(img, heat), out / f"{stem}_overlay.png"))
+            rows.append(row)
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "score", "error", "map", "overlay"], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "score": "" if r["score"] is None else f"{r['score']:.6f}"})
+    return rows

@@ -1,0 +1,64 @@
+"""One-file checkpoints: safetensors weights with the config and provenance as JSON metadata.
+
+Loading never unpickles anything, and needs neither the training data nor the encoder's
+original weights file: the (truncated) encoder weights travel inside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CFlowConfig
+from .errors import CflowInputError
+from .model import CFlowModel
+
+FORMAT = "cflow-ad/1"
+
+
+def save_checkpoint(model: CFlowModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CflowInputError(f"checkpoint '{path}' does not exist: pass the file written by 'cflow-ad train'")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CflowInputError(f"'{path}' is not a cflow-ad checkpoint ({exc}): pass the file written by 'cflow-ad train'") from None
+    if meta.get("format") != FORMAT:
+        raise CflowInputError(f"'{path}' is not a {FORMAT} checkpoint: pass the file written by 'cflow-ad train'")
+    return {"config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CFlowModel:
+    meta = read_metadata(path)
+    config = CFlowConfig.from_dict(meta["config"])
+    model = CFlowModel(config, pretrained=False)
+    model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,130 @@
+"""`cflow-ad` command line: train, test, predict and an offline demo.
+
+Training flags are generated from `CFlowConfig`, so `--help` always shows the real
+options and defaults. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import CFlowConfig
+from .errors import CflowInputError
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and training (CFlowConfig)")
+    for f in dataclasses.fields(CFlowConfig):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        help_text = f"{meta['help']} (default: {f.default})"
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
+
+
+def _config_from(args: argparse.Namespace) -> CFlowConfig:
+    return CFlowConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CFlowConfig)})
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, test: bool) -> None:
+    g = parser.add_argument_group("data: an MVTec-AD layout root and category, or plain folders")
+    g.add_argument("--data", type=Path, help="MVTec-layout root (ROOT/CATEGORY/train/good, test/<type>, ground_truth/<type>)")
+    g.add_argument("--category", help="category folder under --data")
+    g.add_argument("--normal-dir", type=Path, help="folder of defect-free images (instead of --data)")
+    if test:
+        g.add_argument("--abnormal-dir", type=Path, help="folder of defective images (with --normal-dir)")
+        g.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir: <stem>.png or <stem>_mask.png")
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n or available))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cflow-ad", description="CFLOW-AD anomaly detection with localization.")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the cores available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on defect-free images", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_flags(t, test=False)
+    t.add_argument("--output", type=Path, required=True, help="folder for model.safetensors")
+    _add_config_flags(t)
+
+    e = sub.add_parser("test", help="evaluate a model on a labelled test set")
+    e.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
+    _add_data_flags(e, test=True)
+    e.add_argument("--output", type=Path, required=True, help="folder for metrics.json and scores.csv")
+    e.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
+
+    r = sub.add_parser("predict", help="score images and write anomaly maps")
+    r.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
+    r.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    r.add_argument("--output", type=Path, required=True, help="folder for scores.csv and PNG maps")
+    r.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
+    r.add_argument("--no-overlays", action="store_true", help="write heat maps only")
+
+    d = sub.add_parser("demo", help="offline demo: synthetic data -> train -> test -> overlays")
+    d.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder for data, model and results")
+    return p
+
+
+def _print_metrics(metrics: dict) -> None:
+    print(f"image AUROC {100 * metrics['image_auroc']:.2f}  pixel AUROC {100 * metrics['pixel_auroc']:.2f}  AUPRO {100 * metrics['aupro']:.2f}")
+    for name, m in metrics.get("per_type", {}).items():
+        extra = f"  pixel AUROC {100 * m['pixel_auroc']:.2f}" if "pixel_auroc" in m else ""
+        print(f"  {name:<12} image AUROC {100 * m['image_auroc']:.2f}{extra}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(args.threads)
+    from . import api
+
+    progress = not args.quiet
+    if args.command == "train":
+        config = _config_from(args)
+        path = api.train(config, args.output, args.data, args.category, args.normal_dir, progress=progress)
+        print(path)
+    elif args.command == "test":
+        metrics = api.test(
+            args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir, args.mask_dir,
+            normalization=args.normalization, progress=progress,
+        )
+        _print_metrics(metrics)
+        print(args.output / "metrics.json")
+    elif args.command == "predict":
+        rows = api.predict(args.model, args.paths, args.output, args.normalization, not args.no_overlays, progress, warn=lambda m: print(m, file=sys.stderr))
+        bad = sum(1 for r in rows if r["error"])
+        for r in rows:
+            if not r["error"]:
+                print(f"{r['score']:.4f}  {r['path']}")
+        print(f"{len(rows) - bad} scored, {bad} skipped -> {args.output / 'scores.csv'}")
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        print(json.dumps(run_demo(args.output, progress=progress), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except CflowInputError as exc:
+        print(f"cflow-ad: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("cflow-ad: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

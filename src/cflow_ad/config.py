@@ -1,0 +1,121 @@
+"""The one configuration of a CFLOW-AD model and its training run.
+
+Every option lives here once, with its help text: the CLI builds its flags from these
+fields, the checkpoint stores them, and the docs list them from this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ENCODERS = ("mobilenet_v2", "resnet18", "wide_resnet50_2", "mobilenet_v3_large")
+LOSSES = ("nll", "logsigmoid")
+NORMALIZATIONS = ("stateless", "paper")
+PERMUTATIONS = ("soft", "hard")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class CFlowConfig:
+    """Model architecture, preprocessing, training and scoring settings."""
+
+    # encoder h(lambda)
+    encoder: str = _opt("mobilenet_v2", "ImageNet-pretrained CNN encoder.", ENCODERS)
+    weights: str | None = _opt(
+        None, "Local encoder weights file (.pth state dict); default: installed package, then torchvision download."
+    )
+    pool_layers: int = _opt(3, "Number K of pooled feature scales (1-4).")
+    last_stride: int = _opt(32, "Stride of the deepest tap; the K taps sit at last_stride/2^i (32 -> 8/16/32).")
+    image_size: int = _opt(256, "Images are resized, without cropping, to image_size x image_size.")
+    border_pad: int = _opt(
+        0, "Mirror-pad images by this many pixels before the encoder and crop the features back (multiple of last_stride)."
+    )
+    # decoders g_k(theta_k)
+    coupling_layers: int = _opt(8, "Coupling layers per flow decoder.")
+    condition_dim: int = _opt(128, "Size C of the 2D sin/cos positional condition (multiple of 4).")
+    conditional: bool = _opt(True, "Condition the flows on position (CFLOW); false gives UFLOW.")
+    clamp_alpha: float = _opt(1.9, "Soft clamp alpha of the affine coupling scale.")
+    permutation: str = _opt("soft", "Fixed permutation between couplings: random orthogonal or hard.", PERMUTATIONS)
+    # training (Eq. 7)
+    epochs: int = _opt(4, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
+    sub_epochs: int = _opt(2, "Passes over the training images inside each meta-epoch.")
+    batch_size: int = _opt(16, "Images per encoder batch; all their fibers are used before the next batch.")
+    fiber_batch: int = _opt(1024, "Feature vectors (fibers) per optimizer step.")
+    lr: float = _opt(2e-4, "Adam learning rate.")
+    warmup_epochs: float = _opt(1.0, "Epochs of linear learning-rate warm-up before cosine annealing.")
+    loss: str = _opt("nll", "nll: negative log-likelihood per dimension (Eq. 7); logsigmoid: the authors' variant.", LOSSES)
+    rotation: float = _opt(5.0, "Random rotation range in degrees for training images.")
+    val_fraction: float = _opt(
+        0.0, "Hold out this fraction of train images and keep the meta-epoch with the best validation likelihood."
+    )
+    seed: int = _opt(0, "Random seed: the same seed gives the same model and metrics.")
+    # scoring (Eq. 8)
+    normalization: str = _opt(
+        "stateless", "stateless: constants fixed from training data; paper: normalise over the evaluated set.", NORMALIZATIONS
+    )
+
+    def __post_init__(self) -> None:
+        from .errors import CflowInputError
+
+        def bad(msg: str) -> None:
+            raise CflowInputError(f"invalid config: {msg}")
+
+        if self.encoder not in ENCODERS:
+            bad(f"encoder '{self.encoder}' is not one of {', '.join(ENCODERS)}")
+        if not 1 <= self.pool_layers <= 4:
+            bad(f"pool_layers must be 1-4, got {self.pool_layers}")
+        if self.last_stride not in (8, 16, 32) or self.last_stride >> (self.pool_layers - 1) < 4:
+            bad(f"last_stride {self.last_stride} with {self.pool_layers} pool layers needs taps at strides >= 4")
+        if self.border_pad < 0 or self.border_pad % self.last_stride or self.border_pad >= self.image_size:
+            bad(f"border_pad must be a multiple of last_stride below image_size, got {self.border_pad}")
+        if self.condition_dim <= 0 or self.condition_dim % 4:
+            bad(f"condition_dim must be a positive multiple of 4, got {self.condition_dim}")
+        if self.image_size < 32 or self.image_size % 32:
+            bad(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
+        for name, choices in (("loss", LOSSES), ("normalization", NORMALIZATIONS), ("permutation", PERMUTATIONS)):
+            if getattr(self, name) not in choices:
+                bad(f"{name} '{getattr(self, name)}' is not one of {', '.join(choices)}")
+        if self.coupling_layers < 1 or self.epochs < 1 or self.sub_epochs < 1 or self.batch_size < 1 or self.fiber_batch < 1:
+            bad("coupling_layers, epochs, sub_epochs, batch_size and fiber_batch must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            bad(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Tap strides, shallow to deep (e.g. (8, 16, 32))."""
+        return tuple(self.last_stride >> i for i in reversed(range(self.pool_layers)))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CFlowConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> "CFlowConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def options_markdown() -> str:
+    """The options table of the README, generated from the fields above."""
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(CFlowConfig):
+        flag = f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            flag = f"{flag} / --no-{flag}"
+        lines.append(f"| `--{flag}` | {f.default} | {f.metadata['help']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(options_markdown())

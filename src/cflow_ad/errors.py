@@ -1,0 +1,9 @@
+"""User-facing errors: one clear line naming the file and what to do, never a traceback."""
+
+
+class CflowInputError(Exception):
+    """Bad or missing user input (file, folder, layout, option).
+
+    The message is shown to the user as a single line, so it names the offending
+    path and says how to fix it.
+    """

@@ -1,0 +1,161 @@
+"""Decoders g_k(theta_k): conditional normalizing flows over feature vectors (Section 4.2).
+
+`CouplingBlock` computes exactly what FrEIA 0.2's `AllInOneBlock` computes with affine
+coupling, soft clamping, SOFTPLUS global affine scaling and a fixed permutation (a test
+checks this to 1e-5). It is written here so that the flow exports to ONNX and can be
+made fast: inputs are plain [..., D] tensors, and the condition may carry fewer leading
+dimensions than the features, so a positional condition of shape [L, C] is projected
+once per location and broadcast over a batch of [B, L, D] fibers, or gathered with
+`c_index` for a random set of fibers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def random_rotation(dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A random matrix from SO(dim) (Haar measure, via QR with sign correction)."""
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q.float()
+
+
+def random_permutation_matrix(dim: int, generator: torch.Generator) -> torch.Tensor:
+    w = torch.zeros(dim, dim)
+    w[torch.arange(dim), torch.randperm(dim, generator=generator)] = 1.0
+    return w
+
+
+class CouplingBlock(nn.Module):
+    """Affine coupling + global affine scaling + fixed permutation.
+
+    Forward: the passive half x1 (first ceil(D/2) channels), concatenated with the
+    condition, drives a subnet Linear(d, 2d) - ReLU - Linear(2d, 2*|x2|) that gives a
+    soft-clamped log-scale s = alpha * tanh(0.1 a_s) and a shift t = 0.1 a_t for the
+    active half: x2' = x2 * exp(s) + t. Then y = W (x' * softplus-scale + offset).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int = 0,
+        clamp: float = 1.9,
+        permutation: str = "soft",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if dim < 2:
+            raise ValueError("a coupling block needs at least 2 feature channels")
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.dim, self.cond_dim, self.clamp = dim, cond_dim, clamp
+        self.passive = dim - dim // 2
+        self.active = dim // 2
+        d_in = self.passive + cond_dim
+        hidden = 2 * d_in
+        # First subnet layer split in two so the condition term can be computed per location.
+        self.in_x = nn.Linear(self.passive, hidden, bias=cond_dim == 0)
+        self.in_c = nn.Linear(cond_dim, hidden) if cond_dim else None
+        self.out = nn.Linear(hidden, 2 * self.active)
+        full = nn.Linear(d_in, hidden)  # default init of the unsplit layer, as FrEIA's subnet gets
+        with torch.no_grad():
+            self.in_x.weight.copy_(full.weight[:, : self.passive])
+            if self.in_c is not None:
+                self.in_c.weight.copy_(full.weight[:, self.passive :])
+                self.in_c.bias.copy_(full.bias)
+            else:
+                self.in_x.bias.copy_(full.bias)
+        # SOFTPLUS global affine: scale = 0.2 * softplus(0.5 * g), initialised to 1.
+        self.global_scale = nn.Parameter(torch.full((dim,), 2.0 * math.log(math.exp(5.0) - 1.0)))
+        self.global_offset = nn.Parameter(torch.zeros(dim))
+        perm = random_rotation(dim, generator) if permutation == "soft" else random_permutation_matrix(dim, generator)
+        self.register_buffer("w_perm", perm)
+
+    def scale(self) -> torch.Tensor:
+        return 0.2 * F.softplus(0.5 * self.global_scale)
+
+    def _coeffs(
+        self, x1: torch.Tensor, c: torch.Tensor | None, c_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.in_x(x1)
+        if self.in_c is not None:
+            if c is None:
+                raise ValueError("this flow is conditional: pass a condition")
+            ct = self.in_c(c)
+            h = h + (ct if c_index is None else ct[c_index])
+        a = 0.1 * self.out(F.relu(h))
+        s = self.clamp * torch.tanh(a[..., : self.active])
+        return s, a[..., self.active :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None = None,
+        rev: bool = False,
+        jac: bool = True,
+        c_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`c_index` ([N] long): fiber i takes condition row c_index[i] of a per-location `c`."""
+        scale = self.scale()
+        log_scale = torch.log(scale).sum()
+        if not rev:
+            x1, x2 = x[..., : self.passive], x[..., self.passive :]
+            s, t = self._coeffs(x1, c, c_index)
+            y = torch.cat([x1, x2 * torch.exp(s) + t], dim=-1)
+            y = F.linear(y * scale + self.global_offset, self.w_perm)
+            return y, (s.sum(-1) + log_scale) if jac else None
+        y = (F.linear(x, self.w_perm.T) - self.global_offset) / scale
+        y1, y2 = y[..., : self.passive], y[..., self.passive :]
+        s, t = self._coeffs(y1, c, c_index)
+        out = torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=-1)
+        return out, (-s.sum(-1) - log_scale) if jac else None
+
+
+class ConditionalFlow(nn.Module):
+    """A sequence of coupling blocks: features z -> latent u with log|det J| (Eq. 7-8)."""
+
+    def __init__(
+        self,
+        dim: int,
+        cond_dim: int = 128,
+        n_blocks: int = 8,
+        clamp: float = 1.9,
+        permutation: str = "soft",
+        seed: int = 0,
+    ):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.dim, self.cond_dim = dim, cond_dim
+        self.blocks = nn.ModuleList(
+            CouplingBlock(dim, cond_dim, clamp, permutation, generator) for _ in range(n_blocks)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None = None,
+        rev: bool = False,
+        jac: bool = True,
+        c_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        log_det = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device) if jac else None
+        for block in reversed(self.blocks) if rev else self.blocks:
+            x, j = block(x, c, rev=rev, jac=jac, c_index=c_index)
+            if jac:
+                log_det = log_det + j
+        return x, log_det
+
+    def log_prob(
+        self, x: torch.Tensor, c: torch.Tensor | None = None, c_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p(z | c) per fiber (Eq. 8), with a standard normal base density."""
+        u, log_det = self(x, c, c_index=c_index)
+        return -0.5 * (u.square().sum(-1) + self.dim * LOG_2PI) + log_det

@@ -1,0 +1,70 @@
+"""The CFLOW-AD network: encoder, positional conditions and one flow decoder per scale.
+
+A pure `nn.Module`: no data loading, no optimiser, no files. `forward` maps a batch of
+[0,1] images to anomaly maps and scores with the constants fixed at training time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import CFlowConfig
+from .encoder import Encoder, build_encoder
+from .flow_decoder import ConditionalFlow
+from .positional_encoding import positional_encoding_2d
+from .scoring import anomaly_maps
+
+
+class CFlowModel(nn.Module):
+    def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder or build_encoder(
+            config.encoder, config.strides, config.weights, pretrained, config.border_pad
+        )
+        cond = config.condition_dim if config.conditional else 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.decoders = nn.ModuleList(
+                ConditionalFlow(d, cond, config.coupling_layers, config.clamp_alpha, config.permutation, config.seed + k)
+                for k, d in enumerate(self.encoder.channels)
+            )
+        k = len(self.decoders)
+        # Stateless normalisation constants (set by calibration at the end of training).
+        self.register_buffer("ref_log_density", torch.zeros(k))
+        self.register_buffer("map_offset", torch.tensor(float(k)))
+        self.register_buffer("train_max_score", torch.tensor(1.0))
+        self._conditions: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.config.image_size, self.config.image_size)
+
+    def condition(self, height: int, width: int) -> torch.Tensor | None:
+        """Positional condition as [height*width, C] (row-major), or None for UFLOW."""
+        if not self.config.conditional:
+            return None
+        key = (height, width)
+        if key not in self._conditions:
+            pe = positional_encoding_2d(self.config.condition_dim, height, width)
+            self._conditions[key] = pe.flatten(1).T.contiguous()
+        return self._conditions[key].to(self.map_offset.device)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return self.encoder(images)
+
+    def log_density_maps(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-dimension log-likelihood log p(z|c)/D per location, one [B, h, w] map per scale."""
+        out = []
+        for decoder, f in zip(self.decoders, features):
+            b, d, h, w = f.shape
+            fibers = f.flatten(2).transpose(1, 2)  # [B, h*w, D]
+            out.append((decoder.log_prob(fibers, self.condition(h, w)) / d).view(b, h, w))
+        return out
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly map [B, H, W] (higher = more anomalous) and image score [B]."""
+        logs = self.log_density_maps(self.features(images))
+        return anomaly_maps(logs, self.ref_log_density, self.map_offset, tuple(images.shape[-2:]))

@@ -1,0 +1,33 @@
+"""Heat-map and overlay images for people to look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+
+
+def heat_rgb(amap: torch.Tensor, scale: float) -> np.ndarray:
+    """[H, W] anomaly map -> uint8 RGB jet image; `scale` maps to the top of the colour range.
+
+    The scale is fixed by the model (twice the worst training score), so colours mean
+    the same thing on every image instead of being stretched per image.
+    """
+    v = (amap.float() / max(scale, 1e-12)).clamp(0, 1).cpu().numpy()
+    return (colormaps["jet"](v)[..., :3] * 255).round().astype(np.uint8)
+
+
+def overlay_rgb(image: torch.Tensor, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [3, H, W] image in [0,1] with a heat image of the same size."""
+    img = (image.permute(1, 2, 0).cpu().numpy() * 255).astype(np.float32)
+    return ((1 - alpha) * img + alpha * heat.astype(np.float32)).round().clip(0, 255).astype(np.uint8)
+
+
+def save_png(rgb: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+    return path

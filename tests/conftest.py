@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny synthetic MVTec-layout set and a tiny trained model (built once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cflow_ad import api
+from cflow_ad.config import CFlowConfig
+from cflow_ad.data import make_synthetic_mvtec
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
+
+# Small but real: pretrained MobileNetV2, taps at strides 8 and 16, 2 couplings, 128 px.
+TINY = CFlowConfig(image_size=128, border_pad=16, pool_layers=2, last_stride=16, coupling_layers=2, condition_dim=16, epochs=1, sub_epochs=2,
+                   batch_size=8, fiber_batch=256, seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    return make_synthetic_mvtec(tmp_path_factory.mktemp("syn"), n_train=24, n_test_good=6, n_test_defect=6, size=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    return api.train(TINY, out, data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)

@@ -1,0 +1,90 @@
+"""The `cflow-ad` command: help from the config, full train/test/predict, one-line user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cflow_ad.cli import build_parser, run
+from cflow_ad.config import CFlowConfig
+
+from .conftest import TINY
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cflow_ad", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_help_lists_every_config_field(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    out = capsys.readouterr().out
+    import dataclasses
+
+    for f in dataclasses.fields(CFlowConfig):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "default: mobilenet_v2" in out
+
+
+def test_train_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
+    flags = ["--image-size", "64", "--pool-layers", "2", "--last-stride", "16", "--coupling-layers", "1",
+             "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--batch-size", "8", "--fiber-batch", "256"]
+    assert run(["--quiet", "train", "--data", str(synthetic_root), "--category", "synthetic", "--output", str(tmp_path / "m"), *flags]) == 0
+    ckpt = tmp_path / "m" / "model.safetensors"
+    assert ckpt.is_file() and str(ckpt) in capsys.readouterr().out
+
+    assert run(["--quiet", "test", "--model", str(ckpt), "--data", str(synthetic_root), "--category", "synthetic", "--output", str(tmp_path / "t")]) == 0
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert {"image_auroc", "pixel_auroc", "aupro", "per_type"} <= set(metrics)
+    assert "pixel AUROC" in capsys.readouterr().out
+
+    folder = synthetic_root / "synthetic" / "test" / "spot"
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(folder.joinpath(sorted(p.name for p in folder.iterdir())[0]).read_bytes()[:100])
+    assert run(["--quiet", "predict", "--model", str(ckpt), str(folder), str(corrupt), "--output", str(tmp_path / "p")]) == 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "1 skipped" in captured.out
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    n_images = len(list(folder.iterdir()))
+    assert len(rows) == n_images + 1
+    assert sum(1 for r in rows if r["error"]) == 1
+    assert len(list((tmp_path / "p").glob("*_overlay.png"))) == n_images
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["test", "--model", "missing.safetensors", "--data", ".", "--category", "x", "--output", "o"], "missing.safetensors"),
+        (["train", "--data", "no/such/root", "--category", "x", "--output", "o"], "no/such/root"),
+        (["train", "--data", ".", "--category", "x", "--output", "o", "--condition-dim", "6"], "condition_dim"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cflow_ad", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("cflow-ad: error:")
+
+
+def test_training_stops_on_a_corrupt_training_image(synthetic_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root / "synthetic", root / "cat")
+    (root / "cat" / "train" / "good" / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    proc = _cli("train", "--data", str(root), "--category", "cat", "--output", str(tmp_path / "o"), "--image-size", "64", "--epochs", "1", "--sub-epochs", "1")
+    assert proc.returncode == 2 and "zz_bad.png" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_options_table_is_generated_from_the_config():
+    from pathlib import Path
+
+    from cflow_ad.config import options_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert options_markdown() in readme

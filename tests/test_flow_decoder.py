@@ -1,0 +1,120 @@
+"""The flow decoder against FrEIA 0.2's AllInOneBlock, which the paper's code uses."""
+
+import pytest
+import torch
+from torch import nn
+
+from cflow_ad.flow_decoder import ConditionalFlow, CouplingBlock
+
+Ff = pytest.importorskip("FrEIA.framework")
+Fm = pytest.importorskip("FrEIA.modules")
+
+
+def _subnet(d_in, d_out):
+    return nn.Sequential(nn.Linear(d_in, 2 * d_in), nn.ReLU(), nn.Linear(2 * d_in, d_out))
+
+
+def _freia_copy(flow: ConditionalFlow, dim: int, cond_dim: int):
+    """A FrEIA SequenceINN of AllInOneBlocks holding our flow's weights."""
+    inn = Ff.SequenceINN(dim)
+    for _ in flow.blocks:
+        kw = dict(subnet_constructor=_subnet, affine_clamping=flow.blocks[0].clamp, global_affine_type="SOFTPLUS", permute_soft=True)
+        if cond_dim:
+            inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(cond_dim,), **kw)
+        else:
+            inn.append(Fm.AllInOneBlock, **kw)
+    with torch.no_grad():
+        for ours, theirs in zip(flow.blocks, inn.module_list):
+            w = ours.in_x.weight if ours.in_c is None else torch.cat([ours.in_x.weight, ours.in_c.weight], 1)
+            b = ours.in_x.bias if ours.in_c is None else ours.in_c.bias
+            theirs.subnet[0].weight.copy_(w)
+            theirs.subnet[0].bias.copy_(b)
+            theirs.subnet[2].weight.copy_(ours.out.weight)
+            theirs.subnet[2].bias.copy_(ours.out.bias)
+            theirs.global_scale.copy_(ours.global_scale.view(1, -1))
+            theirs.global_offset.copy_(ours.global_offset.view(1, -1))
+            theirs.w_perm.copy_(ours.w_perm)
+            theirs.w_perm_inv.copy_(ours.w_perm.T)
+    return inn
+
+
+def _randomise(flow: ConditionalFlow, seed: int):
+    """Move every parameter away from its init so the comparison covers trained values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim,cond_dim", [(32, 128), (7, 16), (96, 0)])
+def test_matches_freia_allinoneblock_forward_and_inverse(dim, cond_dim, dtype):
+    flow = ConditionalFlow(dim, cond_dim, n_blocks=4, clamp=1.9, permutation="soft", seed=3)
+    _randomise(flow, seed=dim)
+    inn = _freia_copy(flow, dim, cond_dim)
+    if dtype == torch.float64:
+        flow, inn = flow.double(), inn.double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, dim, generator=g, dtype=dtype)
+    c = torch.randn(64, cond_dim, generator=g, dtype=dtype) if cond_dim else None
+    cond = [c] if cond_dim else []
+
+    z, jac = flow(x, c)
+    z_ref, jac_ref = inn(x, c=cond)
+    assert torch.allclose(z, z_ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(jac, jac_ref, atol=1e-5, rtol=1e-5)
+    assert jac.abs().max() > 0.1  # the comparison covers a non-trivial Jacobian
+
+    x_back, jac_back = flow(z, c, rev=True)
+    x_ref, jac_back_ref = inn(z_ref, c=cond, rev=True)
+    assert torch.allclose(x_back, x_ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(jac_back, jac_back_ref, atol=1e-5, rtol=1e-5)
+    # float32 round trip through randomised (large) scales: loose but meaningful
+    assert torch.allclose(x_back, x, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(jac_back, -jac, atol=1e-3, rtol=1e-4)
+
+
+def test_log_det_matches_autograd_jacobian():
+    flow = ConditionalFlow(6, 4, n_blocks=3, seed=0).double()
+    _randomise(flow, seed=5)
+    x, c = torch.randn(6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    _, log_det = flow(x[None], c[None])
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v[None], c[None])[0][0], x)
+    assert torch.allclose(log_det[0], torch.linalg.slogdet(jac).logabsdet, atol=1e-8)
+
+
+def test_condition_broadcast_equals_per_fiber_condition():
+    """A [L, C] condition broadcast over [B, L, D] fibers equals repeating it per fiber."""
+    flow = ConditionalFlow(10, 8, n_blocks=2, seed=0)
+    x, c = torch.randn(3, 5, 10), torch.randn(5, 8)
+    lp = flow.log_prob(x, c)
+    lp_rep = flow.log_prob(x.reshape(15, 10), c.repeat(3, 1)).view(3, 5)
+    assert torch.allclose(lp, lp_rep, atol=1e-5)
+
+
+def test_hard_permutation_is_a_permutation_and_inverts():
+    block = CouplingBlock(9, 0, permutation="hard")
+    w = block.w_perm
+    assert torch.equal(w.sum(0), torch.ones(9)) and torch.equal(w.sum(1), torch.ones(9))
+    x = torch.randn(4, 9)
+    y, j = block(x)
+    x2, j2 = block(y, rev=True)
+    assert torch.allclose(x, x2, atol=1e-5) and torch.allclose(j, -j2)
+
+
+def test_soft_permutation_is_a_rotation():
+    w = CouplingBlock(16, 0, permutation="soft").w_perm
+    assert torch.allclose(w @ w.T, torch.eye(16), atol=1e-5)
+    assert torch.linalg.det(w) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_condition_index_equals_gathered_condition_with_gradients():
+    flow = ConditionalFlow(10, 8, n_blocks=2, seed=0)
+    x, c = torch.randn(40, 10), torch.randn(6, 8)
+    idx = torch.randint(0, 6, (40,))
+    lp_idx = flow.log_prob(x, c, c_index=idx)
+    g_idx = torch.autograd.grad(lp_idx.sum(), list(flow.parameters()))
+    lp = flow.log_prob(x, c[idx])
+    g = torch.autograd.grad(lp.sum(), list(flow.parameters()))
+    assert torch.allclose(lp_idx, lp, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_idx, g))

@@ -1,0 +1,232 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cflow_ad.metrics import (
+    aupro,
+    auroc_per_defect_type,
+    evaluate,
+    image_auroc,
+    pixel_auroc,
+)
+
+
+def reference_aupro(masks, maps, fpr_limit=0.3):
+    """Slow, literal AUPRO: one pass over the data per distinct threshold."""
+    masks = np.asarray(masks, dtype=bool)
+    maps = np.asarray(maps, dtype=np.float64)
+    regions = []
+    for i, mask in enumerate(masks):
+        labelled, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
+        for r in range(1, n + 1):
+            regions.append(maps[i][labelled == r])
+    negatives = maps[~masks]
+
+    fprs, pros = [0.0], [0.0]
+    for t in sorted(np.unique(maps), reverse=True):
+        fprs.append(float(np.mean(negatives >= t)))
+        pros.append(float(np.mean([np.mean(region >= t) for region in regions])))
+
+    area = 0.0
+    for i in range(1, len(fprs)):
+        x0, x1, y0, y1 = fprs[i - 1], fprs[i], pros[i - 1], pros[i]
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:
+            y1 = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+            x1 = fpr_limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+def random_case(seed, tie_decimals):
+    """4 images of 16x16: rectangles, an L shape, diagonal touches, one empty mask."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((4, 16, 16), dtype=bool)
+    for i in (0, 1, 3):
+        for _ in range(rng.integers(1, 4)):
+            r, c = rng.integers(0, 13, size=2)
+            h, w = rng.integers(1, 4, size=2)
+            masks[i, r : r + h, c : c + w] = True
+    masks[1, 10:15, 2] = True  # L shape: vertical bar ...
+    masks[1, 14, 2:7] = True  # ... and its foot
+    masks[3, 0, 0] = masks[3, 1, 1] = True  # diagonal neighbours: one region under 8-conn
+    # image 2 has no region: negatives only
+    noise = rng.random(masks.shape)
+    maps = noise + rng.uniform(0.2, 0.8) * masks
+    maps = np.round(maps, tie_decimals)  # rounding creates many ties
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("tie_decimals", [1, 2, 6])
+@pytest.mark.parametrize("fpr_limit", [0.05, 0.3, 1.0])
+def test_aupro_matches_reference(seed, tie_decimals, fpr_limit):
+    masks, maps = random_case(seed, tie_decimals)
+    expected = reference_aupro(masks, maps, fpr_limit)
+    assert aupro(masks, maps, fpr_limit) == pytest.approx(expected, abs=1e-6)
+
+
+def test_aupro_float32_maps_match_reference():
+    masks, maps = random_case(42, 2)
+    maps32 = maps.astype(np.float32)
+    assert aupro(masks, maps32) == pytest.approx(reference_aupro(masks, maps32), abs=1e-6)
+
+
+def test_perfect_map_gives_one():
+    masks, _ = random_case(0, 2)
+    maps = masks.astype(np.float32)
+    assert aupro(masks, maps) == pytest.approx(1.0)
+    assert pixel_auroc(masks, maps) == pytest.approx(1.0)
+
+
+def test_negatives_ranked_above_positives_gives_zero():
+    masks, _ = random_case(1, 2)
+    maps = 1.0 - masks.astype(np.float64)
+    assert aupro(masks, maps) == pytest.approx(0.0)
+    assert pixel_auroc(masks, maps) == pytest.approx(0.0)
+
+
+def test_aupro_hand_computed():
+    # One 2-pixel region, 4 negatives. Curve: (0,0) (0,.5) (.25,.5) (.25,1) (.5,1) ...
+    # Area to 0.3 = 0.25*0.5 + 0.05*1 = 0.175; normalised 0.175/0.3.
+    masks = np.array([[[1, 1, 0], [0, 0, 0]]])
+    maps = np.array([[[0.9, 0.5, 0.8], [0.3, 0.2, 0.1]]])
+    assert aupro(masks, maps) == pytest.approx(0.175 / 0.3)
+    # Positives 0.9 and 0.5 against negatives 0.8, 0.3, 0.2, 0.1: 7 of 8 pairs won.
+    assert pixel_auroc(masks, maps) == pytest.approx(7 / 8)
+
+
+def test_aupro_uses_8_connectivity_and_weights_regions_equally():
+    # (0,0) touches (1,1) only diagonally: 8-connectivity gives one region of 3 pixels,
+    # 1 of which is detected. Curve (0,0) (0,1/3) (1,1); PRO at 0.3 is 1/3 + 0.3*2/3 = 8/15,
+    # area = 0.3 * (1/3 + 8/15) / 2, normalised 13/30. (4-connectivity would give 0.575.)
+    masks = np.zeros((1, 3, 3), dtype=bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = masks[0, 1, 2] = True
+    maps = np.zeros((1, 3, 3))
+    maps[0, 0, 0] = 1.0
+    assert aupro(masks, maps) == pytest.approx(13 / 30)
+
+    # Two regions (1 and 3 pixels) in separate images; only the small one detected:
+    # PRO jumps to 1/2 (mean over regions), not 1/4 (pixel fraction).
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, 0, 0] = True
+    masks[1, 0, 0:3] = True
+    maps = np.zeros((2, 4, 4))
+    maps[0, 0, 0] = 1.0
+    # Curve (0,0) (0,.5) (1,1): PRO at 0.3 is 0.65, area 0.3*(0.5+0.65)/2.
+    assert aupro(masks, maps) == pytest.approx((0.5 + 0.65) / 2)
+
+
+def test_empty_mask_image_only_adds_negatives():
+    masks = np.array([[[1, 1, 0], [0, 0, 0]]])
+    maps = np.array([[[0.9, 0.5, 0.8], [0.3, 0.2, 0.1]]])
+    empty = np.zeros_like(masks)
+    low = np.full((1, 2, 3), 0.0)
+    both_masks = np.concatenate([masks, empty])
+    both_maps = np.concatenate([maps, low])
+    # 6 low-scoring extra negatives (10 in all): curve (0,.5) (.1,.5) (.1,1) ...
+    expected = (0.1 * 0.5 + (0.3 - 0.1) * 1.0) / 0.3
+    assert aupro(both_masks, both_maps) == pytest.approx(expected)
+
+
+def test_aupro_nan_and_errors():
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    assert math.isnan(aupro(np.zeros((2, 4, 4)), maps))
+    assert math.isnan(aupro(np.ones((2, 4, 4)), maps))
+    with pytest.raises(ValueError):
+        aupro(np.zeros((2, 4, 4)), maps, fpr_limit=0.0)
+    with pytest.raises(ValueError):
+        aupro(np.zeros((2, 4, 4)), maps[:1])
+    bad = maps.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError):
+        aupro(np.eye(4)[None].repeat(2, 0), bad)
+
+
+def test_aupro_large_case_runs():
+    rng = np.random.default_rng(7)
+    masks = np.zeros((200, 128, 128), dtype=bool)
+    masks[::2, 30:60, 40:90] = True
+    masks[1::4, 100:110, 5:20] = True
+    maps = (rng.random(masks.shape, dtype=np.float32) + 0.3 * masks).astype(np.float32)
+    value = aupro(masks, maps)
+    assert math.isfinite(value)
+    assert 0.0 <= value <= 1.0
+    assert value > 0.3  # the mask-correlated map must beat chance (0.15)
+
+
+def test_image_auroc_hand_computed_and_one_class():
+    # Positives 0.8, 0.4 vs negatives 0.1, 0.4, 0.35: pairs won 3 + (1 + 0.5 tie + 1) = 5.5 of 6.
+    labels = [0, 0, 0, 1, 1]
+    scores = [0.1, 0.4, 0.35, 0.8, 0.4]
+    assert image_auroc(labels, scores) == pytest.approx(5.5 / 6)
+    assert math.isnan(image_auroc([1, 1, 1], [0.1, 0.2, 0.3]))
+    assert math.isnan(image_auroc([0, 0], [0.1, 0.2]))
+    assert math.isnan(pixel_auroc(np.zeros((1, 2, 2)), np.zeros((1, 2, 2))))
+    with pytest.raises(ValueError):
+        image_auroc([0, 1], [0.1])
+
+
+def _small_dataset():
+    types = ["good", "good", "scratch", "scratch", "hole"]
+    labels = np.array([0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.5, 0.9, 0.3, 0.6])
+    masks = np.zeros((5, 4, 4), dtype=bool)
+    masks[2:, 1:3, 1:3] = True
+    maps = np.random.default_rng(3).random((5, 4, 4)).astype(np.float32)
+    maps[4] = masks[4] * 2.0  # hole is segmented perfectly
+    return labels, scores, masks, maps, types
+
+
+def test_auroc_per_defect_type():
+    labels, scores, masks, maps, types = _small_dataset()
+    per_type = auroc_per_defect_type(labels, scores, types, masks, maps)
+    assert set(per_type) == {"scratch", "hole"}
+    # scratch 0.9, 0.3 vs good 0.1, 0.5: 3 of 4 pairs; hole 0.6 beats both goods.
+    assert per_type["scratch"]["image_auroc"] == pytest.approx(0.75)
+    assert per_type["hole"]["image_auroc"] == pytest.approx(1.0)
+    chosen = [0, 1, 4]
+    assert per_type["hole"]["pixel_auroc"] == pytest.approx(
+        pixel_auroc(masks[chosen], maps[chosen])
+    )
+    image_only = auroc_per_defect_type(labels, scores, types)
+    assert image_only == {
+        "scratch": {"image_auroc": pytest.approx(0.75)},
+        "hole": {"image_auroc": pytest.approx(1.0)},
+    }
+
+
+def test_evaluate_keys_and_json():
+    labels, scores, masks, maps, types = _small_dataset()
+    result = evaluate(labels, scores, masks, maps, types)
+    assert set(result) == {"image_auroc", "pixel_auroc", "aupro", "per_type"}
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert type(result[key]) is float
+        assert 0.0 <= result[key] <= 1.0
+    assert result["image_auroc"] == pytest.approx(image_auroc(labels, scores))
+    assert result["aupro"] == pytest.approx(aupro(masks, maps))
+    assert set(result["per_type"]) == {"scratch", "hole"}
+    assert all(type(v) is float for d in result["per_type"].values() for v in d.values())
+    assert json.loads(json.dumps(result))["image_auroc"] == pytest.approx(result["image_auroc"])
+
+    image_only = evaluate(labels, scores, None, None, types)
+    assert math.isnan(image_only["pixel_auroc"])
+    assert math.isnan(image_only["aupro"])
+    json.dumps(image_only)
+    with pytest.raises(ValueError):
+        evaluate(labels, scores, masks, None, types)
+
+
+def test_fast_auroc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from cflow_ad.metrics import pixel_auroc
+
+    rng = np.random.default_rng(7)
+    masks = rng.random((5, 20, 20)) < 0.2
+    maps = np.round(rng.random((5, 20, 20)) + 0.5 * masks, 1).astype(np.float32)  # many ties
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)

@@ -1,0 +1,86 @@
+"""Model forward, Eq. 8 scoring and the two normalisation modes."""
+
+from __future__ import annotations
+
+import torch
+
+from cflow_ad.checkpoint import load_checkpoint
+from cflow_ad.config import CFlowConfig
+from cflow_ad.model import CFlowModel
+from cflow_ad.scoring import anomaly_maps, paper_constants, score_set
+
+
+def _random_model(**kw) -> CFlowModel:
+    cfg = CFlowConfig(image_size=64, coupling_layers=2, condition_dim=16, **kw)
+    return CFlowModel(cfg, pretrained=False).eval()
+
+
+def test_stateless_score_of_an_image_does_not_depend_on_its_batch(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.rand(5, 3, 128, 128, generator=g)
+    with torch.no_grad():
+        maps_b, scores_b = model(batch)
+        for i in range(5):
+            m, s = model(batch[i : i + 1])
+            assert torch.allclose(m[0], maps_b[i], atol=1e-5)
+            assert torch.allclose(s[0], scores_b[i], atol=1e-5)
+    assert scores_b.std() > 0  # different images get different scores
+
+
+def test_paper_mode_depends_on_the_set_but_stateless_does_not():
+    logs_a = [torch.randn(4, 8, 8), torch.randn(4, 4, 4)]
+    logs_b = [torch.cat([l, l[:1] + 3.0]) for l in logs_a]  # add one very likely image
+    refs = torch.tensor([0.0, 0.0])
+    _, s_a = score_set(logs_a, (32, 32), "stateless", refs, torch.tensor(2.0))
+    _, s_b = score_set(logs_b, (32, 32), "stateless", refs, torch.tensor(2.0))
+    assert torch.allclose(s_a, s_b[:4])
+    _, p_a = score_set(logs_a, (32, 32), "paper")
+    _, p_b = score_set(logs_b, (32, 32), "paper")
+    assert not torch.allclose(p_a, p_b[:4])
+
+
+def test_paper_mode_follows_eq8_normalisation():
+    logs = [torch.randn(3, 4, 4), torch.randn(3, 2, 2)]
+    maps, scores = score_set(logs, (8, 8), "paper")
+    refs, offset = paper_constants(logs, (8, 8))
+    assert torch.allclose(refs, torch.stack([logs[0].max(), logs[1].max()]))
+    up = lambda t: torch.nn.functional.interpolate(t[:, None].double(), size=(8, 8), mode="bilinear", align_corners=True)[:, 0]
+    total = up(torch.exp(logs[0] - logs[0].max())) + up(torch.exp(logs[1] - logs[1].max()))
+    assert torch.allclose(maps.double(), total.max() - total, atol=1e-5)
+    assert maps.min() >= -1e-6 and float(offset) <= 2.0 + 1e-6
+    assert torch.allclose(scores, maps.flatten(1).amax(1))
+
+
+def test_higher_likelihood_means_lower_anomaly():
+    low, high = torch.full((1, 4, 4), -5.0), torch.full((1, 4, 4), -1.0)
+    refs = torch.tensor([0.0])
+    a_low, _ = anomaly_maps([low], refs, 1.0, (8, 8))
+    a_high, _ = anomaly_maps([high], refs, 1.0, (8, 8))
+    assert (a_low > a_high).all()
+
+
+def test_border_pad_keeps_feature_map_sizes():
+    plain, padded = _random_model(), _random_model(border_pad=32)
+    x = torch.rand(1, 3, 64, 64)
+    for a, b in zip(plain.encoder(x), padded.encoder(x)):
+        assert a.shape == b.shape
+    assert not torch.allclose(plain.encoder(x)[-1], padded.encoder(x)[-1])
+
+
+def test_forward_shapes_for_each_pool_layer_count():
+    for k in (1, 2, 3, 4):
+        model = _random_model(pool_layers=k)
+        assert len(model.decoders) == k
+        maps, scores = model(torch.rand(2, 3, 64, 64))
+        assert maps.shape == (2, 64, 64) and scores.shape == (2,)
+        assert torch.isfinite(maps).all()
+
+
+def test_uflow_has_no_condition_and_smaller_decoders():
+    cflow, uflow = _random_model(), _random_model(conditional=False)
+    assert uflow.condition(4, 4) is None
+    n = lambda m: sum(p.numel() for p in m.decoders.parameters())
+    assert n(uflow) < n(cflow)
+    maps, _ = uflow(torch.rand(1, 3, 64, 64))
+    assert torch.isfinite(maps).all()
