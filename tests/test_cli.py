@@ -88,3 +88,16 @@ def test_readme_options_table_is_generated_from_the_config():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert options_markdown() in readme
+
+
+def test_predict_paper_mode_scores_the_set_and_names_outputs_uniquely(tiny_checkpoint, synthetic_root, tmp_path):
+    from cflow_ad import api
+
+    test_dir = synthetic_root / "synthetic" / "test"
+    rows = api.predict(tiny_checkpoint, [test_dir], tmp_path, normalization="paper", progress=False)
+    assert len(rows) == 12 and all(not r["error"] for r in rows)
+    assert len({r["map"] for r in rows}) == 12  # good/000 and spot/000 do not overwrite each other
+    scores = [r["score"] for r in rows]
+    assert min(scores) >= -1e-6  # paper offset is the set's maximum summed probability
+    stateless = api.predict(tiny_checkpoint, [test_dir], tmp_path / "s", progress=False)
+    assert [r["path"] for r in stateless] == [r["path"] for r in rows]

@@ -22,7 +22,7 @@ from .config import CFlowConfig
 from .errors import CflowInputError
 from .metrics import evaluate
 from .model import CFlowModel
-from .scoring import score_set
+from .scoring import anomaly_maps, paper_constants, score_set
 from .training import fit
 from .visualize import heat_rgb, overlay_rgb, save_png
 
@@ -122,10 +122,12 @@ def test(
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, i = path.stem, 1
+    """Output name for an image: its stem, prefixed by its folder when stems repeat (good/000, spot/000)."""
+    stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
+    base, i = stem, 1
     while stem in used:
         i += 1
-        stem = f"{path.stem}_{i}"
+        stem = f"{base}_{i}"
     used.add(stem)
     return stem
 
@@ -142,43 +144,56 @@ def predict(
 ) -> list[dict]:
     """Score images/folders; writes scores.csv and a heat map (and overlay) PNG per image.
 
-    Unreadable files are skipped, reported through `warn` and listed in scores.csv
-    with their error, so nothing is lost silently.
+    Images stream through in batches, so memory does not grow with the folder size.
+    Unreadable files are skipped, reported through `warn` and listed in scores.csv with
+    their error, so nothing is lost silently. `paper` normalisation needs the whole set,
+    so it scores in a second pass over the readable images.
     """
     model = _model(model).eval()
     mode = normalization or model.config.normalization
+    size, bs = model.config.image_size, model.config.batch_size
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = D.list_images(paths)
     rows: list[dict] = []
-    good: list[tuple[Path, torch.Tensor]] = []
-    for p in tqdm(files, desc="read", disable=not progress, leave=False):
-        try:
-            good.append((p, D.load_image(p, model.config.image_size)))
-        except CflowInputError as exc:
-            warn(f"skipped: {exc}")
-            rows.append({"path": str(p), "score": None, "error": str(exc)})
-    if good:
-        images = torch.stack([img for _, img in good])
-        logs = [
-            torch.cat(parts)
-            for parts in zip(
-                *(
-                    model.log_density_maps(model.features(images[i : i + model.config.batch_size]))
-                    for i in range(0, len(images), model.config.batch_size)
-                )
-            )
-        ]
-        maps, scores = score_set(logs, model.image_size, mode, model.ref_log_density, model.map_offset)
-        used: set[str] = set()
-        scale = 2 * float(model.train_max_score)
-        for (p, img), amap, score in zip(good, maps, scores.tolist()):
+    used: set[str] = set()
+    scale = 2 * float(model.train_max_score)
+
+    def write(batch_paths, images, logs, refs, offset):
+        maps, scores = anomaly_maps(logs, refs, offset, model.image_size)
+        for p, img, amap, score in zip(batch_paths, images, maps, scores.tolist()):
             stem = _unique_stem(p, used)
             heat = heat_rgb(amap, scale)
             row = {"path": str(p), "score": score, "error": "", "map": str(save_png(heat, out / f"{stem}_map.png"))}
             if overlays:
                 row["overlay"] = str(save_png(overlay_rgb(img, heat), out / f"{stem}_overlay.png"))
             rows.append(row)
+
+    readable: list[Path] = []
+    kept_logs: list[list[torch.Tensor]] = []
+    for i in tqdm(range(0, len(files), bs), desc="predict", disable=not progress, leave=False):
+        batch_paths, images = [], []
+        for p in files[i : i + bs]:
+            try:
+                images.append(D.load_image(p, size))
+                batch_paths.append(p)
+            except CflowInputError as exc:
+                warn(f"skipped: {exc}")
+                rows.append({"path": str(p), "score": None, "error": str(exc)})
+        if not images:
+            continue
+        logs = model.log_density_maps(model.features(torch.stack(images)))
+        if mode == "paper":
+            readable += batch_paths
+            kept_logs.append(logs)
+        else:
+            write(batch_paths, images, logs, model.ref_log_density, model.map_offset)
+    if kept_logs:
+        all_logs = [torch.cat(parts) for parts in zip(*kept_logs)]
+        refs, offset = paper_constants(all_logs, model.image_size)
+        for i in range(0, len(readable), bs):
+            images = [D.load_image(p, size) for p in readable[i : i + bs]]
+            write(readable[i : i + bs], images, [lm[i : i + bs] for lm in all_logs], refs, offset)
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "score", "error", "map", "overlay"], extrasaction="ignore")
         w.writeheader()

@@ -46,7 +46,7 @@ class CFlowConfig:
     clamp_alpha: float = _opt(1.9, "Soft clamp alpha of the affine coupling scale.")
     permutation: str = _opt("soft", "Fixed permutation between couplings: random orthogonal or hard.", PERMUTATIONS)
     # training (Eq. 7)
-    epochs: int = _opt(4, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
+    epochs: int = _opt(7, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
     sub_epochs: int = _opt(2, "Passes over the training images inside each meta-epoch.")
     batch_size: int = _opt(16, "Images per encoder batch; all their fibers are used before the next batch.")
     fiber_batch: int = _opt(1024, "Feature vectors (fibers) per optimizer step.")

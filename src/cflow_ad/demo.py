@@ -13,7 +13,8 @@ from . import api
 from .config import CFlowConfig
 from .data import make_synthetic_mvtec
 
-DEMO_CONFIG = CFlowConfig(image_size=128, epochs=3, sub_epochs=2, batch_size=8)
+# 128 px synthetic images: taps at strides 4/8/16 keep the feature maps fine enough.
+DEMO_CONFIG = CFlowConfig(image_size=128, last_stride=16, border_pad=16, epochs=2, sub_epochs=2, batch_size=8)
 
 
 def run_demo(output: str | Path = "runs/demo", progress: bool = True) -> dict:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import CFlowConfig
 from .model import CFlowModel
-from .scoring import anomaly_maps
+from .scoring import score_set
 
 
 class _ImageOnly(Dataset):
@@ -88,11 +88,10 @@ def calibrate(model: CFlowModel, loader: DataLoader) -> None:
     """Fix the stateless constants from training images: per-scale max log-density, map offset."""
     logs = log_density_maps_of(model, loader)
     model.ref_log_density.copy_(torch.stack([lm.max() for lm in logs]))
-    model.map_offset.zero_()
-    amap, scores = anomaly_maps(logs, model.ref_log_density, 0.0, model.image_size)
-    offset = amap.amin()  # amap = -sum P; offset = max sum P over train makes train maps >= 0
-    model.map_offset.copy_(-offset)
-    model.train_max_score.copy_((scores - offset).max().clamp_min(1e-6))
+    neg_sum, _ = score_set(logs, model.image_size, "stateless", model.ref_log_density, 0.0)  # -sum_k P_k
+    offset = -neg_sum.amin()  # the largest summed probability seen in training: train maps are >= 0
+    model.map_offset.copy_(offset)
+    model.train_max_score.copy_((neg_sum + offset).flatten(1).amax(1).max().clamp_min(1e-6))
 
 
 def fit(
