@@ -46,8 +46,10 @@ def test_same_seed_same_model_and_metrics(tiny_checkpoint, synthetic_root, tmp_p
     again = api.train(TINY, tmp_path, data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)
     a = api.test(tiny_checkpoint, None, data=synthetic_root, category="synthetic", progress=False)
     b = api.test(again, None, data=synthetic_root, category="synthetic", progress=False)
-    for key in ("image_auroc", "pixel_auroc", "aupro"):  # equal up to float rounding in threaded kernels
-        assert a[key] == pytest.approx(b[key], abs=1e-9)
+    # Threaded CPU kernels may round differently run to run, which can flip the order of a few
+    # near-tied pixel scores; that moves a metric by ~1e-9, while another seed moves it by ~1e-4 here.
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6)
     wa = load_checkpoint(tiny_checkpoint).decoders.state_dict()
     wb = load_checkpoint(again).decoders.state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
