@@ -36,7 +36,10 @@ VARIANTS: dict[str, dict] = {
     "512px": {"image_size": 512},
     "4-couplings": {"coupling_layers": 4},
     "uflow": {"conditional": False},
-    "no-rotation": {"rotation": 0.0},
+    "rotation5": {"rotation": 5.0},
+    "no-whitening": {"whitening": "none"},
+    "paper-decoder": {"whitening": "none", "rotation": 5.0},
+    "eps-1e-2": {"whitening_eps": 1e-2},
     "hard-permutation": {"permutation": "hard"},
 }
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cflow_ad.flow_decoder import ConditionalFlow, CouplingBlock
+from cflow_ad.flow_decoder import LOG_2PI, ConditionalFlow, CouplingBlock, LocationWhitening
 
 Ff = pytest.importorskip("FrEIA.framework")
 Fm = pytest.importorskip("FrEIA.modules")
@@ -118,3 +118,44 @@ def test_condition_index_equals_gathered_condition_with_gradients():
     g = torch.autograd.grad(lp.sum(), list(flow.parameters()))
     assert torch.allclose(lp_idx, lp, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_idx, g))
+
+
+def _correlated(n: int, locations: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """[n, P, D] samples with a different mean and covariance at every location."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(locations, dim, dim, generator=g, dtype=torch.float64)
+    shift = 3 * torch.randn(locations, dim, generator=g, dtype=torch.float64)
+    return torch.einsum("pij,npj->npi", mix, torch.randn(n, locations, dim, generator=g, dtype=torch.float64)) + shift
+
+
+def test_location_whitening_is_the_per_location_gaussian_density():
+    n, p, d, eps = 400, 5, 6, 0.05
+    x = _correlated(n, p, d)
+    layer = LocationWhitening(p, d).double()
+    total, outer = LocationWhitening.moments(x)
+    layer.fit_moments(total, outer, n, eps)
+    y, log_det = layer(x)
+    assert torch.allclose(y.mean(0), torch.zeros(p, d, dtype=torch.float64), atol=1e-9)
+    eye = torch.eye(d, dtype=torch.float64)
+    for i in range(p):
+        cov = torch.cov(x[:, i].T)
+        cov = cov + eps * cov.diagonal().mean() * eye  # the ridge is relative to the mean variance
+        white = layer.weight[i] @ cov @ layer.weight[i].T
+        assert torch.allclose(white, eye, atol=1e-8)
+        # standard normal log-density of the whitened fiber + log-det == the Gaussian density of the fiber
+        mvn = torch.distributions.MultivariateNormal(x[:, i].mean(0), cov)
+        ours = -0.5 * (y[:, i].square().sum(-1) + d * LOG_2PI) + log_det[i]
+        assert torch.allclose(ours, mvn.log_prob(x[:, i]), atol=1e-8)
+
+
+def test_location_whitening_moments_add_up_over_batches_and_sizes_are_checked():
+    x = _correlated(50, 3, 4)
+    whole = LocationWhitening.moments(x)
+    parts = [LocationWhitening.moments(x[:20]), LocationWhitening.moments(x[20:])]
+    assert torch.allclose(whole[0], parts[0][0] + parts[1][0]) and torch.allclose(whole[1], parts[0][1] + parts[1][1])
+    layer = LocationWhitening(3, 4)
+    with pytest.raises(ValueError, match="feed images at the model's image size"):
+        layer(torch.zeros(2, 5, 4))
+    singular = torch.zeros(10, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="raise whitening_eps"):
+        LocationWhitening(3, 4).double().fit_moments(*LocationWhitening.moments(singular), 10, 0.0)

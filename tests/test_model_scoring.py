@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.config import CFlowConfig
+from cflow_ad.errors import CflowInputError
 from cflow_ad.model import CFlowModel
 from cflow_ad.scoring import anomaly_maps, paper_constants, score_set
 
@@ -84,3 +86,11 @@ def test_uflow_has_no_condition_and_smaller_decoders():
     assert n(uflow) < n(cflow)
     maps, _ = uflow(torch.rand(1, 3, 64, 64))
     assert torch.isfinite(maps).all()
+
+
+def test_location_whitening_is_optional_and_refuses_huge_encoders():
+    assert _random_model(whitening="none").whitenings is None
+    model = _random_model()
+    assert [w.locations for w in model.whitenings] == [64, 16, 4]  # 64 px at strides 8/16/32
+    with pytest.raises(CflowInputError, match="--whitening none"):
+        CFlowModel(CFlowConfig(encoder="wide_resnet50_2"), pretrained=False)

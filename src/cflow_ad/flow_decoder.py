@@ -159,3 +159,54 @@ class ConditionalFlow(nn.Module):
         """log p(z | c) per fiber (Eq. 8), with a standard normal base density."""
         u, log_det = self(x, c, c_index=c_index)
         return -0.5 * (u.square().sum(-1) + self.dim * LOG_2PI) + log_det
+
+
+class LocationWhitening(nn.Module):
+    """Per-location Gaussian whitening: an exact, invertible first layer of a decoder.
+
+    The fiber z at location i maps to L_i^-1 (z - mu_i), where mu_i and L_i L_i^T = Sigma_i + ridge*I
+    are the mean and covariance of the training features at that location (plus a ridge of eps
+    times their mean variance, which bounds the penalty where samples are few), fitted in closed
+    form (maximum likelihood) before the flow is trained; log|det| = -sum_j log (L_i)_jj.
+    Why: on real data the feature distribution changes with position far more than a
+    position-conditioned flow learns (magnetic_tile image AUROC 76 -> 92); after this step the
+    flow models what a per-location Gaussian misses. Costs H*W*D^2 floats per scale.
+    """
+
+    def __init__(self, locations: int, dim: int):
+        super().__init__()
+        self.locations, self.dim = locations, dim
+        self.register_buffer("mean", torch.zeros(locations, dim))
+        self.register_buffer("weight", torch.eye(dim).expand(locations, dim, dim).contiguous())
+        self.register_buffer("log_det", torch.zeros(locations))
+
+    @staticmethod
+    def moments(fibers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 sums over a batch of [B, P, D] fibers: (sum [P, D], sum of outer products [P, D, D])."""
+        x = fibers.double().transpose(0, 1)  # [P, B, D]
+        return x.sum(1), x.transpose(1, 2) @ x
+
+    @torch.no_grad()
+    def fit_moments(self, total: torch.Tensor, outer: torch.Tensor, count: int, eps: float) -> None:
+        """Set mean, inverse Cholesky factor and log-det from accumulated `moments` of `count` images."""
+        if count < 2:
+            raise ValueError("location whitening needs at least 2 training images")
+        mean = total / count
+        cov = (outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (count - 1)
+        mean_var = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+        cov = cov + (eps * mean_var)[:, None, None] * torch.eye(self.dim, dtype=cov.dtype)
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if bool((info > 0).any()):
+            raise ValueError(f"feature covariance is singular at {int((info > 0).sum())} locations: raise whitening_eps")
+        eye = torch.eye(self.dim, dtype=cov.dtype).expand_as(cov)
+        self.mean.copy_(mean)
+        self.weight.copy_(torch.linalg.solve_triangular(chol, eye, upper=False))
+        self.log_det.copy_(-torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1))
+
+    def forward(self, fibers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, P, D] fibers -> (whitened [B, P, D], log|det| per location [P])."""
+        if fibers.shape[1] != self.locations:
+            raise ValueError(f"location whitening was fitted for {self.locations} feature locations, got "
+                             f"{fibers.shape[1]}: feed images at the model's image size")
+        x = (fibers - self.mean).permute(1, 2, 0)  # [P, D, B]
+        return torch.bmm(self.weight, x).permute(2, 0, 1), self.log_det

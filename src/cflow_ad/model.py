@@ -11,9 +11,14 @@ from torch import nn
 
 from .config import CFlowConfig
 from .encoder import Encoder, build_encoder
-from .flow_decoder import ConditionalFlow
+from .errors import CflowInputError
+from .flow_decoder import ConditionalFlow, LocationWhitening
 from .positional_encoding import positional_encoding_2d
 from .scoring import anomaly_maps
+
+
+# Location whitening keeps H*W*D^2 floats per scale; refuse more than 1 GiB of them.
+WHITENING_FLOAT_LIMIT = 2**28
 
 
 class CFlowModel(nn.Module):
@@ -30,6 +35,15 @@ class CFlowModel(nn.Module):
                 ConditionalFlow(d, cond, config.coupling_layers, config.clamp_alpha, config.permutation, config.seed + k)
                 for k, d in enumerate(self.encoder.channels)
             )
+        self.whitenings = None
+        if config.whitening == "location":
+            sizes = [(config.image_size // s) ** 2 for s in config.strides]
+            floats = sum(p * d * d for p, d in zip(sizes, self.encoder.channels))
+            if floats > WHITENING_FLOAT_LIMIT:
+                raise CflowInputError(
+                    f"location whitening for {config.encoder} at {config.image_size} px needs {floats * 4 / 2**30:.1f} GiB:"
+                    " pass --whitening none, a smaller --image-size or fewer --pool-layers")
+            self.whitenings = nn.ModuleList(LocationWhitening(p, d) for p, d in zip(sizes, self.encoder.channels))
         k = len(self.decoders)
         # Stateless normalisation constants (set by calibration at the end of training).
         self.register_buffer("ref_log_density", torch.zeros(k))
@@ -55,13 +69,24 @@ class CFlowModel(nn.Module):
         with torch.no_grad():
             return self.encoder(images)
 
+    def fibers(self, k: int, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale k's [B, D, h, w] map as the flow's input fibers [B, h*w, D] and the whitening
+        log-det per location [h*w] (None without whitening)."""
+        fibers = feature.flatten(2).transpose(1, 2)
+        if self.whitenings is None:
+            return fibers, None
+        return self.whitenings[k](fibers)
+
     def log_density_maps(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-dimension log-likelihood log p(z|c)/D per location, one [B, h, w] map per scale."""
         out = []
-        for decoder, f in zip(self.decoders, features):
+        for k, (decoder, f) in enumerate(zip(self.decoders, features)):
             b, d, h, w = f.shape
-            fibers = f.flatten(2).transpose(1, 2)  # [B, h*w, D]
-            out.append((decoder.log_prob(fibers, self.condition(h, w)) / d).view(b, h, w))
+            fibers, log_det = self.fibers(k, f)
+            lp = decoder.log_prob(fibers, self.condition(h, w))
+            if log_det is not None:
+                lp = lp + log_det
+            out.append((lp / d).view(b, h, w))
         return out
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Training loop (Eq. 7) and the calibration of the stateless scoring constants.
 
-Encoder features are computed once per image batch; the fibers (feature vectors) of
-all its maps are shuffled and fed to the decoders in chunks of `fiber_batch`, one Adam
+Without rotation augmentation the encoder runs once over the training images (which also
+fits the location whitening) and training is decoder-only; with it, features are computed
+per image batch. The fibers (feature vectors) of a batch's maps are shuffled and fed to the decoders in chunks of `fiber_batch`, one Adam
 step per chunk, with a single optimiser over all decoders. Model selection never looks
 at the test set: the final model is kept unless a validation split of the training
 images is asked for, then the meta-epoch with the best validation likelihood wins.
@@ -16,11 +17,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from .config import CFlowConfig
+from .flow_decoder import LocationWhitening
 from .model import CFlowModel
 from .scoring import score_set
 
@@ -68,25 +70,74 @@ def _rotate(batch: torch.Tensor, max_deg: float, gen: torch.Generator) -> torch.
     )
 
 
-def _loader(images: Dataset, batch_size: int, shuffle: bool, gen: torch.Generator | None = None) -> DataLoader:
-    return DataLoader(images, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+def _batches(n: int, batch_size: int, gen: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Index batches over n images: shuffled with `gen`, in order without."""
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    return list(order.split(batch_size))
+
+
+class _Features:
+    """Encoder features of the training images, per index batch.
+
+    Without rotation the features never change, so one encoder pass fills a cache (up to a
+    byte budget) and training is decoder-only afterwards. The same pass accumulates the
+    per-location moments that fit the location whitening.
+    """
+
+    def __init__(self, model: CFlowModel, images: Dataset, config: CFlowConfig, fit_whitening: bool,
+                 progress: bool = False, budget_bytes: int = 4 << 30):
+        self.model, self.images, self.config = model, images, config
+        self.cache: list[torch.Tensor] | None = None
+        keep = config.rotation <= 0
+        fit_whitening = fit_whitening and model.whitenings is not None
+        if not keep and not fit_whitening:
+            return
+        moments = None
+        parts: list[list[torch.Tensor]] = [[] for _ in model.decoders]
+        size = 0
+        for idx in tqdm(_batches(len(images), config.batch_size), desc="features", disable=not progress, leave=False):
+            feats = model.features(self._images(idx))
+            if fit_whitening:
+                m = [LocationWhitening.moments(f.flatten(2).transpose(1, 2)) for f in feats]
+                moments = m if moments is None else [(a + c, b + d) for (a, b), (c, d) in zip(moments, m)]
+            if keep:
+                size += sum(f.numel() * f.element_size() for f in feats)
+                keep = size <= budget_bytes
+                parts = [part + [f] for part, f in zip(parts, feats)] if keep else []
+        if fit_whitening:
+            for w, (total, outer) in zip(model.whitenings, moments):
+                w.fit_moments(total, outer, len(images), config.whitening_eps)
+        if keep:
+            self.cache = [torch.cat(p) for p in parts]
+
+    def _images(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.images[int(i)] for i in idx]).float() / 255
+
+    def __call__(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Features of images `idx`; with `gen` (training) the images are randomly rotated first."""
+        if self.cache is not None:
+            return [c[idx] for c in self.cache]
+        x = self._images(idx)
+        if gen is not None:
+            x = _rotate(x, self.config.rotation, gen)
+        return self.model.features(x)
 
 
 @torch.no_grad()
-def log_density_maps_of(model: CFlowModel, loader: DataLoader) -> list[torch.Tensor]:
-    """Per-scale log-density maps [N, h_k, w_k] of all images a loader yields (uint8 batches)."""
+def log_density_maps_of(model: CFlowModel, features: Callable[[torch.Tensor], list[torch.Tensor]], n: int,
+                        batch_size: int) -> list[torch.Tensor]:
+    """Per-scale log-density maps [N, h_k, w_k] of n images, `features(idx)` giving their features."""
     model.eval()
     parts: list[list[torch.Tensor]] = [[] for _ in model.decoders]
-    for batch in loader:
-        for k, lm in enumerate(model.log_density_maps(model.features(batch.float() / 255))):
+    for idx in _batches(n, batch_size):
+        for k, lm in enumerate(model.log_density_maps(features(idx))):
             parts[k].append(lm)
     return [torch.cat(p) for p in parts]
 
 
 @torch.no_grad()
-def calibrate(model: CFlowModel, loader: DataLoader) -> None:
-    """Fix the stateless constants from training images: per-scale max log-density, map offset."""
-    logs = log_density_maps_of(model, loader)
+def calibrate(model: CFlowModel, logs: list[torch.Tensor]) -> None:
+    """Fix the stateless constants from the training images' log maps: per-scale max log-density, map offset."""
     model.ref_log_density.copy_(torch.stack([lm.max() for lm in logs]))
     neg_sum, _ = score_set(logs, model.image_size, "stateless", model.ref_log_density, 0.0)  # -sum_k P_k
     offset = -neg_sum.amin()  # the largest summed probability seen in training: train maps are >= 0
@@ -108,6 +159,8 @@ def fit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images = _ImageOnly(train_set)
+    features = _Features(model, images, cfg, fit_whitening=True, progress=progress)
+    val = _Features(model, _ImageOnly(val_set), cfg.replace(rotation=0.0), False) if val_set else None
     params = [p for p in model.decoders.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     total_epochs = cfg.epochs * cfg.sub_epochs
@@ -120,20 +173,19 @@ def fit(
             model.decoders.train()
             t0, loss_sum, loss_n, seen = time.perf_counter(), 0.0, 0, 0
             bar = tqdm(
-                _loader(images, cfg.batch_size, True, gen),
+                _batches(len(images), cfg.batch_size, gen),
                 total=n_batches,
                 desc=f"epoch {epoch + 1}/{total_epochs}",
                 disable=not progress,
                 leave=False,
             )
-            for b, batch in enumerate(bar):
-                x = _rotate(batch.float() / 255, cfg.rotation, gen)
+            for b, idx in enumerate(bar):
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(cfg, epoch + b / n_batches, total_epochs)
-                feats = model.features(x)
-                for decoder, f in zip(model.decoders, feats):
+                for k, (decoder, f) in enumerate(zip(model.decoders, features(idx, gen))):
                     _, d, h, w = f.shape
-                    fibers = f.flatten(2).transpose(1, 2).reshape(-1, d)
+                    fibers, log_det = model.fibers(k, f)
+                    fibers = fibers.reshape(-1, d)
                     cond = model.condition(h, w)
                     order = torch.randperm(fibers.shape[0], generator=gen)
                     for chunk in order.split(cfg.fiber_batch):
@@ -144,20 +196,22 @@ def fit(
                             lp = decoder.log_prob(fibers[chunk], cond, c_index=loc)
                         else:
                             lp = decoder.log_prob(fibers[chunk], cond[loc])
+                        if log_det is not None:  # constant in theta: reported NLL stays exact
+                            lp = lp + log_det[loc]
                         loss = fiber_loss(lp / d, cfg.loss)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
                         loss_sum += loss.item()
                         loss_n += 1
-                seen += x.shape[0]
+                seen += len(idx)
                 bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
             seconds = time.perf_counter() - t0
             history["epoch_loss"].append(loss_sum / max(loss_n, 1))
             history["epoch_seconds"].append(seconds)
             log(f"epoch {epoch + 1}/{total_epochs}: loss {history['epoch_loss'][-1]:.4f}, {seconds:.1f} s")
-        if val_set is not None and len(val_set):
-            val_logs = log_density_maps_of(model, _loader(_ImageOnly(val_set), cfg.batch_size, False))
+        if val is not None:
+            val_logs = log_density_maps_of(model, val, len(val_set), cfg.batch_size)
             val_nll = -sum(lm.mean().item() for lm in val_logs) / len(val_logs)
             history["val_nll"].append(val_nll)
             log(f"meta-epoch {meta + 1}/{cfg.epochs}: validation NLL per dim {val_nll:.4f}")
@@ -166,7 +220,7 @@ def fit(
     if best[1] is not None:
         model.decoders.load_state_dict(best[1])
         history["selected_meta_epoch"] = history["val_nll"].index(best[0]) + 1
-    calibrate(model, _loader(images, cfg.batch_size, False))
+    calibrate(model, log_density_maps_of(model, features, len(images), cfg.batch_size))
     model.eval()
     history["epochs"] = total_epochs
     return history
