@@ -24,6 +24,9 @@ from cflow_ad.config import CFlowConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 
+# The decoder of the paper as the previous defaults ran it.
+PAPER_DECODER = {"whitening": "none", "rotation": 5.0}
+
 VARIANTS: dict[str, dict] = {
     "default": {},
     "pad32": {"border_pad": 32},
@@ -38,8 +41,9 @@ VARIANTS: dict[str, dict] = {
     "uflow": {"conditional": False},
     "rotation5": {"rotation": 5.0},
     "no-whitening": {"whitening": "none"},
-    "paper-decoder": {"whitening": "none", "rotation": 5.0},
-    "eps-1e-2": {"whitening_eps": 1e-2},
+    "paper-decoder": PAPER_DECODER,
+    "ridge-1e-4": {"whitening_eps": 1e-4},
+    "ridge-0.1": {"whitening_eps": 0.1},
     "hard-permutation": {"permutation": "hard"},
 }
 
@@ -51,13 +55,15 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
     p.add_argument("--epochs", type=int, help="override meta-epochs for every variant")
     p.add_argument("--sub-epochs", type=int, help="override sub-epochs for every variant")
+    p.add_argument("--paper-decoder", action="store_true",
+                   help="start every variant from the paper's decoder (no whitening, +-5 degree rotation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    common = {"seed": args.seed}
+    common = {"seed": args.seed, **(PAPER_DECODER if args.paper_decoder else {})}
     if args.epochs:
         common["epochs"] = args.epochs
     if args.sub_epochs:

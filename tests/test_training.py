@@ -62,3 +62,17 @@ def test_validation_split_selects_a_meta_epoch(synthetic_root, tmp_path):
     assert len(history["val_nll"]) == 2
     assert history["selected_meta_epoch"] == 1 + history["val_nll"].index(min(history["val_nll"]))
     assert history["train_images"] == 18
+
+
+def test_whitening_is_fitted_on_unrotated_images_with_or_without_the_feature_cache(synthetic_root, tmp_path):
+    cfg = TINY.replace(epochs=1, sub_epochs=1, coupling_layers=1)
+    models = []
+    for rotation in (0.0, 5.0):  # 0: features cached once; 5: recomputed per batch, rotated
+        path = api.train(cfg.replace(rotation=rotation), tmp_path / str(rotation), data=synthetic_root,
+                         category="synthetic", progress=False, log=lambda m: None)
+        models.append(load_checkpoint(path))
+    for a, b in zip(models[0].whitenings, models[1].whitenings):
+        assert a.mean.abs().sum() > 0 and torch.isfinite(a.weight).all()
+        assert torch.allclose(a.mean, b.mean) and torch.allclose(a.weight, b.weight) and torch.allclose(a.log_det, b.log_det)
+    assert not torch.equal(models[0].decoders.state_dict()["0.blocks.0.out.weight"],
+                           models[1].decoders.state_dict()["0.blocks.0.out.weight"])

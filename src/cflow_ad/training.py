@@ -103,7 +103,11 @@ class _Features:
             if keep:
                 size += sum(f.numel() * f.element_size() for f in feats)
                 keep = size <= budget_bytes
-                parts = [part + [f] for part, f in zip(parts, feats)] if keep else []
+                if keep:
+                    for part, f in zip(parts, feats):
+                        part.append(f)
+                else:
+                    parts = []
         if fit_whitening:
             for w, (total, outer) in zip(model.whitenings, moments):
                 w.fit_moments(total, outer, len(images), config.whitening_eps)
