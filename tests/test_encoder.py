@@ -29,7 +29,7 @@ def test_mobilenet_v2_weights_are_imagenet_pretrained():
 @pytest.mark.parametrize(
     "name,channels",
     [
-        ("mobilenet_v2", (24, 32, 96, 320)),
+        ("mobilenet_v2", (24, 32, 96, 160)),
         ("mobilenet_v3_large", (24, 40, 112, 160)),
         ("resnet18", (64, 128, 256, 512)),
         ("wide_resnet50_2", (256, 512, 1024, 2048)),
