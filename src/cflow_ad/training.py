@@ -2,8 +2,8 @@
 
 Without rotation augmentation the encoder runs once over the training images (which also
 fits the location whitening) and training is decoder-only; with it, features are computed
-per image batch. The fibers (feature vectors) of a batch's maps are shuffled and fed to the decoders in chunks of `fiber_batch`, one Adam
-step per chunk, with a single optimiser over all decoders. Model selection never looks
+per image batch. The fibers (feature vectors) of a batch's maps are shuffled and fed to
+the decoders in chunks of `fiber_batch`, one Adam step per chunk, with a single optimiser over all decoders. Model selection never looks
 at the test set: the final model is kept unless a validation split of the training
 images is asked for, then the meta-epoch with the best validation likelihood wins.
 """
