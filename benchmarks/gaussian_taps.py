@@ -21,9 +21,9 @@ from cflow_ad.metrics import evaluate
 from cflow_ad.scoring import score_set
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
-TAPS = ["features.6", "features.13", "features.14", "features.16", "features.17"]
+TAPS = ["features.3", "features.6", "features.13", "features.14", "features.16", "features.17"]
 SETS = [["features.6", "features.13", "features.17"], ["features.6", "features.13", "features.16"],
-        ["features.6", "features.13", "features.14"]]
+        ["features.6", "features.13", "features.14"], ["features.3", "features.6", "features.13"]]
 
 
 def main() -> None:
