@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cflow_ad.flow_decoder import LOG_2PI, ConditionalFlow, CouplingBlock, LocationWhitening
+from cflow_ad.flow_decoder import LOG_2PI, ConditionalFlow, CouplingBlock, FoldedFlow, LocationWhitening
 
 Ff = pytest.importorskip("FrEIA.framework")
 Fm = pytest.importorskip("FrEIA.modules")
@@ -159,3 +159,26 @@ def test_location_whitening_moments_add_up_over_batches_and_sizes_are_checked():
     singular = torch.zeros(10, 3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="raise whitening_eps"):
         LocationWhitening(3, 4).double().fit_moments(*LocationWhitening.moments(singular), 10, 0.0)
+
+
+@pytest.mark.parametrize("permutation", ["soft", "hard"])
+@pytest.mark.parametrize("dim,cond_dim", [(32, 128), (7, 16), (96, 0)])
+def test_folded_flow_equals_the_plain_flow(dim, cond_dim, permutation):
+    flow = ConditionalFlow(dim, cond_dim, n_blocks=4, permutation=permutation, seed=3)
+    _randomise(flow, 4)
+    locations = 12
+    c = torch.randn(locations, cond_dim) if cond_dim else None
+    x = torch.randn(5, locations, dim)
+    expected = flow.log_prob(x, c)
+    folded = FoldedFlow(flow, c, locations)
+    got = folded(x.transpose(1, 2).contiguous())
+    assert got.shape == (5, locations)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_folded_flow_needs_a_condition_per_location():
+    flow = ConditionalFlow(8, 16, n_blocks=2)
+    with pytest.raises(ValueError, match="condition with 12 rows"):
+        FoldedFlow(flow, torch.randn(13, 16), 12)
+    with pytest.raises(ValueError, match="condition with 12 rows"):
+        FoldedFlow(flow, None, 12)

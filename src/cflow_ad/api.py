@@ -20,6 +20,7 @@ from . import data as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CFlowConfig
 from .errors import CflowInputError
+from .export import OnnxModel, export_onnx
 from .metrics import evaluate
 from .model import CFlowModel
 from .scoring import anomaly_maps, paper_constants, score_set
@@ -132,6 +133,19 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
+RUNTIMES = ("torch", "onnx")
+
+
+def load_runner(model: CFlowModel | str | Path, runtime: str = "torch") -> CFlowModel | OnnxModel:
+    """A model to score with: a checkpoint in PyTorch or exported to onnxruntime, or an exported .onnx file."""
+    if runtime not in RUNTIMES:
+        raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
+    if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx":
+        return OnnxModel(model)
+    model = _model(model).eval()
+    return OnnxModel.from_model(model) if runtime == "onnx" else model
+
+
 @torch.no_grad()
 def predict(
     model: CFlowModel | str | Path,
@@ -141,26 +155,29 @@ def predict(
     overlays: bool = True,
     progress: bool = True,
     warn: Callable[[str], None] = print,
+    runtime: str = "torch",
 ) -> list[dict]:
     """Score images/folders; writes scores.csv and a heat map (and overlay) PNG per image.
 
     Images stream through in batches, so memory does not grow with the folder size.
     Unreadable files are skipped, reported through `warn` and listed in scores.csv with
     their error, so nothing is lost silently. `paper` normalisation needs the whole set,
-    so it scores in a second pass over the readable images.
+    so it scores in a second pass over the readable images, in PyTorch only. A `.onnx`
+    model, or `runtime="onnx"`, scores in onnxruntime.
     """
-    model = _model(model).eval()
-    mode = normalization or model.config.normalization
-    size, bs = model.config.image_size, model.config.batch_size
+    runner = load_runner(model, runtime)
+    mode = normalization or runner.config.normalization
+    if mode == "paper" and not isinstance(runner, CFlowModel):
+        raise CflowInputError("paper normalisation needs the per-scale maps: use a .safetensors checkpoint with --runtime torch")
+    size, bs = runner.config.image_size, runner.config.batch_size
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = D.list_images(paths)
     rows: list[dict] = []
     used: set[str] = set()
-    scale = 2 * float(model.train_max_score)
+    scale = 2 * float(runner.train_max_score)
 
-    def write(batch_paths, images, logs, refs, offset):
-        maps, scores = anomaly_maps(logs, refs, offset, model.image_size)
+    def write(batch_paths, images, maps, scores):
         for p, img, amap, score in zip(batch_paths, images, maps, scores.tolist()):
             stem = _unique_stem(p, used)
             heat = heat_rgb(amap, scale)
@@ -182,21 +199,27 @@ def predict(
                 rows.append({"path": str(p), "score": None, "error": str(exc)})
         if not images:
             continue
-        logs = model.log_density_maps(model.features(torch.stack(images)))
         if mode == "paper":
             readable += batch_paths
-            kept_logs.append(logs)
+            kept_logs.append(runner.log_density_maps(runner.features(torch.stack(images))))
         else:
-            write(batch_paths, images, logs, model.ref_log_density, model.map_offset)
+            write(batch_paths, images, *runner(torch.stack(images)))
     if kept_logs:
         all_logs = [torch.cat(parts) for parts in zip(*kept_logs)]
-        refs, offset = paper_constants(all_logs, model.image_size)
+        refs, offset = paper_constants(all_logs, runner.image_size)
         for i in range(0, len(readable), bs):
             images = [D.load_image(p, size) for p in readable[i : i + bs]]
-            write(readable[i : i + bs], images, [lm[i : i + bs] for lm in all_logs], refs, offset)
+            write(readable[i : i + bs], images, *anomaly_maps([lm[i : i + bs] for lm in all_logs], refs, offset, runner.image_size))
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "score", "error", "map", "overlay"], extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({**r, "score": "" if r["score"] is None else f"{r['score']:.6f}"})
     return rows
+
+
+def export(model: CFlowModel | str | Path, output: str | Path, format: str = "onnx") -> Path:
+    """Write the whole model (image -> anomaly map and score) as ONNX; returns the file."""
+    if format != "onnx":
+        raise CflowInputError(f"unknown export format '{format}': the supported format is onnx")
+    return export_onnx(_model(model), output)

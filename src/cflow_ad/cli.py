@@ -1,4 +1,4 @@
-"""`cflow-ad` command line: train, test, predict and an offline demo.
+"""`cflow-ad` command line: train, test, predict, export and an offline demo.
 
 Training flags are generated from `CFlowConfig`, so `--help` always shows the real
 options and defaults. User errors print one line and exit with status 2.
@@ -69,11 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
 
     r = sub.add_parser("predict", help="score images and write anomaly maps")
-    r.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
+    r.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train', or a .onnx file written by 'export'")
     r.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     r.add_argument("--output", type=Path, required=True, help="folder for scores.csv and PNG maps")
     r.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
     r.add_argument("--no-overlays", action="store_true", help="write heat maps only")
+    r.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="score in PyTorch or export to onnxruntime first (faster on CPUs; a .onnx --model always uses it)")
+
+    x = sub.add_parser("export", help="export a checkpoint as one ONNX file: image -> anomaly map and score")
+    x.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
+    x.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
+    x.add_argument("--output", type=Path, required=True, help="file to write, e.g. model.onnx")
 
     d = sub.add_parser("demo", help="offline demo: synthetic data -> train -> test -> overlays")
     d.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder for data, model and results")
@@ -105,12 +112,15 @@ def run(argv: list[str] | None = None) -> int:
         _print_metrics(metrics)
         print(args.output / "metrics.json")
     elif args.command == "predict":
-        rows = api.predict(args.model, args.paths, args.output, args.normalization, not args.no_overlays, progress, warn=lambda m: print(m, file=sys.stderr))
+        rows = api.predict(args.model, args.paths, args.output, args.normalization, not args.no_overlays, progress,
+                           warn=lambda m: print(m, file=sys.stderr), runtime=args.runtime)
         bad = sum(1 for r in rows if r["error"])
         for r in rows:
             if not r["error"]:
                 print(f"{r['score']:.4f}  {r['path']}")
         print(f"{len(rows) - bad} scored, {bad} skipped -> {args.output / 'scores.csv'}")
+    elif args.command == "export":
+        print(api.export(args.model, args.output, args.format))
     elif args.command == "demo":
         from .demo import run_demo
 

@@ -6,13 +6,15 @@ A pure `nn.Module`: no data loading, no optimiser, no files. `forward` maps a ba
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from .config import CFlowConfig
 from .encoder import Encoder, build_encoder
 from .errors import CflowInputError
-from .flow_decoder import ConditionalFlow, LocationWhitening
+from .flow_decoder import ConditionalFlow, FoldedFlow, LocationWhitening
 from .positional_encoding import positional_encoding_2d
 from .scoring import anomaly_maps
 
@@ -50,6 +52,22 @@ class CFlowModel(nn.Module):
         self.register_buffer("map_offset", torch.tensor(float(k)))
         self.register_buffer("train_max_score", torch.tensor(1.0))
         self._conditions: dict[tuple[int, int], torch.Tensor] = {}
+        self._folded: dict[tuple[int, int, int], tuple[tuple[int, ...], FoldedFlow]] = {}
+
+    def _apply(self, fn, recurse: bool = True):
+        self._folded.clear()  # device or dtype moves replace the tensors the caches were built from
+        self._conditions.clear()
+        return super()._apply(fn, recurse)
+
+    def folded(self, k: int, height: int, width: int) -> FoldedFlow:
+        """Decoder k folded for inference at one map size; rebuilt whenever its weights have changed
+        (an optimiser step or a state-dict load bumps the tensors' version counters)."""
+        decoder = self.decoders[k]
+        version = tuple(t._version for t in itertools.chain(decoder.parameters(), decoder.buffers()))
+        key = (k, int(height), int(width))  # ints: an ONNX trace passes sizes as tensors
+        if key not in self._folded or self._folded[key][0] != version:
+            self._folded[key] = (version, FoldedFlow(decoder, self.condition(height, width), height * width))
+        return self._folded[key][1]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -83,7 +101,10 @@ class CFlowModel(nn.Module):
         for k, (decoder, f) in enumerate(zip(self.decoders, features)):
             b, d, h, w = f.shape
             fibers, log_det = self.fibers(k, f)
-            lp = decoder.log_prob(fibers, self.condition(h, w))
+            if self.training:  # the plain flow, differentiable in its parameters
+                lp = decoder.log_prob(fibers, self.condition(h, w))
+            else:
+                lp = self.folded(k, h, w)(fibers.transpose(1, 2))
             if log_det is not None:
                 lp = lp + log_det
             out.append((lp / d).view(b, h, w))

@@ -23,10 +23,10 @@ def probability_sum(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, size: 
     """sum_k upsample(exp(l_k - ref_k)) as [B, H, W]; `log_maps` are [B, h_k, w_k]."""
     total = None
     for k, lm in enumerate(log_maps):
-        p = torch.exp(lm.double() - refs[k].double()).unsqueeze(1)
+        p = torch.exp(lm - refs[k]).unsqueeze(1)
         p = F.interpolate(p, size=size, mode="bilinear", align_corners=True).squeeze(1)
         total = p if total is None else total + p
-    return total.float()
+    return total
 
 
 def anomaly_maps(

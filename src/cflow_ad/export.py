@@ -1,0 +1,94 @@
+"""ONNX export of a whole model and the onnxruntime path that runs it.
+
+The exported graph takes [B, 3, H, W] images in [0, 1] and returns the anomaly map
+[B, H, W] and the image score [B], with the normalisation constants and the folded
+decoders baked in, so a line's software needs only the .onnx file and onnxruntime.
+onnxruntime runs this model several times faster than eager PyTorch on a CPU
+(benchmarks/speed.py), which is why `predict --runtime onnx` exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import CFlowConfig
+from .errors import CflowInputError
+from .model import CFlowModel
+
+OPSET = 17
+
+
+def export_onnx(model: CFlowModel, path: str | Path) -> Path:
+    """Write `model` (image -> anomaly map, score) as ONNX with a dynamic batch size; returns the path."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    dummy = torch.rand(1, 3, *model.image_size)
+    with torch.no_grad():
+        model(dummy)  # builds the folded decoders, so the trace sees them as constants
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+            torch.onnx.export(
+                model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+                input_names=["images"], output_names=["anomaly_map", "score"],
+                dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
+            )
+    proto = onnx.load(str(path))
+    for key, value in (("cflow_ad_config", model.config.to_json()),
+                       ("cflow_ad_train_max_score", repr(float(model.train_max_score)))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return path
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1  # parallel branches measured slower on 2 cores
+    return options
+
+
+class OnnxModel:
+    """An exported model in onnxruntime, called like `CFlowModel`: images -> (maps, scores)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for missing or bad files
+            raise CflowInputError(f"cannot load ONNX model '{path}' ({str(exc).splitlines()[0]}): "
+                                  "pass a file written by 'cflow-ad export'") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "cflow_ad_config" not in meta:
+            raise CflowInputError(f"'{path}' was not written by 'cflow-ad export': it has no cflow-ad config")
+        self.config = CFlowConfig.from_dict(json.loads(meta["cflow_ad_config"]))
+        self.image_size = (self.config.image_size, self.config.image_size)
+        self.train_max_score = float(meta["cflow_ad_train_max_score"])
+
+    @classmethod
+    def from_model(cls, model: CFlowModel, threads: int | None = None) -> "OnnxModel":
+        """Export to a temporary file and load it (the file is removed once loaded)."""
+        fd, tmp = tempfile.mkstemp(suffix=".onnx")
+        os.close(fd)
+        try:
+            return cls(export_onnx(model, tmp), threads)
+        finally:
+            os.remove(tmp)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, scores = self.session.run(None, {"images": np.ascontiguousarray(images.numpy(), dtype=np.float32)})
+        return torch.from_numpy(maps), torch.from_numpy(scores)
