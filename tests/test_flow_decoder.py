@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from cflow_ad.flow_decoder import LOG_2PI, ConditionalFlow, CouplingBlock, FoldedFlow, LocationWhitening
+from cflow_ad.positional_encoding import PositionalCondition
 
 Ff = pytest.importorskip("FrEIA.framework")
 Fm = pytest.importorskip("FrEIA.modules")
@@ -108,16 +109,18 @@ def test_soft_permutation_is_a_rotation():
     assert torch.linalg.det(w) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_condition_index_equals_gathered_condition_with_gradients():
-    flow = ConditionalFlow(10, 8, n_blocks=2, seed=0)
-    x, c = torch.randn(40, 10), torch.randn(6, 8)
-    idx = torch.randint(0, 6, (40,))
-    lp_idx = flow.log_prob(x, c, c_index=idx)
-    g_idx = torch.autograd.grad(lp_idx.sum(), list(flow.parameters()))
-    lp = flow.log_prob(x, c[idx])
+def test_positional_condition_gives_the_dense_condition_s_values_and_gradients():
+    flow = ConditionalFlow(10, 16, n_blocks=2, seed=0)
+    _randomise(flow, 1)
+    pc = PositionalCondition(16, 3, 4)
+    maps = torch.randn(5, 12, 10)  # rows of whole maps: the condition broadcasts over them
+    lp = flow.log_prob(maps, pc)
     g = torch.autograd.grad(lp.sum(), list(flow.parameters()))
-    assert torch.allclose(lp_idx, lp, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_idx, g))
+    lp_dense = flow.log_prob(maps, pc.dense())
+    g_dense = torch.autograd.grad(lp_dense.sum(), list(flow.parameters()))
+    assert torch.allclose(lp, lp_dense, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g, g_dense))
+    assert torch.allclose(FoldedFlow(flow, pc, 12)(maps.transpose(1, 2)), lp_dense, atol=1e-4)
 
 
 def _correlated(n: int, locations: int, dim: int, seed: int = 0) -> torch.Tensor:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cflow_ad.positional_encoding import positional_encoding_2d
+from cflow_ad.positional_encoding import PositionalCondition, positional_encoding_2d
 
 
 def test_values_follow_sin_cos_of_column_and_row():
@@ -23,3 +23,14 @@ def test_every_location_is_unique():
 def test_channels_must_be_multiple_of_four():
     with pytest.raises(ValueError):
         positional_encoding_2d(126, 4, 4)
+
+
+def test_positional_condition_factors_equal_the_dense_encoding_and_its_projection():
+    pc = PositionalCondition(16, 3, 5)
+    dense = positional_encoding_2d(16, 3, 5).flatten(1).T  # row-major locations
+    assert pc.shape == (15, 16)
+    assert torch.equal(pc.dense(), dense)
+    lin = torch.nn.Linear(16, 7)
+    assert torch.allclose(pc.project(lin), lin(dense), atol=1e-6)
+    lin_nobias = torch.nn.Linear(16, 7, bias=False)
+    assert torch.allclose(pc.project(lin_nobias), lin_nobias(dense), atol=1e-6)

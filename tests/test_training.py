@@ -10,7 +10,7 @@ import torch
 from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.config import CFlowConfig
-from cflow_ad.training import fiber_loss, learning_rate
+from cflow_ad.training import fiber_loss, learning_rate, location_chunks
 
 from .conftest import TINY
 
@@ -76,3 +76,16 @@ def test_whitening_is_fitted_on_unrotated_images_with_or_without_the_feature_cac
         assert torch.allclose(a.mean, b.mean) and torch.allclose(a.weight, b.weight) and torch.allclose(a.log_det, b.log_det)
     assert not torch.equal(models[0].decoders.state_dict()["0.blocks.0.out.weight"],
                            models[1].decoders.state_dict()["0.blocks.0.out.weight"])
+
+
+def test_location_chunks_use_every_fiber_once_and_every_location_per_step():
+    b, locations, d = 6, 5, 3
+    fibers = torch.arange(b * locations * d, dtype=torch.float32).view(b, locations, d)
+    chunks = location_chunks(fibers, 10, torch.Generator().manual_seed(0))
+    assert [c.shape for c in chunks] == [(2, locations, d)] * 3  # 10 // 5 = 2 rows per step
+    stacked = torch.cat(chunks)
+    for loc in range(locations):  # each location keeps its own fibers, shuffled over the images
+        got = sorted(stacked[:, loc, 0].tolist())
+        assert got == sorted(fibers[:, loc, 0].tolist())
+    assert not torch.equal(stacked, fibers)  # shuffled
+    assert [c.shape[0] for c in location_chunks(fibers, 3, torch.Generator())] == [1] * 6  # maps above the batch: one row

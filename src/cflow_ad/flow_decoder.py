@@ -5,8 +5,9 @@ coupling, soft clamping, SOFTPLUS global affine scaling and a fixed permutation 
 checks this to 1e-5). It is written here so that the flow exports to ONNX and can be
 made fast: inputs are plain [..., D] tensors, and the condition may carry fewer leading
 dimensions than the features, so a positional condition of shape [L, C] is projected
-once per location and broadcast over a batch of [B, L, D] fibers, or gathered with
-`c_index` for a random set of fibers.
+once per location and broadcast over a batch of [B, L, D] fibers. A `PositionalCondition`
+may stand in for that [L, C] tensor: it projects through the encoding's row/column
+factors, far cheaper.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .positional_encoding import PositionalCondition
+
 LOG_2PI = math.log(2.0 * math.pi)
+
+
+def project_condition(linear: nn.Linear, c: torch.Tensor | PositionalCondition) -> torch.Tensor:
+    """linear(c) for conditions given as a tensor [..., C] or as a `PositionalCondition` (cheaper)."""
+    return c.project(linear) if isinstance(c, PositionalCondition) else linear(c)
 
 
 def random_rotation(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -82,39 +90,34 @@ class CouplingBlock(nn.Module):
     def scale(self) -> torch.Tensor:
         return 0.2 * F.softplus(0.5 * self.global_scale)
 
-    def _coeffs(
-        self, x1: torch.Tensor, c: torch.Tensor | None, c_index: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _coeffs(self, x1: torch.Tensor, c: torch.Tensor | PositionalCondition | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.in_x(x1)
         if self.in_c is not None:
             if c is None:
                 raise ValueError("this flow is conditional: pass a condition")
-            ct = self.in_c(c)
-            h = h + (ct if c_index is None else ct[c_index])
-        a = 0.1 * self.out(F.relu(h))
+            h = h + project_condition(self.in_c, c)
+        a = F.linear(F.relu(h), 0.1 * self.out.weight, 0.1 * self.out.bias)  # the 0.1 folded in: one pass less
         s = self.clamp * torch.tanh(a[..., : self.active])
         return s, a[..., self.active :]
 
     def forward(
         self,
         x: torch.Tensor,
-        c: torch.Tensor | None = None,
+        c: torch.Tensor | PositionalCondition | None = None,
         rev: bool = False,
         jac: bool = True,
-        c_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`c_index` ([N] long): fiber i takes condition row c_index[i] of a per-location `c`."""
         scale = self.scale()
         log_scale = torch.log(scale).sum()
         if not rev:
             x1, x2 = x[..., : self.passive], x[..., self.passive :]
-            s, t = self._coeffs(x1, c, c_index)
+            s, t = self._coeffs(x1, c)
             y = torch.cat([x1, x2 * torch.exp(s) + t], dim=-1)
-            y = F.linear(y * scale + self.global_offset, self.w_perm)
+            y = F.linear(y, self.w_perm * scale, self.w_perm @ self.global_offset)  # = W (y * scale + offset)
             return y, (s.sum(-1) + log_scale) if jac else None
         y = (F.linear(x, self.w_perm.T) - self.global_offset) / scale
         y1, y2 = y[..., : self.passive], y[..., self.passive :]
-        s, t = self._coeffs(y1, c, c_index)
+        s, t = self._coeffs(y1, c)
         out = torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=-1)
         return out, (-s.sum(-1) - log_scale) if jac else None
 
@@ -141,23 +144,20 @@ class ConditionalFlow(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        c: torch.Tensor | None = None,
+        c: torch.Tensor | PositionalCondition | None = None,
         rev: bool = False,
         jac: bool = True,
-        c_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         log_det = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device) if jac else None
         for block in reversed(self.blocks) if rev else self.blocks:
-            x, j = block(x, c, rev=rev, jac=jac, c_index=c_index)
+            x, j = block(x, c, rev=rev, jac=jac)
             if jac:
                 log_det = log_det + j
         return x, log_det
 
-    def log_prob(
-        self, x: torch.Tensor, c: torch.Tensor | None = None, c_index: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, c: torch.Tensor | PositionalCondition | None = None) -> torch.Tensor:
         """log p(z | c) per fiber (Eq. 8), with a standard normal base density."""
-        u, log_det = self(x, c, c_index=c_index)
+        u, log_det = self(x, c)
         return -0.5 * (u.square().sum(-1) + self.dim * LOG_2PI) + log_det
 
 
@@ -175,7 +175,7 @@ class FoldedFlow(nn.Module):
     Built from the flow's current weights: rebuild it after training changes them.
     """
 
-    def __init__(self, flow: ConditionalFlow, condition: torch.Tensor | None, locations: int):
+    def __init__(self, flow: ConditionalFlow, condition: torch.Tensor | PositionalCondition | None, locations: int):
         super().__init__()
         blocks = list(flow.blocks)
         first = blocks[0]
@@ -188,7 +188,7 @@ class FoldedFlow(nn.Module):
                 else:
                     if condition is None or condition.shape[0] != locations:
                         raise ValueError(f"this flow is conditional: pass a condition with {locations} rows")
-                    cond.append(b.in_c(condition).T)
+                    cond.append(project_condition(b.in_c, condition).T)
             a = first.active
             stack = lambda f: torch.stack([f(b) for b in blocks]).contiguous()  # noqa: E731
             self.register_buffer("w_in", stack(lambda b: b.in_x.weight))  # [n, H, p]

@@ -15,7 +15,7 @@ from .config import CFlowConfig
 from .encoder import Encoder, build_encoder
 from .errors import CflowInputError
 from .flow_decoder import ConditionalFlow, FoldedFlow, LocationWhitening
-from .positional_encoding import positional_encoding_2d
+from .positional_encoding import PositionalCondition
 from .scoring import anomaly_maps
 
 
@@ -51,7 +51,7 @@ class CFlowModel(nn.Module):
         self.register_buffer("ref_log_density", torch.zeros(k))
         self.register_buffer("map_offset", torch.tensor(float(k)))
         self.register_buffer("train_max_score", torch.tensor(1.0))
-        self._conditions: dict[tuple[int, int], torch.Tensor] = {}
+        self._conditions: dict[tuple[int, int], PositionalCondition] = {}
         self._folded: dict[tuple[int, int, int], tuple[tuple[int, ...], FoldedFlow]] = {}
 
     def _apply(self, fn, recurse: bool = True):
@@ -73,14 +73,13 @@ class CFlowModel(nn.Module):
     def image_size(self) -> tuple[int, int]:
         return (self.config.image_size, self.config.image_size)
 
-    def condition(self, height: int, width: int) -> torch.Tensor | None:
-        """Positional condition as [height*width, C] (row-major), or None for UFLOW."""
+    def condition(self, height: int, width: int) -> PositionalCondition | None:
+        """Positional conditions of an h x w map (row-major locations), or None for UFLOW."""
         if not self.config.conditional:
             return None
-        key = (height, width)
+        key = (int(height), int(width))
         if key not in self._conditions:
-            pe = positional_encoding_2d(self.config.condition_dim, height, width)
-            self._conditions[key] = pe.flatten(1).T.contiguous()
+            self._conditions[key] = PositionalCondition(self.config.condition_dim, *key)
         return self._conditions[key].to(self.map_offset.device)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,150 @@
+"""Inference speed of full CFLOW-AD against the encoder alone, in PyTorch and onnxruntime.
+
+One run, one machine, identical 256x256 inputs. For each runtime (PyTorch eager, the ONNX
+export in onnxruntime) and each part (the encoder alone with the same taps; the whole model
+from image tensor to anomaly map and score) it times batch 1 and batch 32 after a warm-up
+and prints the median of several repeats, the ratio full/encoder, and the peak RSS of a
+fresh process that ran only that row. It also prints the decoders' size (the paper's
+Table 6 "model size") next to the location whitening's Gaussians and the Gaussian bank
+PaDiM would keep for the same encoder and taps.
+
+    python benchmarks/speed.py --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+from cflow_ad.config import CFlowConfig
+from cflow_ad.export import OnnxModel, export_onnx, session_options
+from cflow_ad.model import CFlowModel
+
+PARTS = ("encoder", "cflow")
+RUNTIMES = ("torch", "onnx")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _runner(model: CFlowModel, part: str, runtime: str, threads: int):
+    if runtime == "torch":
+        return model.encoder if part == "encoder" else model
+    if part == "cflow":
+        return OnnxModel.from_model(model, threads)
+    import onnxruntime as ort
+
+    fd, path = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    dummy = torch.rand(1, 3, *model.image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.encoder, (dummy,), path, dynamo=False, opset_version=17, input_names=["images"],
+                          dynamic_axes={"images": {0: "batch"}})
+    session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+    os.remove(path)
+    return lambda x: session.run(None, {"images": x.numpy()})
+
+
+def _row(part: str, runtime: str, threads: int, repeats: int, b1_calls: int) -> dict:
+    """Times one (part, runtime) at batch 1 and 32; run in its own process for a clean peak RSS."""
+    torch.set_num_threads(threads)
+    model = CFlowModel(CFlowConfig()).eval()
+    run = _runner(model, part, runtime, threads)
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for batch, calls in ((1, b1_calls), (32, 1)):
+        x = torch.rand(batch, 3, 256, 256, generator=gen)
+        times = []
+        with torch.inference_mode():
+            run(x)  # warm-up: allocations, folding, onnxruntime's first-run setup
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    run(x)
+                times.append((time.perf_counter() - t0) / (calls * batch))
+        out[f"b{batch}"] = statistics.median(times)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _sizes() -> dict:
+    cfg = CFlowConfig()
+    model = CFlowModel(cfg)
+    dec = sum(p.numel() for p in model.decoders.parameters())
+    gauss = sum(w.weight.numel() + w.mean.numel() + w.log_det.numel() for w in model.whitenings)
+    # PaDiM: taps upsampled to the shallowest one and concatenated, a random 100-channel subset,
+    # a mean and a full covariance per location of the stride-8 map.
+    locations = (cfg.image_size // min(cfg.strides)) ** 2
+    padim = locations * (100 + 100 * 100)
+    mb = lambda n: n * 4 / 2**20  # noqa: E731
+    return {"decoder_params": dec, "decoder_mb": mb(dec), "whitening_floats": gauss, "whitening_mb": mb(gauss),
+            "padim_bank_floats": padim, "padim_bank_mb": mb(padim)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=_cores(), help="torch and onnxruntime threads (default: the cores)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--b1-calls", type=int, default=20, help="single-image calls per timed repeat")
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--row", nargs=2, metavar=("PART", "RUNTIME"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.row:
+        print(json.dumps(_row(*args.row, args.threads, args.repeats, args.b1_calls)))
+        return
+
+    rows = {}
+    for runtime in args.runtimes:
+        for part in PARTS:
+            cmd = [sys.executable, __file__, "--row", part, runtime, "--threads", str(args.threads),
+                   "--repeats", str(args.repeats), "--b1-calls", str(args.b1_calls)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows[(runtime, part)] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{runtime} {part}: done", file=sys.stderr, flush=True)
+
+    figures: dict = {"threads": args.threads, "repeats": args.repeats, "image_size": 256}
+    print(f"\nMobileNetV2, taps 8/16/32, 8 couplings, C = 128, 256 px; {args.threads} threads; median of {args.repeats}")
+    print("| runtime | part | batch | img/s | ms/img | full/encoder | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for runtime in args.runtimes:
+        for part in PARTS:
+            r = rows[(runtime, part)]
+            for b in (1, 32):
+                ips = 1 / r[f"b{b}"]
+                ratio = ips * rows[(runtime, "encoder")][f"b{b}"] if part == "cflow" else 1.0
+                figures[f"{runtime}_{part}_ips_b{b}"] = ips
+                if part == "cflow":
+                    figures[f"{runtime}_ratio_b{b}"] = ratio
+                print(f"| {runtime} | {part} | {b} | {ips:.1f} | {1000 / ips:.1f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} |")
+            figures[f"{runtime}_{part}_peak_rss_mb"] = r["peak_rss_mb"]
+    best = max(args.runtimes, key=lambda rt: figures[f"{rt}_cflow_ips_b1"])
+    for b in (1, 32):  # the headline keys: the fastest runtime we ship
+        figures[f"encoder_ips_b{b}"] = figures[f"{best}_encoder_ips_b{b}"]
+        figures[f"cflow_ips_b{b}"] = figures[f"{best}_cflow_ips_b{b}"]
+    figures["fastest_runtime"] = best
+    sizes = _sizes()
+    figures.update(sizes)
+    print("\n| stored per model | parameters / floats | MB (float32) |\n|---|---|---|")
+    print(f"| flow decoders (3 scales, 8 couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
+    print(f"| location whitening (per-location Gaussians, 3 scales) | {sizes['whitening_floats']:,} | {sizes['whitening_mb']:.1f} |")
+    print(f"| PaDiM bank, same taps (100 channels at 32x32 locations) | {sizes['padim_bank_floats']:,} | {sizes['padim_bank_mb']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
