@@ -89,3 +89,27 @@ def test_location_chunks_use_every_fiber_once_and_every_location_per_step():
         assert got == sorted(fibers[:, loc, 0].tolist())
     assert not torch.equal(stacked, fibers)  # shuffled
     assert [c.shape[0] for c in location_chunks(fibers, 3, torch.Generator())] == [1] * 6  # maps above the batch: one row
+
+
+def test_folded_decoders_follow_training_with_the_fused_optimiser(synthetic_root):
+    from cflow_ad.model import CFlowModel
+    from cflow_ad.training import fit
+
+    ds = api.open_dataset("train", TINY.image_size, synthetic_root, "synthetic")
+    model = CFlowModel(TINY.replace(epochs=1, sub_epochs=2))
+    feats = model.features(torch.stack([ds[i]["image"] for i in range(3)]))
+    seen = []
+
+    def on_epoch(epoch, m):
+        with torch.no_grad():
+            m.eval()
+            folded = m.log_density_maps(feats)
+            m.train()
+            plain = m.log_density_maps(feats)
+            m.eval()
+        for a, b in zip(folded, plain):
+            assert torch.allclose(a, b, atol=1e-4)
+        seen.append(folded[0])
+
+    fit(model, ds, progress=False, log=lambda m: None, on_epoch=on_epoch)
+    assert len(seen) == 2 and not torch.allclose(seen[0], seen[1], atol=1e-4)  # epoch 2 moved the folds too

@@ -59,7 +59,9 @@ class CFlowConfig:
     epochs: int = _opt(2, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
     sub_epochs: int = _opt(2, "Passes over the training images inside each meta-epoch.")
     batch_size: int = _opt(16, "Images per encoder batch; all their fibers are used before the next batch.")
-    fiber_batch: int = _opt(1024, "Feature vectors (fibers) per optimizer step.")
+    fiber_batch: int = _opt(
+        2048, "Feature vectors (fibers) per optimizer step, rounded to whole maps: max(1, N // (h*w)) maps per step."
+    )
     lr: float = _opt(2e-4, "Adam learning rate.")
     warmup_epochs: float = _opt(1.0, "Epochs of linear learning-rate warm-up before cosine annealing.")
     loss: str = _opt("nll", "nll: negative log-likelihood per dimension (Eq. 7); logsigmoid: the authors' variant.", LOSSES)

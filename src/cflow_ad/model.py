@@ -54,14 +54,20 @@ class CFlowModel(nn.Module):
         self._conditions: dict[tuple[int, int], PositionalCondition] = {}
         self._folded: dict[tuple[int, int, int], tuple[tuple[int, ...], FoldedFlow]] = {}
 
+    def train(self, mode: bool = True) -> "CFlowModel":
+        if mode != self.training:  # fused optimisers update weights without bumping version counters
+            self._folded.clear()
+        return super().train(mode)
+
     def _apply(self, fn, recurse: bool = True):
         self._folded.clear()  # device or dtype moves replace the tensors the caches were built from
         self._conditions.clear()
         return super()._apply(fn, recurse)
 
     def folded(self, k: int, height: int, width: int) -> FoldedFlow:
-        """Decoder k folded for inference at one map size; rebuilt whenever its weights have changed
-        (an optimiser step or a state-dict load bumps the tensors' version counters)."""
+        """Decoder k folded for inference at one map size. Rebuilt after every switch between train
+        and eval mode, and whenever an in-place change (a state-dict load, a plain optimiser step)
+        has bumped the version counter of one of the decoder's tensors."""
         decoder = self.decoders[k]
         version = tuple(t._version for t in itertools.chain(decoder.parameters(), decoder.buffers()))
         key = (k, int(height), int(width))  # ints: an ONNX trace passes sizes as tensors

@@ -194,7 +194,7 @@ def fit(
     for meta in range(cfg.epochs):
         for sub in range(cfg.sub_epochs):
             epoch = meta * cfg.sub_epochs + sub
-            model.decoders.train()
+            model.train()  # the encoder stays in eval mode; leaving eval later refolds the decoders
             t0, loss_sum, loss_n, seen = time.perf_counter(), 0.0, 0, 0
             bar = tqdm(
                 _batches(len(images), cfg.batch_size, gen),
