@@ -32,6 +32,7 @@ VARIANTS: dict[str, dict] = {
     "pad32": {"border_pad": 32},
     "n256": {"fiber_batch": 256},
     "n2048": {"fiber_batch": 2048},
+    "c64": {"condition_dim": 64},
     "n8192": {"fiber_batch": 8192},
     "logsigmoid": {"loss": "logsigmoid"},
     "strides-4-8-16": {"last_stride": 16},

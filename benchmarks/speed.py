@@ -62,11 +62,11 @@ def _runner(model: CFlowModel, part: str, runtime: str, threads: int):
     return encode
 
 
-def _rows(runtime: str, threads: int, repeats: int, b1_calls: int) -> dict:
+def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim: int) -> dict:
     """Times both parts of one runtime at batch 1 and 32, alternating them in every repeat so
     that machine noise hits both alike; runs in its own process for a clean peak RSS."""
     torch.set_num_threads(threads)
-    model = CFlowModel(CFlowConfig()).eval()
+    model = CFlowModel(CFlowConfig(condition_dim=condition_dim)).eval()
     runs = {part: _runner(model, part, runtime, threads) for part in PARTS}
     out: dict = {}
     gen = torch.Generator().manual_seed(0)
@@ -88,8 +88,8 @@ def _rows(runtime: str, threads: int, repeats: int, b1_calls: int) -> dict:
     return out
 
 
-def _sizes() -> dict:
-    cfg = CFlowConfig()
+def _sizes(condition_dim: int) -> dict:
+    cfg = CFlowConfig(condition_dim=condition_dim)
     model = CFlowModel(cfg)
     dec = sum(p.numel() for p in model.decoders.parameters())
     gauss = sum(w.weight.numel() + w.mean.numel() + w.log_det.numel() for w in model.whitenings)
@@ -108,23 +108,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--b1-calls", type=int, default=20, help="single-image calls per timed repeat")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    p.add_argument("--condition-dim", type=int, default=CFlowConfig.condition_dim,
+                   help="size C of the positional condition (a lighter condition trades accuracy for speed)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--row", metavar="RUNTIME", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.row:
-        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls)))
+        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, args.condition_dim)))
         return
 
     rows = {}
     for runtime in args.runtimes:
         cmd = [sys.executable, __file__, "--row", runtime, "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--b1-calls", str(args.b1_calls)]
+               "--repeats", str(args.repeats), "--b1-calls", str(args.b1_calls),
+               "--condition-dim", str(args.condition_dim)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{runtime}: done", file=sys.stderr, flush=True)
 
-    figures: dict = {"threads": args.threads, "repeats": args.repeats, "image_size": 256}
-    print(f"\nMobileNetV2, taps 8/16/32, 8 couplings, C = 128, 256 px; {args.threads} threads; median of {args.repeats}")
+    figures: dict = {"threads": args.threads, "repeats": args.repeats, "image_size": 256, "condition_dim": args.condition_dim}
+    print(f"\nMobileNetV2, taps 8/16/32, 8 couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats}")
     print("| runtime | part | batch | img/s | ms/img | full/encoder |")
     print("|---|---|---|---|---|---|")
     for runtime in args.runtimes:
@@ -146,7 +149,7 @@ def main() -> None:
         figures[f"encoder_ips_b{b}"] = figures[f"{best}_encoder_ips_b{b}"]
         figures[f"cflow_ips_b{b}"] = figures[f"{best}_cflow_ips_b{b}"]
     figures["fastest_runtime"] = best
-    sizes = _sizes()
+    sizes = _sizes(args.condition_dim)
     figures.update(sizes)
     print("\n| stored per model | parameters / floats | MB (float32) |\n|---|---|---|")
     print(f"| flow decoders (3 scales, 8 couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
