@@ -2,10 +2,12 @@
 
 Without rotation augmentation the encoder runs once over the training images (which also
 fits the location whitening) and training is decoder-only; with it, features are computed
-per image batch. The fibers (feature vectors) of a batch's maps are shuffled and fed to
-the decoders in chunks of `fiber_batch`, one Adam step per chunk, with a single optimiser over all decoders. Model selection never looks
-at the test set: the final model is kept unless a validation split of the training
-images is asked for, then the meta-epoch with the best validation likelihood wins.
+per image batch. The fibers (feature vectors) of a batch's maps are shuffled over the
+images per location and fed to the decoders about `fiber_batch` at a time
+(`location_chunks`), one step of a single fused Adam over all decoders per chunk. Model
+selection never looks at the test set: the final model is kept unless a validation split
+of the training images is asked for, then the meta-epoch with the best validation
+likelihood wins.
 """
 
 from __future__ import annotations
