@@ -23,20 +23,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 
 from cflow_ad.config import CFlowConfig
-from cflow_ad.export import CHUNK, OnnxModel, session_options
+from cflow_ad.cli import available_cores
+from cflow_ad.export import CHUNK, OnnxModel, session_options, trace_onnx
 from cflow_ad.model import CFlowModel
 
 PARTS = ("encoder", "cflow")
 RUNTIMES = ("torch", "onnx")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _runner(model: CFlowModel, part: str, runtime: str, threads: int):
@@ -48,11 +44,7 @@ def _runner(model: CFlowModel, part: str, runtime: str, threads: int):
 
     fd, path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
-    dummy = torch.rand(1, 3, *model.image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.encoder, (dummy,), path, dynamo=False, opset_version=17, input_names=["images"],
-                          dynamic_axes={"images": {0: "batch"}})
+    trace_onnx(model.encoder, model.image_size, path, [f"tap{s}" for s in model.config.strides])
     session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
     os.remove(path)
 
@@ -104,7 +96,7 @@ def _sizes(condition_dim: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=_cores(), help="torch and onnxruntime threads (default: the cores)")
+    p.add_argument("--threads", type=int, default=available_cores(), help="torch and onnxruntime threads (default: the cores)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--b1-calls", type=int, default=20, help="single-image calls per timed repeat")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)

@@ -44,11 +44,15 @@ def _add_data_flags(parser: argparse.ArgumentParser, test: bool) -> None:
         g.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir: <stem>.png or <stem>_mask.png")
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _threads(n: int | None) -> None:
     import torch
 
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, n or available))
+    torch.set_num_threads(max(1, n or available_cores()))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,23 +28,29 @@ OPSET = 17
 CHUNK = 4
 
 
+def trace_onnx(module: torch.nn.Module, image_size: tuple[int, int], path: str | Path,
+               output_names: list[str]) -> Path:
+    """Trace `module` (a [B, 3, H, W] image batch in) to ONNX with a dynamic batch size."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.rand(1, 3, *image_size)
+    with torch.no_grad():
+        module(dummy)  # first call: lazily built constants (the folded decoders) exist before the trace
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+            torch.onnx.export(
+                module, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+                input_names=["images"], output_names=output_names,
+                dynamic_axes={name: {0: "batch"} for name in ["images", *output_names]},
+            )
+    return path
+
+
 def export_onnx(model: CFlowModel, path: str | Path) -> Path:
     """Write `model` (image -> anomaly map, score) as ONNX with a dynamic batch size; returns the path."""
     import onnx
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    dummy = torch.rand(1, 3, *model.image_size)
-    with torch.no_grad():
-        model(dummy)  # builds the folded decoders, so the trace sees them as constants
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
-            torch.onnx.export(
-                model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
-                input_names=["images"], output_names=["anomaly_map", "score"],
-                dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
-            )
+    path = trace_onnx(model.eval(), model.image_size, path, ["anomaly_map", "score"])
     proto = onnx.load(str(path))
     for key, value in (("cflow_ad_config", model.config.to_json()),
                        ("cflow_ad_train_max_score", repr(float(model.train_max_score)))):

@@ -90,13 +90,21 @@ class CouplingBlock(nn.Module):
     def scale(self) -> torch.Tensor:
         return 0.2 * F.softplus(0.5 * self.global_scale)
 
+    def out_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The subnet's output layer with its 0.1 factor folded in (saves a pass over its output)."""
+        return 0.1 * self.out.weight, 0.1 * self.out.bias
+
+    def mix_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global affine scaling and offset folded into the permutation: W (y * scale + offset) = M y + m."""
+        return self.w_perm * self.scale(), self.w_perm @ self.global_offset
+
     def _coeffs(self, x1: torch.Tensor, c: torch.Tensor | PositionalCondition | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.in_x(x1)
         if self.in_c is not None:
             if c is None:
                 raise ValueError("this flow is conditional: pass a condition")
             h = h + project_condition(self.in_c, c)
-        a = F.linear(F.relu(h), 0.1 * self.out.weight, 0.1 * self.out.bias)  # the 0.1 folded in: one pass less
+        a = F.linear(F.relu(h), *self.out_params())
         s = self.clamp * torch.tanh(a[..., : self.active])
         return s, a[..., self.active :]
 
@@ -113,7 +121,7 @@ class CouplingBlock(nn.Module):
             x1, x2 = x[..., : self.passive], x[..., self.passive :]
             s, t = self._coeffs(x1, c)
             y = torch.cat([x1, x2 * torch.exp(s) + t], dim=-1)
-            y = F.linear(y, self.w_perm * scale, self.w_perm @ self.global_offset)  # = W (y * scale + offset)
+            y = F.linear(y, *self.mix_params())
             return y, (s.sum(-1) + log_scale) if jac else None
         y = (F.linear(x, self.w_perm.T) - self.global_offset) / scale
         y1, y2 = y[..., : self.passive], y[..., self.passive :]
@@ -193,12 +201,12 @@ class FoldedFlow(nn.Module):
             stack = lambda f: torch.stack([f(b) for b in blocks]).contiguous()  # noqa: E731
             self.register_buffer("w_in", stack(lambda b: b.in_x.weight))  # [n, H, p]
             self.register_buffer("c_in", torch.stack(cond).contiguous())  # [n, H, L]
-            self.register_buffer("w_s", stack(lambda b: 0.1 * b.out.weight[:a]))  # [n, a, H]
-            self.register_buffer("b_s", stack(lambda b: 0.1 * b.out.bias[:a, None]))
-            self.register_buffer("w_t", stack(lambda b: 0.1 * b.out.weight[a:]))
-            self.register_buffer("b_t", stack(lambda b: 0.1 * b.out.bias[a:, None]))
-            self.register_buffer("w_mix", stack(lambda b: b.w_perm * b.scale()))  # [n, D, D]
-            self.register_buffer("b_mix", stack(lambda b: (b.w_perm @ b.global_offset)[:, None]))
+            self.register_buffer("w_s", stack(lambda b: b.out_params()[0][:a]))  # [n, a, H]
+            self.register_buffer("b_s", stack(lambda b: b.out_params()[1][:a, None]))
+            self.register_buffer("w_t", stack(lambda b: b.out_params()[0][a:]))
+            self.register_buffer("b_t", stack(lambda b: b.out_params()[1][a:, None]))
+            self.register_buffer("w_mix", stack(lambda b: b.mix_params()[0]))  # [n, D, D]
+            self.register_buffer("b_mix", stack(lambda b: b.mix_params()[1][:, None]))
             self.register_buffer("log_scale", sum(torch.log(b.scale()).sum() for b in blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
