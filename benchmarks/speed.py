@@ -1,4 +1,5 @@
-"""Inference speed of full CFLOW-AD against the encoder alone, in PyTorch and onnxruntime.
+"""Inference speed of full CFLOW-AD against the encoder alone, in PyTorch and onnxruntime,
+with PaDiM and SPADE on the same encoder (the paper's Table 6).
 
 One run, one machine, identical 256x256 inputs. For each runtime (PyTorch eager, the ONNX
 export in onnxruntime) and each part (the encoder alone with the same taps; the whole model
@@ -6,8 +7,10 @@ from image tensor to anomaly map and score) it times batch 1 and batch 32 after 
 and prints the median of several repeats (the two parts alternate within each repeat, so
 machine noise hits both alike), the ratio full/encoder, and the peak RSS of a fresh process
 per runtime. It also prints the decoders' size (the paper's
-Table 6 "model size") next to the location whitening's Gaussians and the Gaussian bank
-PaDiM would keep for the same encoder and taps.
+Table 6 "model size") next to the location whitening's Gaussians, PaDiM's Gaussian bank and
+SPADE's gallery for the same encoder and taps. The baselines' timings do not depend on their
+fitted values, so PaDiM runs with its initial Gaussians and SPADE with a random gallery of
+--gallery training images (762: magnetic_tile's). SPADE runs in PyTorch only.
 
     python benchmarks/speed.py --json speed.json
 """
@@ -29,17 +32,34 @@ import torch
 from cflow_ad.config import CFlowConfig
 from cflow_ad.cli import available_cores
 from cflow_ad.export import CHUNK, OnnxModel, session_options, trace_onnx
-from cflow_ad.model import CFlowModel
+from cflow_ad.baselines import PaDiM, SPADE
+from cflow_ad.model import build_model
 
-PARTS = ("encoder", "cflow")
+PARTS = ("encoder", "cflow", "padim", "spade")
 RUNTIMES = ("torch", "onnx")
+TORCH_ONLY = ("spade",)
 
 
-def _runner(model: CFlowModel, part: str, runtime: str, threads: int):
+def _models(condition_dim: int, gallery: int) -> dict:
+    """CFLOW-AD and the baselines on one shared encoder (MobileNetV2, taps 8/16/32, 256 px)."""
+    cfg = CFlowConfig(condition_dim=condition_dim)
+    cflow = build_model(cfg).eval()
+    models = {"encoder": cflow.encoder, "cflow": cflow}
+    for method, kind in (("padim", PaDiM), ("spade", SPADE)):
+        models[method] = kind(cfg.replace(method=method), encoder=cflow.encoder).eval()
+    spade = models["spade"]
+    gen = torch.Generator().manual_seed(1)
+    spade.bank = torch.randn(gallery, spade.dim, *spade.grid, generator=gen)
+    spade.pooled = torch.randn(gallery, spade.pooled.shape[1], generator=gen)
+    return models
+
+
+def _runner(models: dict, part: str, runtime: str, threads: int):
     if runtime == "torch":
-        return model.encoder if part == "encoder" else model
-    if part == "cflow":
-        return OnnxModel.from_model(model, threads)
+        return models[part]
+    if part != "encoder":
+        return OnnxModel.from_model(models[part], threads)
+    model = models["cflow"]
     import onnxruntime as ort
 
     fd, path = tempfile.mkstemp(suffix=".onnx")
@@ -54,17 +74,21 @@ def _runner(model: CFlowModel, part: str, runtime: str, threads: int):
     return encode
 
 
-def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim: int) -> dict:
-    """Times both parts of one runtime at batch 1 and 32, alternating them in every repeat so
-    that machine noise hits both alike; runs in its own process for a clean peak RSS."""
+def _parts(runtime: str) -> list[str]:
+    return [p for p in PARTS if runtime == "torch" or p not in TORCH_ONLY]
+
+
+def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim: int, gallery: int) -> dict:
+    """Times every part of one runtime at batch 1 and 32, alternating them in every repeat so
+    that machine noise hits all alike; runs in its own process for a clean peak RSS."""
     torch.set_num_threads(threads)
-    model = CFlowModel(CFlowConfig(condition_dim=condition_dim)).eval()
-    runs = {part: _runner(model, part, runtime, threads) for part in PARTS}
+    models = _models(condition_dim, gallery)
+    runs = {part: _runner(models, part, runtime, threads) for part in _parts(runtime)}
     out: dict = {}
     gen = torch.Generator().manual_seed(0)
     for batch, calls in ((1, b1_calls), (32, 1)):
         x = torch.rand(batch, 3, 256, 256, generator=gen)
-        times: dict[str, list[float]] = {part: [] for part in PARTS}
+        times: dict[str, list[float]] = {part: [] for part in runs}
         with torch.inference_mode():
             for run in runs.values():
                 run(x)  # warm-up: allocations, folding, onnxruntime's first-run setup
@@ -74,24 +98,25 @@ def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim
                     for _ in range(calls):
                         run(x)
                     times[part].append((time.perf_counter() - t0) / (calls * batch))
-        for part in PARTS:
+        for part in runs:
             out[f"{part}_b{batch}"] = statistics.median(times[part])
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
-def _sizes(condition_dim: int) -> dict:
-    cfg = CFlowConfig(condition_dim=condition_dim)
-    model = CFlowModel(cfg)
-    dec = sum(p.numel() for p in model.decoders.parameters())
-    gauss = sum(w.weight.numel() + w.mean.numel() + w.log_det.numel() for w in model.whitenings)
-    # PaDiM: taps upsampled to the shallowest one and concatenated, a random 100-channel subset,
-    # a mean and a full covariance per location of the stride-8 map.
-    locations = (cfg.image_size // min(cfg.strides)) ** 2
-    padim = locations * (100 + 100 * 100)
+def _sizes(condition_dim: int, gallery: int) -> dict:
+    """What each method stores besides the encoder, counted from the models' own tensors."""
+    models = _models(condition_dim, gallery)
+    model = models["cflow"]
+    count = lambda tensors: sum(t.numel() for t in tensors)  # noqa: E731
+    dec = count(model.decoders.parameters())
+    gauss = count(model.whitenings.buffers())
+    padim = count(models["padim"].gaussian.buffers())  # a mean and a whitening matrix per location
+    spade = count([models["spade"].bank, models["spade"].pooled])
     mb = lambda n: n * 4 / 2**20  # noqa: E731
     return {"decoder_params": dec, "decoder_mb": mb(dec), "whitening_floats": gauss, "whitening_mb": mb(gauss),
-            "padim_bank_floats": padim, "padim_bank_mb": mb(padim)}
+            "padim_bank_floats": padim, "padim_bank_mb": mb(padim), "spade_gallery_floats": spade,
+            "spade_gallery_mb": mb(spade), "spade_gallery_images": gallery}
 
 
 def main() -> None:
@@ -102,38 +127,39 @@ def main() -> None:
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--condition-dim", type=int, default=CFlowConfig.condition_dim,
                    help="size C of the positional condition (a lighter condition trades accuracy for speed)")
+    p.add_argument("--gallery", type=int, default=762, help="SPADE's gallery size in training images (magnetic_tile: 762)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--row", metavar="RUNTIME", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.row:
-        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, args.condition_dim)))
+        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, args.condition_dim, args.gallery)))
         return
 
     rows = {}
     for runtime in args.runtimes:
         cmd = [sys.executable, __file__, "--row", runtime, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--b1-calls", str(args.b1_calls),
-               "--condition-dim", str(args.condition_dim)]
+               "--condition-dim", str(args.condition_dim), "--gallery", str(args.gallery)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{runtime}: done", file=sys.stderr, flush=True)
 
     figures: dict = {"threads": args.threads, "repeats": args.repeats, "image_size": 256, "condition_dim": args.condition_dim}
     print(f"\nMobileNetV2, taps 8/16/32, 8 couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats}")
-    print("| runtime | part | batch | img/s | ms/img | full/encoder |")
+    print("| runtime | part | batch | img/s | ms/img | part/encoder |")
     print("|---|---|---|---|---|---|")
     for runtime in args.runtimes:
         r = rows[runtime]
-        for part in PARTS:
+        for part in _parts(runtime):
             for b in (1, 32):
                 ips = 1 / r[f"{part}_b{b}"]
                 ratio = r[f"encoder_b{b}"] / r[f"{part}_b{b}"]
                 figures[f"{runtime}_{part}_ips_b{b}"] = ips
-                if part == "cflow":
-                    figures[f"{runtime}_ratio_b{b}"] = ratio
+                if part != "encoder":
+                    figures[f"{runtime}_{part}_ratio_b{b}"] = ratio
                 print(f"| {runtime} | {part} | {b} | {ips:.1f} | {1000 / ips:.1f} | {ratio:.2f} |")
         figures[f"{runtime}_peak_rss_mb"] = r["peak_rss_mb"]
-    print("\n| runtime | peak RSS of a process running both parts at batch 1 and 32 |\n|---|---|")
+    print("\n| runtime | peak RSS of a process running every part at batch 1 and 32 |\n|---|---|")
     for runtime in args.runtimes:
         print(f"| {runtime} | {rows[runtime]['peak_rss_mb']:.0f} MB |")
     best = max(args.runtimes, key=lambda rt: figures[f"{rt}_cflow_ips_b1"])
@@ -141,12 +167,14 @@ def main() -> None:
         figures[f"encoder_ips_b{b}"] = figures[f"{best}_encoder_ips_b{b}"]
         figures[f"cflow_ips_b{b}"] = figures[f"{best}_cflow_ips_b{b}"]
     figures["fastest_runtime"] = best
-    sizes = _sizes(args.condition_dim)
+    sizes = _sizes(args.condition_dim, args.gallery)
     figures.update(sizes)
     print("\n| stored per model | parameters / floats | MB (float32) |\n|---|---|---|")
     print(f"| flow decoders (3 scales, 8 couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
     print(f"| location whitening (per-location Gaussians, 3 scales) | {sizes['whitening_floats']:,} | {sizes['whitening_mb']:.1f} |")
     print(f"| PaDiM bank, same taps (100 channels at 32x32 locations) | {sizes['padim_bank_floats']:,} | {sizes['padim_bank_mb']:.1f} |")
+    print(f"| SPADE gallery, same taps ({args.gallery} images x 32x32 x 288 + pooled) | {sizes['spade_gallery_floats']:,}"
+          f" | {sizes['spade_gallery_mb']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -28,11 +28,14 @@ def test_metadata_holds_config_and_history(tiny_checkpoint):
 
 
 def test_checkpoint_is_not_a_pickle(tiny_checkpoint):
-    head = tiny_checkpoint.read_bytes()[:16]
-    assert not head.startswith(b"\x80") and not head.startswith(b"PK")  # neither raw pickle nor torch zip
-    header_len = int.from_bytes(head[:8], "little")
-    header = json.loads(tiny_checkpoint.read_bytes()[8 : 8 + header_len])
+    data = tiny_checkpoint.read_bytes()
+    assert not data.startswith(b"PK")  # not torch's zip of pickles
+    # safetensors: a little-endian header length, a JSON header, then raw tensor bytes up to the end
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
     assert header["__metadata__"]["format"] == "cflow-ad/1"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    assert 8 + header_len + max(ends) == len(data)
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage bytes that are not safetensors"])

@@ -230,3 +230,21 @@ def test_fast_auroc_matches_sklearn_with_ties():
     masks = rng.random((5, 20, 20)) < 0.2
     maps = np.round(rng.random((5, 20, 20)) + 0.5 * masks, 1).astype(np.float32)  # many ties
     assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+def test_f1_optimal_threshold_matches_sklearn():
+    from sklearn.metrics import precision_recall_curve
+
+    from cflow_ad.metrics import f1_optimal_threshold
+
+    rng = np.random.default_rng(3)
+    masks = rng.random((3, 20, 20)) < 0.1
+    maps = np.round(rng.random((3, 20, 20)) + 0.6 * masks, 2)  # rounding makes ties
+    threshold, f1 = f1_optimal_threshold(masks, maps)
+    precision, recall, thresholds = precision_recall_curve(masks.ravel(), maps.ravel())
+    scores = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(scores[:-1]))
+    assert f1 == pytest.approx(scores[best], abs=1e-12)
+    assert threshold == pytest.approx(thresholds[best])
+    predicted = maps >= threshold
+    assert f1 == pytest.approx(2 * (predicted & masks).sum() / (predicted.sum() + masks.sum()))

@@ -22,9 +22,9 @@ from .config import CFlowConfig
 from .errors import CflowInputError
 from .export import OnnxModel, export_onnx
 from .metrics import evaluate
-from .model import CFlowModel
+from .model import CFlowModel, build_model
 from .scoring import anomaly_maps, paper_constants, score_set
-from .training import fit
+from .training import fit, fit_baseline
 from .visualize import heat_rgb, overlay_rgb, save_png
 
 
@@ -47,8 +47,8 @@ def open_dataset(
     return D.folder_dataset(normal_dir, size, abnormal_dir if split == "test" else None, mask_dir if split == "test" else None)
 
 
-def _model(model: CFlowModel | str | Path) -> CFlowModel:
-    return model if isinstance(model, CFlowModel) else load_checkpoint(model)
+def _model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+    return model if isinstance(model, torch.nn.Module) else load_checkpoint(model)
 
 
 def train(
@@ -60,29 +60,41 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Train on defect-free images and write `output/model.safetensors`; returns its path."""
+    """Train on defect-free images and write `output/model.safetensors`; returns its path.
+    `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE)."""
     dataset = open_dataset("train", config.image_size, data, category, normal_dir)
-    val = None
-    if config.val_fraction > 0:
-        dataset, val = D.split_train_val(dataset, config.val_fraction, config.seed)
-    model = CFlowModel(config)
+    model = build_model(config)
     t0 = time.perf_counter()
-    history = fit(model, dataset, val, progress=progress, log=log)
+    if config.method != "cflow":
+        history = fit_baseline(model, dataset, progress=progress)
+    else:
+        val = None
+        if config.val_fraction > 0:
+            dataset, val = D.split_train_val(dataset, config.val_fraction, config.seed)
+        history = fit(model, dataset, val, progress=progress, log=log)
     history["train_seconds"] = time.perf_counter() - t0
     history["train_images"] = len(dataset)
     path = save_checkpoint(model, Path(output) / "model.safetensors", extra={"history": history})
     return path
 
 
+def _paper_only_for_cflow(model) -> None:
+    if not isinstance(model, CFlowModel):
+        raise CflowInputError(
+            "paper normalisation needs CFLOW's per-scale maps: use a cflow .safetensors checkpoint with --runtime torch")
+
+
 @torch.no_grad()
-def _log_maps(model: CFlowModel, dataset, progress: bool, desc: str):
-    """Per-scale log-density maps plus masks/labels/types/paths of a whole dataset."""
+def _run_set(model, dataset, outputs: Callable[[torch.Tensor], Sequence[torch.Tensor]], progress: bool, desc: str):
+    """`outputs(images)` over a whole dataset, concatenated, plus its masks/labels/types/paths."""
     loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
-    parts: list[list[torch.Tensor]] = [[] for _ in model.decoders]
+    parts: list[list[torch.Tensor]] = []
     masks, labels, types, paths = [], [], [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        for k, lm in enumerate(model.log_density_maps(model.features(batch["image"]))):
-            parts[k].append(lm)
+        for k, out in enumerate(outputs(batch["image"])):
+            if k == len(parts):
+                parts.append([])
+            parts[k].append(out)
         masks.append(batch["mask"][:, 0] > 0.5)
         labels += [int(v) for v in batch["label"]]
         types += list(batch["defect_type"])
@@ -90,8 +102,21 @@ def _log_maps(model: CFlowModel, dataset, progress: bool, desc: str):
     return [torch.cat(p) for p in parts], torch.cat(masks), labels, types, paths
 
 
+def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
+    """(anomaly maps [N, H, W], scores [N], masks [N, H, W], labels, defect types, paths) of a labelled set."""
+    if isinstance(model, CFlowModel):
+        logs, masks, labels, types, paths = _run_set(
+            model, dataset, lambda x: model.log_density_maps(model.features(x)), progress, "test")
+        maps, scores = score_set(logs, model.image_size, mode, model.ref_log_density, model.map_offset)
+    else:
+        if mode == "paper":
+            _paper_only_for_cflow(model)
+        (maps, scores), masks, labels, types, paths = _run_set(model, dataset, model, progress, "test")
+    return maps, scores, masks, labels, types, paths
+
+
 def test(
-    model: CFlowModel | str | Path,
+    model: torch.nn.Module | str | Path,
     output: str | Path | None = None,
     data: str | Path | None = None,
     category: str | None = None,
@@ -106,8 +131,7 @@ def test(
     mode = normalization or model.config.normalization
     dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir)
     t0 = time.perf_counter()
-    logs, masks, labels, types, paths = _log_maps(model, dataset, progress, "test")
-    maps, scores = score_set(logs, model.image_size, mode, model.ref_log_density, model.map_offset)
+    maps, scores, masks, labels, types, paths = score_dataset(model, dataset, mode, progress)
     seconds = time.perf_counter() - t0
     metrics = evaluate(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
     metrics.update(normalization=mode, images=len(labels), seconds=round(seconds, 2))
@@ -136,19 +160,25 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 RUNTIMES = ("torch", "onnx")
 
 
-def load_runner(model: CFlowModel | str | Path, runtime: str = "torch") -> CFlowModel | OnnxModel:
+def load_runner(model: torch.nn.Module | str | Path, runtime: str = "torch") -> torch.nn.Module | OnnxModel:
     """A model to score with: a checkpoint in PyTorch or exported to onnxruntime, or an exported .onnx file."""
     if runtime not in RUNTIMES:
         raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
     if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx":
         return OnnxModel(model)
     model = _model(model).eval()
-    return OnnxModel.from_model(model) if runtime == "onnx" else model
+    return OnnxModel.from_model(_exportable(model)) if runtime == "onnx" else model
+
+
+def _exportable(model: torch.nn.Module) -> torch.nn.Module:
+    if model.config.method == "spade":
+        raise CflowInputError("SPADE's gallery search runs in PyTorch only: use --runtime torch, or a cflow or padim model")
+    return model
 
 
 @torch.no_grad()
 def predict(
-    model: CFlowModel | str | Path,
+    model: torch.nn.Module | str | Path,
     paths: Sequence[str | Path],
     output: str | Path,
     normalization: str | None = None,
@@ -167,8 +197,8 @@ def predict(
     """
     runner = load_runner(model, runtime)
     mode = normalization or runner.config.normalization
-    if mode == "paper" and not isinstance(runner, CFlowModel):
-        raise CflowInputError("paper normalisation needs the per-scale maps: use a .safetensors checkpoint with --runtime torch")
+    if mode == "paper":
+        _paper_only_for_cflow(runner)
     size, bs = runner.config.image_size, runner.config.batch_size
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,8 +248,8 @@ def predict(
     return rows
 
 
-def export(model: CFlowModel | str | Path, output: str | Path, format: str = "onnx") -> Path:
+def export(model: torch.nn.Module | str | Path, output: str | Path, format: str = "onnx") -> Path:
     """Write the whole model (image -> anomaly map and score) as ONNX; returns the file."""
     if format != "onnx":
         raise CflowInputError(f"unknown export format '{format}': the supported format is onnx")
-    return export_onnx(_model(model), output)
+    return export_onnx(_exportable(_model(model)), output)

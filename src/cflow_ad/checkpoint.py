@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from .config import CFlowConfig
 from .errors import CflowInputError
-from .model import CFlowModel
+from .model import build_model
 
 FORMAT = "cflow-ad/1"
 
 
-def save_checkpoint(model: CFlowModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,9 +56,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return {"config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CFlowModel:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model a checkpoint holds, of whichever method it was trained with, in eval mode."""
     meta = read_metadata(path)
     config = CFlowConfig.from_dict(meta["config"])
-    model = CFlowModel(config, pretrained=False)
+    model = build_model(config, pretrained=False)
     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     return model.to(device).eval()

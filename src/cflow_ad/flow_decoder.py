@@ -245,18 +245,19 @@ class LocationWhitening(nn.Module):
     @staticmethod
     def moments(fibers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float64 sums over a batch of [B, P, D] fibers: (sum [P, D], sum of outer products [P, D, D])."""
-        x = fibers.double().transpose(0, 1)  # [P, B, D]
+        x = fibers.double().transpose(0, 1).contiguous()  # [P, B, D]; strided batches take a slow path (100x)
         return x.sum(1), x.transpose(1, 2) @ x
 
     @torch.no_grad()
-    def fit_moments(self, total: torch.Tensor, outer: torch.Tensor, count: int, eps: float) -> None:
-        """Set mean, inverse Cholesky factor and log-det from accumulated `moments` of `count` images."""
+    def fit_moments(self, total: torch.Tensor, outer: torch.Tensor, count: int, eps: float, relative: bool = True) -> None:
+        """Set mean, inverse Cholesky factor and log-det from accumulated `moments` of `count` images.
+        The ridge is eps times each location's mean variance, or eps itself with `relative=False` (PaDiM's 0.01 I)."""
         if count < 2:
             raise ValueError("location whitening needs at least 2 training images")
         mean = total / count
         cov = (outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (count - 1)
-        mean_var = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-        cov = cov + (eps * mean_var)[:, None, None] * torch.eye(self.dim, dtype=cov.dtype)
+        ridge = eps * torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12) if relative else torch.full((len(cov),), eps)
+        cov = cov + ridge.to(cov.dtype)[:, None, None] * torch.eye(self.dim, dtype=cov.dtype)
         chol, info = torch.linalg.cholesky_ex(cov)
         if bool((info > 0).any()):
             raise ValueError(f"feature covariance is singular at {int((info > 0).sum())} locations: raise whitening_eps")

@@ -119,3 +119,12 @@ class CFlowModel(nn.Module):
         """Anomaly map [B, H, W] (higher = more anomalous) and image score [B]."""
         logs = self.log_density_maps(self.features(images))
         return anomaly_maps(logs, self.ref_log_density, self.map_offset, tuple(images.shape[-2:]))
+
+
+def build_model(config: CFlowConfig, pretrained: bool = True) -> nn.Module:
+    """The model that `config.method` names: CFLOW-AD or one of the baselines, all with one interface."""
+    if config.method == "cflow":
+        return CFlowModel(config, pretrained=pretrained)
+    from .baselines import PaDiM, SPADE
+
+    return {"padim": PaDiM, "spade": SPADE}[config.method](config, pretrained=pretrained)

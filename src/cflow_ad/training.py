@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from .baselines import DistanceModel
 from .config import CFlowConfig
 from .flow_decoder import LocationWhitening
 from .model import CFlowModel
@@ -244,3 +245,25 @@ def fit(
     model.eval()
     history["epochs"] = total_epochs
     return history
+
+
+@torch.no_grad()
+def fit_baseline(model: DistanceModel, train_set: Dataset, progress: bool = True, sample: int = 64) -> dict:
+    """Fit PaDiM or SPADE in one encoder pass over the training images, then set the heat-map scale
+    (`train_max_score`) from up to `sample` of them (each left out of its own SPADE search)."""
+    cfg = model.config
+    if len(train_set) < 2:
+        raise ValueError("a baseline needs at least 2 training images")
+    images = _ImageOnly(train_set, budget_bytes=0)  # one pass: nothing to keep
+    batches = _batches(len(images), cfg.batch_size)
+
+    def load(idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([images[int(i)] for i in idx]).float() / 255
+
+    t0 = time.perf_counter()
+    model.fit(model.features(load(idx)) for idx in tqdm(batches, desc=f"fit {cfg.method}", disable=not progress, leave=False))
+    seconds = time.perf_counter() - t0
+    picks = torch.linspace(0, len(images) - 1, min(sample, len(images))).round().long().unique()
+    top = max(float(model.maps_from_features(model.features(load(idx)), idx)[1].max()) for idx in picks.split(cfg.batch_size))
+    model.train_max_score.fill_(max(top, 1e-6))
+    return {"fit_seconds": seconds, "epochs": 0}

@@ -1,0 +1,253 @@
+"""The paper's experiments, one command each, on any MVTec-layout root.
+
+- `ablation` (Table 2): variants of one base CFLOW-AD config, one seed each.
+- `compare` (Tables 3-4): CFLOW-AD, PaDiM and SPADE per category, mean +/- std over seeds.
+- `figures` (Figures 3-4): image / ground truth / anomaly map / predicted mask, and the pixel
+  score histograms, at the pixel threshold that maximises F1.
+Table 6 (speed and size per method) is `benchmarks/speed.py`.
+
+Every run (method, config, seed, category) is stored under OUTPUT/runs/ with its checkpoint and
+metrics, named by a hash of its config: a rerun, or another experiment needing the same run,
+reuses it, so an interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import api
+from .checkpoint import load_checkpoint, read_metadata
+from .config import METHODS, CFlowConfig
+from .data import mvtec_categories, mvtec_dataset
+from .encoder import PACKAGED_WEIGHTS, packaged_weights_path
+from .errors import CflowInputError
+from .metrics import f1_optimal_threshold
+
+EXPERIMENTS = ("ablation", "compare", "figures")
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+DETERMINISTIC = ("spade",)  # no random part: one seed says everything
+
+
+def offline_encoders() -> list[str]:
+    """Encoders whose ImageNet weights are installed here (no download needed)."""
+    return [name for name in PACKAGED_WEIGHTS if packaged_weights_path(name) is not None]
+
+
+def ablation_variants(base: CFlowConfig) -> dict[str, dict]:
+    """Table 2's rows as config changes to `base`: couplings, pooled scales, input size, CFLOW vs
+    UFLOW, and every other encoder available offline."""
+    variants = {
+        "base": {},
+        "4 couplings": {"coupling_layers": 4},
+        "8 couplings": {"coupling_layers": 8},
+        "2 scales": {"pool_layers": 2},
+        "3 scales": {"pool_layers": 3},
+        f"{2 * base.image_size} px": {"image_size": 2 * base.image_size},
+        "UFLOW (no condition)": {"conditional": False},
+    }
+    variants.update({name: {"encoder": name} for name in offline_encoders() if name != base.encoder})
+    # drop the rows that equal the base
+    return {k: v for k, v in variants.items() if k == "base" or base.replace(**v) != base}
+
+
+# Fields a method never reads: runs differing only in them are the same run.
+_UNUSED = {
+    "cflow": {"padim_channels", "knn_images", "blur_sigma"},
+    "baseline": {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "permutation", "whitening",
+                 "whitening_eps", "epochs", "sub_epochs", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
+                 "val_fraction", "normalization"},
+}
+
+
+def run_key(config: CFlowConfig) -> str:
+    """Folder name of a run: method, seed and a hash of the config fields the method reads."""
+    unused = _UNUSED["cflow" if config.method == "cflow" else "baseline"]
+    used = {k: v for k, v in json.loads(config.to_json()).items() if k not in unused}
+    digest = hashlib.sha1(json.dumps(used, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{config.method}-seed{config.seed}-{digest}"
+
+
+def run_once(config: CFlowConfig, data: Path, category: str, output: Path, progress: bool = False,
+             log: Callable[[str], None] = print) -> dict:
+    """Train and test one config on one category, or read the stored result of an identical run."""
+    folder = output / "runs" / category / run_key(config)
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    log(f"[{category}] training {config.method} seed {config.seed} -> {folder}")
+    path = api.train(config, folder, data=data, category=category, progress=progress, log=lambda m: None)
+    metrics = api.test(path, folder / "test", data=data, category=category, progress=progress)
+    history = read_metadata(path)["extra"]["history"]
+    result = {
+        "category": category, "method": config.method, "seed": config.seed, "config": json.loads(config.to_json()),
+        **{k: metrics[k] for k in METRICS}, "per_type": metrics["per_type"],
+        "train_seconds": round(history["train_seconds"], 1), "test_seconds": metrics["seconds"],
+        "test_images": metrics["images"], "checkpoint": str(path),
+    }
+    result_file.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"[{category}] {config.method} seed {config.seed}: " + " / ".join(f"{100 * result[k]:.1f}" for k in METRICS))
+    return result
+
+
+def _categories(data: Path, categories: Sequence[str] | None) -> list[str]:
+    found = mvtec_categories(data)
+    if not categories:
+        if not found:
+            raise CflowInputError(f"no categories under '{data}': pass an MVTec-layout root (ROOT/CATEGORY/train/good)")
+        return found
+    missing = [c for c in categories if c not in found]
+    if missing:
+        raise CflowInputError(f"categories {', '.join(missing)} not under '{data}': choose from {', '.join(found) or 'none'}")
+    return list(categories)
+
+
+def _pct(values: Sequence[float]) -> str:
+    vals = [100 * v for v in values if not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    return f"{vals[0]:.1f}" if len(vals) == 1 else f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def _write(output: Path, name: str, markdown: str, payload: dict) -> dict:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}.md").write_text(markdown)
+    (output / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
+def ablation(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path,
+             variants: Sequence[str] | None = None, progress: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Table 2: each variant of `base` on each category, one seed (base.seed)."""
+    table = ablation_variants(base)
+    chosen = list(table) if not variants else ["base", *[v for v in variants if v != "base"]]
+    unknown = [v for v in chosen if v not in table]
+    if unknown:
+        raise CflowInputError(f"unknown ablation variants {', '.join(unknown)}: choose from {', '.join(table)}")
+    cats = _categories(data, categories)
+    rows = []
+    for name in chosen:
+        config = base.replace(method="cflow", **table[name])
+        results = [run_once(config, data, c, output, progress, log) for c in cats]
+        rows.append({"variant": name, "changes": table[name], "results": results})
+    lines = [f"Base: {_describe(base)}; seed {base.seed}; categories: {', '.join(cats)} (mean over them).", "",
+             "| variant | image AUROC | pixel AUROC | AUPRO | training s | test s |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        rs = row["results"]
+        cells = [_pct([statistics.mean(r[k] for r in rs)]) for k in METRICS]
+        lines.append(f"| {row['variant']} | {' | '.join(cells)} | {sum(r['train_seconds'] for r in rs):.0f}"
+                     f" | {sum(r['test_seconds'] for r in rs):.0f} |")
+    return _write(output, "ablation", "\n".join(lines) + "\n", {"base": json.loads(base.to_json()), "rows": rows})
+
+
+def _describe(config: CFlowConfig) -> str:
+    return (f"{config.encoder}, {config.pool_layers} scales, {config.coupling_layers} couplings, C = {config.condition_dim},"
+            f" {config.image_size} px")
+
+
+def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path,
+            methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2, 3), progress: bool = False,
+            log: Callable[[str], None] = print) -> dict:
+    """Tables 3-4: every method on every category and seed (one seed for deterministic methods)."""
+    cats = _categories(data, categories)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise CflowInputError(f"unknown methods {', '.join(bad)}: choose from {', '.join(METHODS)}")
+    results: dict[str, dict[str, list[dict]]] = {m: {} for m in methods}
+    for m in methods:
+        for c in cats:
+            runs = seeds[:1] if m in DETERMINISTIC else seeds
+            results[m][c] = [run_once(base.replace(method=m, seed=s), data, c, output, progress, log) for s in runs]
+    lines = [f"Encoder and taps for every method: {_describe(base)}. Seeds {', '.join(map(str, seeds))}"
+             f" (mean ± std); {', '.join(DETERMINISTIC)}: deterministic, one run.", ""]
+    for metric, title in zip(METRICS, ("Image AUROC (%)", "Pixel AUROC (%)", "AUPRO (%)")):
+        lines += [f"### {title}", "", "| category | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for c in cats:
+            lines.append(f"| {c} | " + " | ".join(_pct([r[metric] for r in results[m][c]]) for m in methods) + " |")
+        if len(cats) > 1:  # the average over categories, per seed, then mean +/- std over seeds
+            avg = {m: [statistics.mean(results[m][c][i][metric] for c in cats) for i in range(len(results[m][cats[0]]))]
+                   for m in methods}
+            lines.append("| **average** | " + " | ".join(_pct(avg[m]) for m in methods) + " |")
+        lines.append("")
+    lines += ["| method | training s (per run, mean) | test s (per run, mean) |", "|---|---|---|"]
+    for m in methods:
+        rs = [r for c in cats for r in results[m][c]]
+        lines.append(f"| {m} | {statistics.mean(r['train_seconds'] for r in rs):.0f} | {statistics.mean(r['test_seconds'] for r in rs):.0f} |")
+    return _write(output, "compare", "\n".join(lines) + "\n", {"base": json.loads(base.to_json()), "seeds": list(seeds),
+                                                              "results": results})
+
+
+def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path, rows: int = 5,
+            progress: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Figures 3-4 for `base` (its method and seed) per category: an example grid and the pixel
+    score histograms, both at the F1-optimal pixel threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = {}
+    for c in _categories(data, categories):
+        result = run_once(base, data, c, output, progress, log)
+        model = load_checkpoint(result["checkpoint"])
+        dataset = mvtec_dataset(data, c, "test", base.image_size)
+        maps, scores, masks, labels, types, paths = api.score_dataset(model, dataset, model.config.normalization, progress)
+        maps, masks = maps.numpy(), masks.numpy()
+        threshold, f1 = f1_optimal_threshold(masks, maps)
+        picks = _examples(types, scores.numpy(), rows)
+        fig, axes = plt.subplots(len(picks), 4, figsize=(8, 2 * len(picks)), squeeze=False)
+        top = float(np.quantile(maps, 0.999))
+        for r, i in enumerate(picks):
+            image = dataset[i]["image"].permute(1, 2, 0).numpy()
+            panels = [(image, None, f"{types[i]}"), (masks[i], "gray", "ground truth"),
+                      (maps[i], "jet", f"map (score {float(scores[i]):.3g})"), (maps[i] >= threshold, "gray", "predicted mask")]
+            for ax, (img, cmap, title) in zip(axes[r], panels):
+                ax.imshow(img, cmap=cmap, vmin=0 if cmap else None, vmax=(top if cmap == "jet" else 1) if cmap else None)
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
+        fig.suptitle(f"{c}: {base.method}, pixel threshold {threshold:.3g} (max F1 {f1:.3f})", fontsize=9)
+        fig.tight_layout()
+        grid = output / f"figure3_{c}_{base.method}.png"
+        output.mkdir(parents=True, exist_ok=True)
+        fig.savefig(grid, dpi=80)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        bins = np.linspace(float(maps.min()), float(maps.max()), 101)
+        ax.hist(maps[~masks].ravel(), bins=bins, density=True, alpha=0.6, label="normal pixels")
+        ax.hist(maps[masks].ravel(), bins=bins, density=True, alpha=0.6, label="anomalous pixels")
+        ax.axvline(threshold, color="k", linestyle="--", label=f"max-F1 threshold {threshold:.3g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("anomaly score")
+        ax.set_ylabel("density")
+        ax.set_title(f"{c}: {base.method} pixel scores", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        hist = output / f"figure4_{c}_{base.method}.png"
+        fig.savefig(hist, dpi=80)
+        plt.close(fig)
+        payload[c] = {"threshold": threshold, "f1": f1, "grid": str(grid), "histogram": str(hist),
+                      "examples": [paths[i] for i in picks], **{k: result[k] for k in METRICS}}
+    lines = ["| category | method | pixel threshold (max F1) | F1 | grid | histogram |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c} | {base.method} | {p['threshold']:.4g} | {p['f1']:.3f} | {Path(p['grid']).name} | {Path(p['histogram']).name} |"
+              for c, p in payload.items()]
+    return _write(output, "figures", "\n".join(lines) + "\n", payload)
+
+
+def _examples(types: Sequence[str], scores: np.ndarray, rows: int) -> list[int]:
+    """One image per defect type (its median-scored one, not the easiest), then a good image."""
+    picks = []
+    for t in sorted(set(types) - {"good"}):
+        idx = [i for i, ty in enumerate(types) if ty == t]
+        picks.append(sorted(idx, key=lambda i: scores[i])[len(idx) // 2])
+    picks = picks[: max(rows - 1, 1)]
+    good = [i for i, ty in enumerate(types) if ty == "good"]
+    if good:
+        picks.append(sorted(good, key=lambda i: scores[i])[len(good) // 2])
+    return picks

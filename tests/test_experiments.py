@@ -1,0 +1,79 @@
+"""The experiment commands on synthetic data with a tiny grid: tables, JSON, figures, reuse of runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from cflow_ad import experiments
+from cflow_ad.cli import run
+from cflow_ad.errors import CflowInputError
+
+from .conftest import TINY
+
+# Smaller than TINY: 64 px, one coupling, one epoch (each run a few seconds).
+SMALL = TINY.replace(image_size=64, coupling_layers=1, sub_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")
+
+
+def test_compare_tables_all_methods_with_seeds(synthetic_root, out, capsys):
+    args = ["--quiet", "experiment", "compare", "--data", str(synthetic_root), "--output", str(out), "--seeds", "0", "1",
+            "--image-size", "64", "--border-pad", "16", "--pool-layers", "2", "--last-stride", "16", "--coupling-layers", "1",
+            "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--batch-size", "8", "--fiber-batch", "256",
+            "--knn-images", "5"]
+    assert run(args) == 0
+    table = (out / "compare.md").read_text()
+    assert table in capsys.readouterr().out
+    payload = json.loads((out / "compare.json").read_text())
+    runs = payload["results"]
+    assert [len(runs[m]["synthetic"]) for m in ("cflow", "padim", "spade")] == [2, 2, 1]  # SPADE is deterministic
+    for m in ("cflow", "padim", "spade"):
+        for r in runs[m]["synthetic"]:
+            assert r["image_auroc"] >= 0.8 and r["pixel_auroc"] >= 0.8, (m, r)
+    cflow_row = next(line for line in table.splitlines() if line.startswith("| synthetic"))
+    assert cflow_row.count("±") == 2  # cflow and padim: two seeds; spade: one run
+    seeds = {r["seed"] for r in runs["padim"]["synthetic"]}
+    assert seeds == {0, 1}
+
+
+def test_ablation_reuses_identical_runs(synthetic_root, out):
+    base = SMALL  # differs from compare's runs only in knn_images, which cflow never reads
+    before = {p: p.stat().st_mtime for p in out.glob("runs/*/*/result.json")}
+    payload = experiments.ablation(base, synthetic_root, ["synthetic"], out, ["UFLOW (no condition)"], log=lambda m: None)
+    assert [r["variant"] for r in payload["rows"]] == ["base", "UFLOW (no condition)"]
+    assert payload["rows"][1]["results"][0]["config"]["conditional"] is False
+    after = {p: p.stat().st_mtime for p in out.glob("runs/*/*/result.json")}
+    assert len(after) == len(before) + 1  # the base run is compare's cflow seed 0, not retrained
+    assert experiments.run_key(SMALL) == experiments.run_key(SMALL.replace(knn_images=5))
+    assert experiments.run_key(SMALL) != experiments.run_key(SMALL.replace(seed=1))
+    assert all(after[p] == t for p, t in before.items())
+    assert "UFLOW" in (out / "ablation.md").read_text()
+
+
+def test_ablation_variants_follow_the_paper_grid():
+    table = experiments.ablation_variants(TINY)
+    assert table["4 couplings"] == {"coupling_layers": 4} and table["3 scales"] == {"pool_layers": 3}
+    assert table["256 px"] == {"image_size": 256}
+    assert "2 scales" not in table  # TINY already has 2: that row would repeat the base
+    assert "mobilenet_v2" not in table  # the base encoder
+
+
+def test_figures_write_grid_and_histogram(synthetic_root, out):
+    payload = experiments.figures(SMALL, synthetic_root, None, out, log=lambda m: None)
+    entry = payload["synthetic"]
+    assert 0 < entry["f1"] <= 1
+    for key in ("grid", "histogram"):
+        with Image.open(entry[key]) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    assert (out / "figures.md").is_file()
+
+
+def test_unknown_category_is_one_clear_line(synthetic_root, out):
+    with pytest.raises(CflowInputError, match="choose from synthetic"):
+        experiments.compare(SMALL, synthetic_root, ["nope"], out)
