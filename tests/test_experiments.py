@@ -77,3 +77,22 @@ def test_figures_write_grid_and_histogram(synthetic_root, out):
 def test_unknown_category_is_one_clear_line(synthetic_root, out):
     with pytest.raises(CflowInputError, match="choose from synthetic"):
         experiments.compare(SMALL, synthetic_root, ["nope"], out)
+
+
+def test_compare_averages_categories_per_seed(tmp_path):
+    from cflow_ad.data import make_synthetic_mvtec
+
+    for name in ("tiles", "plates"):
+        make_synthetic_mvtec(tmp_path / "data", category=name, n_train=10, n_test_good=3, n_test_defect=3, size=64,
+                             seed=len(name))
+    payload = experiments.compare(SMALL, tmp_path / "data", None, tmp_path / "out", methods=["padim"], seeds=[0, 1],
+                                  log=lambda m: None)
+    runs = payload["results"]["padim"]
+    assert sorted(runs) == ["plates", "tiles"]
+    per_seed = [(runs["plates"][i]["pixel_auroc"] + runs["tiles"][i]["pixel_auroc"]) / 2 for i in range(2)]
+    import statistics
+
+    expected = f"{100 * statistics.mean(per_seed):.1f} ± {100 * statistics.stdev(per_seed):.1f}"
+    table = (tmp_path / "out" / "compare.md").read_text()
+    pixel = table.split("### Pixel AUROC")[1]
+    assert f"| **average** | {expected} |" in pixel
