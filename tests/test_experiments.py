@@ -66,12 +66,14 @@ def test_ablation_variants_follow_the_paper_grid():
 
 def test_figures_write_grid_and_histogram(synthetic_root, out):
     payload = experiments.figures(SMALL, synthetic_root, None, out, log=lambda m: None)
-    entry = payload["synthetic"]
+    entry = payload["synthetic/cflow"]
     assert 0 < entry["f1"] <= 1
     for key in ("grid", "histogram"):
         with Image.open(entry[key]) as im:
             assert im.size[0] > 300 and im.size[1] > 200
-    assert (out / "figures.md").is_file()
+    padim = experiments.figures(SMALL.replace(method="padim"), synthetic_root, None, out, log=lambda m: None)
+    assert sorted(padim) == ["synthetic/cflow", "synthetic/padim"]  # the cflow figures stay listed
+    assert "| synthetic | padim |" in (out / "figures.md").read_text()
 
 
 def test_unknown_category_is_one_clear_line(synthetic_root, out):

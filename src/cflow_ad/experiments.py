@@ -183,16 +183,17 @@ def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
                                                               "results": results})
 
 
-def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path, rows: int = 5,
+def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path, rows: int = 6,
             progress: bool = False, log: Callable[[str], None] = print) -> dict:
     """Figures 3-4 for `base` (its method and seed) per category: an example grid and the pixel
-    score histograms, both at the F1-optimal pixel threshold."""
+    score histograms, both at the F1-optimal pixel threshold. figures.md lists every method run so far."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    payload = {}
+    previous = output / "figures.json"  # other methods' figures stay listed
+    payload = json.loads(previous.read_text()) if previous.is_file() else {}
     for c in _categories(data, categories):
         result = run_once(base, data, c, output, progress, log)
         model = load_checkpoint(result["checkpoint"])
@@ -232,11 +233,11 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
         hist = output / f"figure4_{c}_{base.method}.png"
         fig.savefig(hist, dpi=80)
         plt.close(fig)
-        payload[c] = {"threshold": threshold, "f1": f1, "grid": str(grid), "histogram": str(hist),
+        payload[f"{c}/{base.method}"] = {"category": c, "method": base.method, "threshold": threshold, "f1": f1, "grid": str(grid), "histogram": str(hist),
                       "examples": [paths[i] for i in picks], **{k: result[k] for k in METRICS}}
     lines = ["| category | method | pixel threshold (max F1) | F1 | grid | histogram |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c} | {base.method} | {p['threshold']:.4g} | {p['f1']:.3f} | {Path(p['grid']).name} | {Path(p['histogram']).name} |"
-              for c, p in payload.items()]
+    lines += [f"| {p['category']} | {p['method']} | {p['threshold']:.4g} | {p['f1']:.3f} | {Path(p['grid']).name}"
+              f" | {Path(p['histogram']).name} |" for p in payload.values()]
     return _write(output, "figures", "\n".join(lines) + "\n", payload)
 
 
