@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CFlowConfig
-from .encoder import Encoder, build_encoder
+from .encoder import Encoder, encoder_for
 from .flow_decoder import LocationWhitening
 
 PADIM_RIDGE = 0.01  # PaDiM's Sigma + 0.01 I
@@ -47,9 +47,7 @@ class DistanceModel(nn.Module):
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
         self.config = config
-        self.encoder = encoder or build_encoder(
-            config.encoder, config.strides, config.weights, pretrained, config.border_pad
-        )
+        self.encoder = encoder or encoder_for(config, pretrained)
         self.dim = sum(self.encoder.channels)
         side = config.image_size // config.strides[0]
         self.grid = (side, side)

@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from . import efficientnet_lite
+from .config import CFlowConfig
 from .errors import CflowInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -197,6 +198,11 @@ class Encoder(nn.Module):
             f, q = out[tap], p // stride
             feats.append(f[..., q : f.shape[-2] - q, q : f.shape[-1] - q] if q else f)
         return feats
+
+
+def encoder_for(config: "CFlowConfig", pretrained: bool = True) -> Encoder:
+    """The encoder a `CFlowConfig` names, with its taps, weights and border padding."""
+    return build_encoder(config.encoder, config.strides, config.weights, pretrained, config.border_pad)
 
 
 def build_encoder(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import CFlowConfig
-from .encoder import Encoder, build_encoder
+from .encoder import Encoder, encoder_for
 from .errors import CflowInputError
 from .flow_decoder import ConditionalFlow, FoldedFlow, LocationWhitening
 from .positional_encoding import PositionalCondition
@@ -27,9 +27,7 @@ class CFlowModel(nn.Module):
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
         self.config = config
-        self.encoder = encoder or build_encoder(
-            config.encoder, config.strides, config.weights, pretrained, config.border_pad
-        )
+        self.encoder = encoder or encoder_for(config, pretrained)
         cond = config.condition_dim if config.conditional else 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)

@@ -48,6 +48,11 @@ class _ImageOnly(Dataset):
         return img
 
 
+def _float_images(images: _ImageOnly, idx: torch.Tensor) -> torch.Tensor:
+    """Images `idx` of an `_ImageOnly` set as a [0, 1] float batch."""
+    return torch.stack([images[int(i)] for i in idx]).float() / 255
+
+
 def learning_rate(config: CFlowConfig, epoch: float, total_epochs: int) -> float:
     """Linear warm-up from lr/10, then cosine annealing down to lr/1000 (per image batch)."""
     lr, eta_min, warm = config.lr, config.lr * 1e-3, min(config.warmup_epochs, total_epochs)
@@ -133,7 +138,7 @@ class _Features:
             self.cache = [torch.cat(p) for p in parts]
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.images[int(i)] for i in idx]).float() / 255
+        return _float_images(self.images, idx)
 
     def __call__(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> list[torch.Tensor]:
         """Features of images `idx`; with `gen` (training) the images are randomly rotated first."""
@@ -256,14 +261,12 @@ def fit_baseline(model: DistanceModel, train_set: Dataset, progress: bool = True
         raise ValueError("a baseline needs at least 2 training images")
     images = _ImageOnly(train_set, budget_bytes=0)  # one pass: nothing to keep
     batches = _batches(len(images), cfg.batch_size)
-
-    def load(idx: torch.Tensor) -> torch.Tensor:
-        return torch.stack([images[int(i)] for i in idx]).float() / 255
-
     t0 = time.perf_counter()
-    model.fit(model.features(load(idx)) for idx in tqdm(batches, desc=f"fit {cfg.method}", disable=not progress, leave=False))
+    bar = tqdm(batches, desc=f"fit {cfg.method}", disable=not progress, leave=False)
+    model.fit(model.features(_float_images(images, idx)) for idx in bar)
     seconds = time.perf_counter() - t0
     picks = torch.linspace(0, len(images) - 1, min(sample, len(images))).round().long().unique()
-    top = max(float(model.maps_from_features(model.features(load(idx)), idx)[1].max()) for idx in picks.split(cfg.batch_size))
+    top = max(float(model.maps_from_features(model.features(_float_images(images, idx)), idx)[1].max())
+              for idx in picks.split(cfg.batch_size))
     model.train_max_score.fill_(max(top, 1e-6))
     return {"fit_seconds": seconds, "epochs": 0}
