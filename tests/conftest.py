@@ -15,7 +15,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magneti
 
 # Small but real: pretrained MobileNetV2, taps at strides 8 and 16, 2 couplings, 128 px.
 TINY = CFlowConfig(image_size=128, border_pad=16, pool_layers=2, last_stride=16, coupling_layers=2, condition_dim=16, epochs=1, sub_epochs=2,
-                   batch_size=8, fiber_batch=256, seed=0)
+                   batch_size=8, fiber_batch=256, calibration_fraction=0.0, seed=0)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,3 +32,11 @@ def synthetic_root(tmp_path_factory) -> Path:
 def tiny_checkpoint(synthetic_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model")
     return api.train(TINY, out, data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def padim_checkpoint(synthetic_root, tmp_path_factory) -> Path:
+    """PaDiM separates the synthetic defects cleanly and trains in seconds: a model whose verdicts mean
+    something, with thresholds calibrated on a quarter of the training images."""
+    return api.train(TINY.replace(method="padim", calibration_fraction=0.25), tmp_path_factory.mktemp("padim"),
+                     data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)

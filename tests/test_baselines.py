@@ -13,6 +13,7 @@ from cflow_ad import api
 from cflow_ad.baselines import PADIM_RIDGE, PaDiM, SPADE, embedding, gaussian_blur
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.errors import CflowInputError
+from cflow_ad.inference import load_runner
 
 from .conftest import TINY
 
@@ -126,7 +127,7 @@ def test_padim_exports_and_spade_is_refused_in_one_line(baseline, tmp_path):
     if method == "padim":
         pytest.importorskip("onnxruntime")
         onnx_path = api.export(path, tmp_path / "padim.onnx")
-        runner = api.load_runner(onnx_path)
+        runner = load_runner(onnx_path)
         model = load_checkpoint(path)
         x = torch.rand(2, 3, 128, 128)
         maps, scores = runner(x)

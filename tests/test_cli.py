@@ -48,7 +48,7 @@ def test_train_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
     assert run(["--quiet", "predict", "--model", str(ckpt), str(folder), str(corrupt), "--output", str(tmp_path / "p")]) == 0
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "1 skipped" in captured.out
-    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "p" / "predictions.csv")))
     n_images = len(list(folder.iterdir()))
     assert len(rows) == n_images + 1
     assert sum(1 for r in rows if r["error"]) == 1
@@ -96,7 +96,7 @@ def test_predict_paper_mode_scores_the_set_and_names_outputs_uniquely(tiny_check
     test_dir = synthetic_root / "synthetic" / "test"
     rows = api.predict(tiny_checkpoint, [test_dir], tmp_path, normalization="paper", progress=False)
     assert len(rows) == 12 and all(not r["error"] for r in rows)
-    assert len({r["map"] for r in rows}) == 12  # good/000 and spot/000 do not overwrite each other
+    assert len({r["heatmap"] for r in rows}) == 12  # good/000 and spot/000 do not overwrite each other
     scores = [r["score"] for r in rows]
     assert min(scores) >= -1e-6  # paper offset is the set's maximum summed probability
     stateless = api.predict(tiny_checkpoint, [test_dir], tmp_path / "s", progress=False)

@@ -51,7 +51,7 @@ def test_predict_in_onnxruntime_matches_pytorch(exported, tiny_checkpoint, synth
         assert a["path"] == b["path"] == c["path"]
         assert b["score"] == pytest.approx(a["score"], abs=1e-4)
         assert c["score"] == pytest.approx(a["score"], abs=1e-4)
-    with open(tmp_path / "o" / "scores.csv") as f:
+    with open(tmp_path / "o" / "predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == 12
     with pytest.raises(CflowInputError, match="paper normalisation"):
         api.predict(exported, [folder], tmp_path / "p", normalization="paper", progress=False)

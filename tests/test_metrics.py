@@ -248,3 +248,38 @@ def test_f1_optimal_threshold_matches_sklearn():
     assert threshold == pytest.approx(thresholds[best])
     predicted = maps >= threshold
     assert f1 == pytest.approx(2 * (predicted & masks).sum() / (predicted.sum() + masks.sum()))
+
+
+@pytest.mark.parametrize("fpr_limit", [0.05, 0.3, 1.0])
+def test_pro_curve_area_is_aupro(fpr_limit):
+    from cflow_ad.metrics import pro_curve
+
+    masks, maps = random_case(5, 2)
+    fpr, pro = pro_curve(masks, maps, fpr_limit)
+    assert (fpr[0], pro[0]) == (0.0, 0.0) and fpr[-1] == pytest.approx(fpr_limit)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+    assert np.trapezoid(pro, fpr) / fpr_limit == pytest.approx(aupro(masks, maps, fpr_limit), abs=1e-12)
+    empty = pro_curve(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
+    assert empty[0].size == empty[1].size == 0
+
+
+def test_roc_points_are_exact_points_of_sklearns_curve():
+    from sklearn.metrics import roc_curve
+
+    from cflow_ad.metrics import roc_points
+
+    rng = np.random.default_rng(11)
+    y = rng.random(5000) < 0.1
+    s = np.round(rng.random(5000) + 0.5 * y, 3)  # ties
+    full_fpr, full_tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr = roc_points(y, s, per_class=10_000)  # classes smaller than per_class: the whole curve
+    np.testing.assert_allclose(fpr, full_fpr)
+    np.testing.assert_allclose(tpr, full_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(image_auroc(y, s), abs=1e-12)
+
+    fpr, tpr = roc_points(y, s, per_class=50)  # thinned: a subset of the same points, still (0,0) to (1,1)
+    assert len(fpr) <= 101 and (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    on_curve = {(a, b) for a, b in zip(full_fpr.round(12), full_tpr.round(12))}
+    assert all((a, b) in on_curve for a, b in zip(fpr.round(12), tpr.round(12)))
+    assert max(np.diff(fpr).max(), np.diff(tpr).max()) < 1.5 / 50  # about 1/per_class; tied scores move together
+    assert roc_points([0, 0], [0.1, 0.2])[0].size == 0

@@ -12,20 +12,24 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import data as D
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import read_metadata, save_checkpoint
 from .config import CFlowConfig
 from .errors import CflowInputError
-from .export import OnnxModel, export_onnx
+from .export import export_onnx
+from .inference import Inspector, exportable, as_model
 from .metrics import evaluate
 from .model import CFlowModel, build_model
+from .report import write_test_artifacts
 from .scoring import anomaly_maps, paper_constants, score_set
 from .training import fit, fit_baseline
-from .visualize import heat_rgb, overlay_rgb, save_png
+from .thresholds import Thresholds
+from .visualize import overlay_rgb, save_png
 
 
 def open_dataset(
@@ -47,10 +51,6 @@ def open_dataset(
     return D.folder_dataset(normal_dir, size, abnormal_dir if split == "test" else None, mask_dir if split == "test" else None)
 
 
-def _model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
-    return model if isinstance(model, torch.nn.Module) else load_checkpoint(model)
-
-
 def train(
     config: CFlowConfig,
     output: str | Path,
@@ -63,6 +63,9 @@ def train(
     """Train on defect-free images and write `output/model.safetensors`; returns its path.
     `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE)."""
     dataset = open_dataset("train", config.image_size, data, category, normal_dir)
+    held_out = None
+    if config.calibration_fraction > 0:
+        dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
     model = build_model(config)
     t0 = time.perf_counter()
     if config.method != "cflow":
@@ -74,8 +77,51 @@ def train(
         history = fit(model, dataset, val, progress=progress, log=log)
     history["train_seconds"] = time.perf_counter() - t0
     history["train_images"] = len(dataset)
+    if held_out is not None:
+        model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress)
+        log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"
+            f" image {model.thresholds.image:.4g}, pixel {model.thresholds.pixel:.4g}")
     path = save_checkpoint(model, Path(output) / "model.safetensors", extra={"history": history})
     return path
+
+
+def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | None = None, f1: bool = False,
+                         progress: bool = False, source: str = "held-out good images") -> Thresholds:
+    """Thresholds from a set's stateless scores: at `target_fpr` on its good images, or F1-optimal
+    over its labelled images and masks (`f1=True`)."""
+    maps, scores, masks, labels, _, _ = score_dataset(model.eval(), dataset, "stateless", progress)
+    if f1:
+        return Thresholds.f1(labels, scores.numpy(), masks.numpy(), maps.numpy())
+    good = torch.tensor(labels) == 0
+    return Thresholds.from_good(scores[good].numpy(), maps[good].numpy(), target_fpr or model.config.target_fpr,
+                                f"{int(good.sum())} {source}", model.config.seed)
+
+
+def calibrate(
+    model: torch.nn.Module | str | Path,
+    output: str | Path | None = None,
+    data: str | Path | None = None,
+    category: str | None = None,
+    normal_dir: str | Path | None = None,
+    abnormal_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    target_fpr: float | None = None,
+    f1: bool = False,
+    progress: bool = True,
+) -> Thresholds:
+    """Set a checkpoint's thresholds on new images and write it to `output` (default: in place).
+    Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
+    with `f1` the set must hold defect images with masks (its test split, or the folders)."""
+    path = Path(model) if isinstance(model, (str, Path)) else None
+    model = as_model(model).eval()
+    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir)
+    model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress,
+                                            f"good images of {Path(data) / category if data else normal_dir}")
+    target = output or path
+    if target is not None:
+        extra = read_metadata(path)["extra"] if path is not None else {}
+        save_checkpoint(model, target, extra=extra)
+    return model.thresholds
 
 
 def _paper_only_for_cflow(model) -> None:
@@ -126,24 +172,52 @@ def test(
     normalization: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score a labelled test set; writes metrics.json and scores.csv to `output` when given."""
-    model = _model(model).eval()
+    """Score a labelled test set; writes metrics.json and scores.csv to `output` when given. With
+    calibrated thresholds, metrics also give the false-positive rate and recall they reach."""
+    model_path = model if isinstance(model, (str, Path)) else None
+    model = as_model(model).eval()
     mode = normalization or model.config.normalization
     dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir)
     t0 = time.perf_counter()
     maps, scores, masks, labels, types, paths = score_dataset(model, dataset, mode, progress)
     seconds = time.perf_counter() - t0
     metrics = evaluate(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
-    metrics.update(normalization=mode, images=len(labels), seconds=round(seconds, 2))
+    metrics.update(normalization=mode, images=len(labels), seconds=round(seconds, 2),
+                   model=str(model_path) if model_path else None)
+    thresholds = getattr(model, "thresholds", None) if mode == "stateless" else None
+    if thresholds is not None:
+        metrics.update(thresholds=thresholds.summary(), at_threshold=rates_at(thresholds, labels, scores, masks, maps))
     if output is not None:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(out / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "defect_type", "label", "score"])
-            w.writerows([p, t, lab, f"{s:.6f}"] for p, t, lab, s in zip(paths, types, labels, scores.tolist()))
+            w.writerow(["path", "defect_type", "label", "score", "verdict"])
+            w.writerows([p, t, lab, f"{s:.6f}", "" if thresholds is None else ("defect" if s > thresholds.image else "ok")]
+                        for p, t, lab, s in zip(paths, types, labels, scores.tolist()))
+        write_test_artifacts(out, maps, scores, masks, labels, types, paths, model.config.image_size,
+                             2 * float(model.train_max_score), metrics.get("thresholds", {}).get("image"))
     return metrics
+
+
+def rates_at(thresholds: Thresholds, labels, scores: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor) -> dict:
+    """What the thresholds do on a labelled set, in the terms they were calibrated in: the share of good
+    images (of their pixels) flagged, and the share of defective images (of defect pixels) found."""
+    bad = torch.tensor(labels, dtype=torch.bool)
+    flagged = scores > thresholds.image
+    rates = {"good_images": int((~bad).sum()), "defect_images": int(bad.sum()),
+             "image_fpr": float(flagged[~bad].float().mean()) if (~bad).any() else None,
+             "image_recall": float(flagged[bad].float().mean()) if bad.any() else None}
+    hot_good = hot_defect = n_defect = 0
+    for i in range(0, len(maps), 64):  # chunks: a whole set's boolean maps can be large
+        hot, m = maps[i : i + 64] > thresholds.pixel, masks[i : i + 64]
+        hot_good += int(hot[~bad[i : i + 64]].sum())
+        hot_defect += int((hot & m).sum())
+        n_defect += int(m.sum())
+    n_good = int((~bad).sum()) * maps[0].numel()
+    rates.update(pixel_fpr=hot_good / n_good if n_good else None, pixel_recall=hot_defect / n_defect if n_defect else None)
+    return rates
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -157,23 +231,25 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-RUNTIMES = ("torch", "onnx")
+PREDICTION_FIELDS = ["path", "score", "label", "image_threshold", "pixel_threshold", "defect_area_px",
+                     "defect_fraction", "width", "height", "error", "heatmap", "overlay", "mask"]
 
 
-def load_runner(model: torch.nn.Module | str | Path, runtime: str = "torch") -> torch.nn.Module | OnnxModel:
-    """A model to score with: a checkpoint in PyTorch or exported to onnxruntime, or an exported .onnx file."""
-    if runtime not in RUNTIMES:
-        raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
-    if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx":
-        return OnnxModel(model)
-    model = _model(model).eval()
-    return OnnxModel.from_model(_exportable(model)) if runtime == "onnx" else model
-
-
-def _exportable(model: torch.nn.Module) -> torch.nn.Module:
-    if model.config.method == "spade":
-        raise CflowInputError("SPADE's gallery search runs in PyTorch only: use --runtime torch, or a cflow or padim model")
-    return model
+def summarize(rows: Sequence[dict], thresholds: Thresholds | None) -> dict:
+    """Counts per folder of a predict run: with MVTec-style folders ('good' beside defect types) the
+    flagged share of 'good' is the false-positive rate and that of the others the recall."""
+    folders: dict[str, dict] = {}
+    for r in rows:
+        f = folders.setdefault(Path(r["path"]).parent.name, {"images": 0, "defect": 0, "ok": 0, "errors": 0})
+        f["images"] += 1
+        key = "errors" if r["error"] else (r.get("label") or "unlabelled")
+        f[key] = f.get(key, 0) + 1
+    for f in folders.values():
+        scored = f["defect"] + f["ok"]
+        f["flagged_rate"] = f["defect"] / scored if scored else None
+    return {"images": len(rows), "scored": sum(1 for r in rows if not r["error"]),
+            "skipped": sum(1 for r in rows if r["error"]), "defect": sum(1 for r in rows if r.get("label") == "defect"),
+            "thresholds": thresholds.summary() if thresholds else None, "folders": folders}
 
 
 @torch.no_grad()
@@ -186,65 +262,95 @@ def predict(
     progress: bool = True,
     warn: Callable[[str], None] = print,
     runtime: str = "torch",
+    masks: bool = True,
+    heatmaps: bool = True,
+    csv_summary: bool = True,
+    json_summary: bool = True,
+    target_fpr: float | None = None,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
 ) -> list[dict]:
-    """Score images/folders; writes scores.csv and a heat map (and overlay) PNG per image.
+    """Score images/folders: per image a score, an OK / defect label at the model's thresholds (or
+    `target_fpr`, or the given thresholds) and the defect area in its own pixels; optionally a heat
+    map, an overlay and a mask PNG each, and predictions.csv / predictions.json for the run.
 
     Images stream through in batches, so memory does not grow with the folder size.
-    Unreadable files are skipped, reported through `warn` and listed in scores.csv with
-    their error, so nothing is lost silently. `paper` normalisation needs the whole set,
-    so it scores in a second pass over the readable images, in PyTorch only. A `.onnx`
-    model, or `runtime="onnx"`, scores in onnxruntime.
+    Unreadable files are skipped, reported through `warn` and listed with their error, so
+    nothing is lost silently. `paper` normalisation needs the whole set, so it scores in a
+    second pass over the readable images, in PyTorch only, and gives no labels: its scores
+    are relative to the set, the thresholds are not. A `.onnx` model, or
+    `runtime="onnx"`, scores in onnxruntime.
     """
-    runner = load_runner(model, runtime)
+    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold)
+    runner = inspector.runner
     mode = normalization or runner.config.normalization
+    thresholds = inspector.thresholds
     if mode == "paper":
         _paper_only_for_cflow(runner)
+        if thresholds is not None:
+            warn("paper normalisation rescales scores per set, so the thresholds do not apply: no labels or masks")
+        thresholds = None
+    elif thresholds is None:
+        warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
     size, bs = runner.config.image_size, runner.config.batch_size
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = D.list_images(paths)
     rows: list[dict] = []
     used: set[str] = set()
-    scale = 2 * float(runner.train_max_score)
 
-    def write(batch_paths, images, maps, scores):
-        for p, img, amap, score in zip(batch_paths, images, maps, scores.tolist()):
+    def write(batch_paths, originals, maps, scores):
+        for p, v in zip(batch_paths, inspector.verdicts(maps, scores, originals, thresholds)):
             stem = _unique_stem(p, used)
-            heat = heat_rgb(amap, scale)
-            row = {"path": str(p), "score": score, "error": "", "map": str(save_png(heat, out / f"{stem}_map.png"))}
+            row = {"path": str(p), **inspector.describe(v), "error": ""}
+            if thresholds is None:
+                row.update(image_threshold=None, pixel_threshold=None)
+            if heatmaps:
+                row["heatmap"] = str(save_png(inspector.heat(v), out / f"{stem}_heatmap.png"))
             if overlays:
-                row["overlay"] = str(save_png(overlay_rgb(img, heat), out / f"{stem}_overlay.png"))
+                row["overlay"] = str(save_png(inspector.overlay(v) if thresholds else overlay_rgb(v.image, inspector.heat(v)),
+                                              out / f"{stem}_overlay.png"))
+            if masks and thresholds is not None:
+                row["mask"] = str(save_png(v.mask(thresholds).astype(np.uint8) * 255, out / f"{stem}_mask.png"))
             rows.append(row)
 
     readable: list[Path] = []
     kept_logs: list[list[torch.Tensor]] = []
-    for i in tqdm(range(0, len(files), bs), desc="predict", disable=not progress, leave=False):
-        batch_paths, images = [], []
+    for i in tqdm(range(0, len(files), bs), desc="predict", disable=not progress):
+        batch_paths, inputs, originals = [], [], []
         for p in files[i : i + bs]:
             try:
-                images.append(D.load_image(p, size))
-                batch_paths.append(p)
+                x, original = D.load_image_and_original(p, size)
             except CflowInputError as exc:
                 warn(f"skipped: {exc}")
-                rows.append({"path": str(p), "score": None, "error": str(exc)})
-        if not images:
+                rows.append({"path": str(p), "score": None, "label": None, "error": str(exc)})
+                continue
+            batch_paths.append(p)
+            inputs.append(x)
+            originals.append(original)
+        if not inputs:
             continue
         if mode == "paper":
             readable += batch_paths
-            kept_logs.append(runner.log_density_maps(runner.features(torch.stack(images))))
+            kept_logs.append(runner.log_density_maps(runner.features(torch.stack(inputs))))
         else:
-            write(batch_paths, images, *runner(torch.stack(images)))
+            write(batch_paths, originals, *runner(torch.stack(inputs)))
     if kept_logs:
         all_logs = [torch.cat(parts) for parts in zip(*kept_logs)]
         refs, offset = paper_constants(all_logs, runner.image_size)
         for i in range(0, len(readable), bs):
-            images = [D.load_image(p, size) for p in readable[i : i + bs]]
-            write(readable[i : i + bs], images, *anomaly_maps([lm[i : i + bs] for lm in all_logs], refs, offset, runner.image_size))
-    with open(out / "scores.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "score", "error", "map", "overlay"], extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "score": "" if r["score"] is None else f"{r['score']:.6f}"})
+            originals = [D.load_image_and_original(p, size)[1] for p in readable[i : i + bs]]
+            write(readable[i : i + bs], originals,
+                  *anomaly_maps([lm[i : i + bs] for lm in all_logs], refs, offset, runner.image_size))
+    if csv_summary:
+        with open(out / "predictions.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows({k: ("" if r.get(k) is None else r[k]) for k in PREDICTION_FIELDS} for r in rows)
+    if json_summary:
+        summary = {"model": str(model) if isinstance(model, (str, Path)) else None, "runtime": inspector.runtime,
+                   "normalization": mode, **summarize(rows, thresholds), "predictions": rows}
+        (out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows
 
 
@@ -252,4 +358,4 @@ def export(model: torch.nn.Module | str | Path, output: str | Path, format: str 
     """Write the whole model (image -> anomaly map and score) as ONNX; returns the file."""
     if format != "onnx":
         raise CflowInputError(f"unknown export format '{format}': the supported format is onnx")
-    return export_onnx(_exportable(_model(model)), output)
+    return export_onnx(exportable(as_model(model)), output)

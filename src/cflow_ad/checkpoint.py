@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .config import CFlowConfig
 from .errors import CflowInputError
 from .model import build_model
+from .thresholds import Thresholds
 
 FORMAT = "cflow-ad/1"
 
@@ -29,6 +30,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict[str, A
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {})}
+    if getattr(model, "thresholds", None) is not None:
+        meta["thresholds"] = json.dumps(model.thresholds.to_dict())
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
@@ -53,13 +56,16 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CflowInputError(f"'{path}' is not a cflow-ad checkpoint ({exc}): pass the file written by 'cflow-ad train'") from None
     if meta.get("format") != FORMAT:
         raise CflowInputError(f"'{path}' is not a {FORMAT} checkpoint: pass the file written by 'cflow-ad train'")
-    return {"config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}"))}
+    return {"config": json.loads(meta["config"]), "extra": json.loads(meta.get("extra", "{}")),
+            "thresholds": json.loads(meta["thresholds"]) if "thresholds" in meta else None}
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model a checkpoint holds, of whichever method it was trained with, in eval mode."""
+    """The model a checkpoint holds, of whichever method it was trained with, in eval mode, with its
+    decision thresholds as `model.thresholds` (None when it has none)."""
     meta = read_metadata(path)
     config = CFlowConfig.from_dict(meta["config"])
     model = build_model(config, pretrained=False)
     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    model.thresholds = Thresholds.from_dict(meta["thresholds"]) if meta["thresholds"] else None
     return model.to(device).eval()

@@ -44,6 +44,13 @@ def _add_data_flags(parser: argparse.ArgumentParser, test: bool) -> None:
         g.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir: <stem>.png or <stem>_mask.png")
 
 
+def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("decision thresholds (default: those calibrated into the model)")
+    g.add_argument("--target-fpr", type=float, help="move the calibrated thresholds to this false-positive rate")
+    g.add_argument("--image-threshold", type=float, help="score above which an image is a defect")
+    g.add_argument("--pixel-threshold", type=float, help="map value above which a pixel is a defect")
+
+
 def available_cores() -> int:
     """Cores this process may run on (its affinity mask, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -72,14 +79,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", type=Path, required=True, help="folder for metrics.json and scores.csv")
     e.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
 
-    r = sub.add_parser("predict", help="score images and write anomaly maps")
+    rp = sub.add_parser("report", help="self-contained HTML report of a 'cflow-ad test' output folder")
+    rp.add_argument("--results", type=Path, required=True, help="folder written by 'cflow-ad test --output'")
+    rp.add_argument("--output", type=Path, help="HTML file to write (default: RESULTS/report.html)")
+
+    r = sub.add_parser("predict", help="score images: OK / defect, defect area, heat map, overlay, mask",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train', or a .onnx file written by 'export'")
     r.add_argument("paths", nargs="+", type=Path, help="image files or folders")
-    r.add_argument("--output", type=Path, required=True, help="folder for scores.csv and PNG maps")
+    r.add_argument("--output", type=Path, required=True, help="folder for predictions.csv/.json and the PNGs")
     r.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
-    r.add_argument("--no-overlays", action="store_true", help="write heat maps only")
     r.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="score in PyTorch or export to onnxruntime first (faster on CPUs; a .onnx --model always uses it)")
+    _add_threshold_flags(r)
+    out = r.add_argument_group("outputs")
+    for name, text in (("overlays", "<name>_overlay.png: heat map over the image, defect outline in white"),
+                       ("masks", "<name>_mask.png: the defect mask at the pixel threshold"),
+                       ("heatmaps", "<name>_heatmap.png: the anomaly map, colours fixed by the model"),
+                       ("csv", "predictions.csv: one row per image"),
+                       ("json", "predictions.json: thresholds, counts per folder and one entry per image")):
+        out.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=text)
+
+    c = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds on new images",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
+    _add_data_flags(c, test=True)
+    c.add_argument("--output", type=Path, help="checkpoint to write (default: update --model in place)")
+    c.add_argument("--target-fpr", type=float, help="false-positive rate on the good images (default: the config's)")
+    c.add_argument("--f1", action="store_true",
+                   help="F1-optimal thresholds on a labelled set (--data's test split, or --abnormal-dir with --mask-dir)")
+
+    sv = sub.add_parser("serve", help="HTTP service: POST /predict, GET /health, GET /model, a web page at /",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train', or a .onnx file")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument("--runtime", choices=("torch", "onnx"), default="onnx", help="inference runtime (SPADE: torch)")
+    _add_threshold_flags(sv)
+    from .serve import Limits
+
+    for f in dataclasses.fields(Limits):
+        sv.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
 
     x = sub.add_parser("export", help="export a checkpoint as one ONNX file: image -> anomaly map and score")
     x.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
@@ -110,6 +150,24 @@ def _print_metrics(metrics: dict) -> None:
         print(f"  {name:<12} image AUROC {100 * m['image_auroc']:.2f}{extra}")
 
 
+def _print_predictions(rows: list[dict]) -> None:
+    """One line per image, then the share flagged per folder: for MVTec-style folders the false-positive
+    rate on 'good' next to the recall on each defect type."""
+    from .api import summarize
+
+    for r in rows:
+        if not r["error"]:
+            area = "" if r["defect_area_px"] is None else f"  {r['defect_area_px']:>7} px"
+            print(f"{r['score']:.4f}  {r['label'] or '-':<6}{area}  {r['path']}")
+    summary = summarize(rows, None)
+    mvtec = "good" in summary["folders"]  # then the other folders are defect types
+    for name, f in summary["folders"].items():
+        if f["flagged_rate"] is not None:
+            meaning = ", false-positive rate" if name == "good" else ", recall" if mvtec else ""
+            print(f"{name}: {f['defect']}/{f['defect'] + f['ok']} flagged as defect ({f['flagged_rate']:.1%}{meaning})")
+    print(f"{summary['scored']} scored, {summary['skipped']} skipped")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args.threads)
@@ -127,14 +185,28 @@ def run(argv: list[str] | None = None) -> int:
         )
         _print_metrics(metrics)
         print(args.output / "metrics.json")
+    elif args.command == "report":
+        from .report import write_report
+
+        print(write_report(args.results, args.output))
     elif args.command == "predict":
-        rows = api.predict(args.model, args.paths, args.output, args.normalization, not args.no_overlays, progress,
-                           warn=lambda m: print(m, file=sys.stderr), runtime=args.runtime)
-        bad = sum(1 for r in rows if r["error"])
-        for r in rows:
-            if not r["error"]:
-                print(f"{r['score']:.4f}  {r['path']}")
-        print(f"{len(rows) - bad} scored, {bad} skipped -> {args.output / 'scores.csv'}")
+        rows = api.predict(
+            args.model, args.paths, args.output, args.normalization, overlays=args.overlays, progress=progress,
+            warn=lambda m: print(m, file=sys.stderr), runtime=args.runtime, masks=args.masks, heatmaps=args.heatmaps,
+            csv_summary=args.csv, json_summary=args.json, target_fpr=args.target_fpr,
+            image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold)
+        _print_predictions(rows)
+        print(f"-> {args.output}")
+    elif args.command == "calibrate":
+        t = api.calibrate(args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir,
+                          args.mask_dir, target_fpr=args.target_fpr, f1=args.f1, progress=progress)
+        print(f"image threshold {t.image:.6g}, pixel threshold {t.pixel:.6g} ({t.source}) -> {args.output or args.model}")
+    elif args.command == "serve":
+        from .serve import Limits, serve
+
+        limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+        serve(args.model, args.host, args.port, args.runtime, limits, args.target_fpr, args.image_threshold,
+              args.pixel_threshold)
     elif args.command == "export":
         print(api.export(args.model, args.output, args.format))
     elif args.command == "experiment":

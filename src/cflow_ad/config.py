@@ -85,6 +85,11 @@ class CFlowConfig:
     val_fraction: float = _opt(
         0.0, "Hold out this fraction of train images and keep the meta-epoch with the best validation likelihood."
     )
+    calibration_fraction: float = _opt(
+        0.1, "Hold out this fraction of the defect-free training images, never trained on, to set the image and"
+        " pixel decision thresholds at --target-fpr; 0 trains on all and leaves thresholds to 'cflow-ad calibrate'."
+    )
+    target_fpr: float = _opt(0.01, "False-positive rate on defect-free images that the calibrated thresholds aim at.")
     seed: int = _opt(0, "Random seed: the same seed gives the same model and metrics.")
     # scoring (Eq. 8)
     normalization: str = _opt(
@@ -119,8 +124,12 @@ class CFlowConfig:
             bad("padim_channels and knn_images must be >= 1 and blur_sigma >= 0")
         if self.whitening_eps < 0:
             bad(f"whitening_eps must be >= 0, got {self.whitening_eps}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            bad(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0 or not 0.0 <= self.calibration_fraction < 1.0:
+            bad(f"val_fraction and calibration_fraction must be in [0, 1), got {self.val_fraction}, {self.calibration_fraction}")
+        if self.val_fraction + self.calibration_fraction >= 0.9:
+            bad("val_fraction + calibration_fraction must leave at least 10% of the images to train on")
+        if not 0.0 < self.target_fpr < 1.0:
+            bad(f"target_fpr must be in (0, 1), got {self.target_fpr}")
 
     @property
     def strides(self) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ problem with a user's file or folder is reported as a one-line
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import CflowInputError
+from .errors import CflowInputError, ImageTooLargeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -56,25 +57,32 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _open(path: _PathLike, kind: str) -> Image.Image:
-    """Fully decode an image file (EXIF orientation applied) or explain what is wrong with it."""
-    p = Path(path)
-    if not p.exists():
-        raise CflowInputError(f"{kind} file '{p}' does not exist: check the path")
-    if not p.is_file():
-        raise CflowInputError(f"{kind} path '{p}' is not a file: pass an image file")
-    if p.stat().st_size == 0:
-        raise CflowInputError(f"cannot read {kind} '{p}': file is empty (0 bytes); replace or remove it")
+def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Fully decode an image file, or the bytes of one called `name` (an upload), with EXIF
+    orientation applied, or explain what is wrong with it. `max_pixels` defaults to MAX_PIXELS."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(path, bytes):
+        p, source = name or "upload", io.BytesIO(path)
+        if not path:
+            raise CflowInputError(f"cannot read {kind} '{p}': it is empty (0 bytes); send an image file")
+    else:
+        p = source = Path(path)
+        if not p.exists():
+            raise CflowInputError(f"{kind} file '{p}' does not exist: check the path")
+        if not p.is_file():
+            raise CflowInputError(f"{kind} path '{p}' is not a file: pass an image file")
+        if p.stat().st_size == 0:
+            raise CflowInputError(f"cannot read {kind} '{p}': file is empty (0 bytes); replace or remove it")
     try:
         with warnings.catch_warnings():
-            # Our own MAX_PIXELS check below replaces Pillow's bomb warning.
+            # Our own pixel limit below replaces Pillow's bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
+            with Image.open(source) as im:
                 width, height = im.size
-                if width * height > MAX_PIXELS:
-                    raise CflowInputError(
+                if width * height > limit:
+                    raise ImageTooLargeError(
                         f"{kind} '{p}' is {width}x{height} pixels, above the limit of "
-                        f"{MAX_PIXELS // 1_000_000} megapixels: downscale it first")
+                        f"{limit / 1_000_000:g} megapixels: downscale it first")
                 im.load()
                 return ImageOps.exif_transpose(im)
     except CflowInputError:
@@ -86,7 +94,7 @@ def _open(path: _PathLike, kind: str) -> Image.Image:
             f"cannot read {kind} '{p}': not a recognised image format; convert it to PNG or JPEG or remove it"
         ) from None
     except Image.DecompressionBombError:
-        raise CflowInputError(
+        raise ImageTooLargeError(
             f"{kind} '{p}' is too large (possible decompression bomb): downscale it first") from None
     except _DECODE_ERRORS as exc:
         raise CflowInputError(
@@ -115,14 +123,27 @@ def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
             "save it as 8-bit RGB or grayscale") from None
 
 
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
 def _read_image(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """Load an image tensor and also return its original (W, H) for mask checks."""
     im = _open(path, "image")
     original = im.size
     im = _to_8bit(im, Path(path), "image")
-    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR).convert("RGB")
-    arr = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy()), original
+    return _to_tensor(im.resize((size[1], size[0]), Image.Resampling.BILINEAR)), original
+
+
+def load_image_and_original(source: _PathLike | bytes, size: int | Sequence[int], name: str | None = None,
+                            max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model input [3, H, W] and the image at its own size [3, H0, W0], both in [0, 1], from a
+    file or from the bytes of an upload called `name`: predictions are drawn on the original."""
+    label = Path(name or "upload") if isinstance(source, bytes) else Path(source)
+    im = _to_8bit(_open(source, "image", name, max_pixels), label, "image")
+    hw = _as_hw(size)
+    return _to_tensor(im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)), _to_tensor(im)
 
 
 def _read_mask(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""Offline demo: synthetic textures with drawn defects -> train -> test -> overlays.
+"""Offline demo: synthetic textures with drawn defects -> train -> test -> report -> predictions.
 
 Needs no internet and no dataset: the MobileNetV2 weights come from an installed
 package and the images are generated deterministically.
@@ -12,6 +12,7 @@ from pathlib import Path
 from . import api
 from .config import CFlowConfig
 from .data import make_synthetic_mvtec
+from .report import write_report
 
 # 128 px synthetic images: taps at strides 4/8/16 keep the feature maps fine enough.
 DEMO_CONFIG = CFlowConfig(image_size=128, last_stride=16, border_pad=16, epochs=2, sub_epochs=2, batch_size=8)
@@ -27,6 +28,8 @@ def run_demo(output: str | Path = "runs/demo", progress: bool = True) -> dict:
     model_path = api.train(DEMO_CONFIG, out / "model", data=root, category="synthetic", progress=progress)
     print(f"model: {model_path}")
     metrics = api.test(model_path, out / "test", data=root, category="synthetic", progress=progress)
+    report = write_report(out / "test")
     rows = api.predict(model_path, [root / "synthetic" / "test"], out / "predict", progress=progress)
-    print(f"metrics: {out / 'test' / 'metrics.json'}; {len(rows)} heat maps and overlays in {out / 'predict'}")
-    return {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+    print(f"metrics: {out / 'test' / 'metrics.json'}; report: {report}")
+    print(f"{len(rows)} verdicts, overlays, masks and heat maps in {out / 'predict'}")
+    return {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "at_threshold")}

@@ -7,3 +7,7 @@ class CflowInputError(Exception):
     The message is shown to the user as a single line, so it names the offending
     path and says how to fix it.
     """
+
+
+class ImageTooLargeError(CflowInputError):
+    """An image above the pixel limit: a service answers 413 rather than 400."""

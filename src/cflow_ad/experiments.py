@@ -57,12 +57,14 @@ def ablation_variants(base: CFlowConfig) -> dict[str, dict]:
     return {k: v for k, v in variants.items() if k == "base" or base.replace(**v) != base}
 
 
-# Fields a method never reads: runs differing only in them are the same run.
+# Fields a method never reads, or that never change the metrics: runs differing only in them
+# are the same run. Experiments follow the paper and train on every training image, so the
+# calibration hold-out is always 0 here (thresholds play no part in the paper's metrics).
 _UNUSED = {
-    "cflow": {"padim_channels", "knn_images", "blur_sigma"},
+    "cflow": {"padim_channels", "knn_images", "blur_sigma", "calibration_fraction", "target_fpr"},
     "baseline": {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "permutation", "whitening",
                  "whitening_eps", "epochs", "sub_epochs", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
-                 "val_fraction", "normalization"},
+                 "val_fraction", "normalization", "calibration_fraction", "target_fpr"},
 }
 
 
@@ -77,6 +79,7 @@ def run_key(config: CFlowConfig) -> str:
 def run_once(config: CFlowConfig, data: Path, category: str, output: Path, progress: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Train and test one config on one category, or read the stored result of an identical run."""
+    config = config.replace(calibration_fraction=0.0)
     folder = output / "runs" / category / run_key(config)
     result_file = folder / "result.json"
     if result_file.is_file():

@@ -21,6 +21,7 @@ import torch
 from .config import CFlowConfig
 from .errors import CflowInputError
 from .model import CFlowModel
+from .thresholds import Thresholds
 
 OPSET = 17
 # Images per onnxruntime call: on 2 cores, chunks of 2-4 scored 44 img/s where one 32-image call
@@ -47,13 +48,16 @@ def trace_onnx(module: torch.nn.Module, image_size: tuple[int, int], path: str |
 
 
 def export_onnx(model: CFlowModel, path: str | Path) -> Path:
-    """Write `model` (image -> anomaly map, score) as ONNX with a dynamic batch size; returns the path."""
+    """Write `model` (image -> anomaly map, score) as ONNX with a dynamic batch size; returns the path.
+    Its config, heat-map scale and decision thresholds travel as metadata."""
     import onnx
 
     path = trace_onnx(model.eval(), model.image_size, path, ["anomaly_map", "score"])
     proto = onnx.load(str(path))
-    for key, value in (("cflow_ad_config", model.config.to_json()),
-                       ("cflow_ad_train_max_score", repr(float(model.train_max_score)))):
+    props = [("cflow_ad_config", model.config.to_json()), ("cflow_ad_train_max_score", repr(float(model.train_max_score)))]
+    if getattr(model, "thresholds", None) is not None:
+        props.append(("cflow_ad_thresholds", json.dumps(model.thresholds.to_dict())))
+    for key, value in props:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
@@ -88,6 +92,8 @@ class OnnxModel:
         self.config = CFlowConfig.from_dict(json.loads(meta["cflow_ad_config"]))
         self.image_size = (self.config.image_size, self.config.image_size)
         self.train_max_score = float(meta["cflow_ad_train_max_score"])
+        thresholds = meta.get("cflow_ad_thresholds")
+        self.thresholds = Thresholds.from_dict(json.loads(thresholds)) if thresholds else None
         self.chunk = chunk
 
     @classmethod

@@ -82,8 +82,8 @@ def pixel_auroc(masks, maps) -> float:
     return _binary_auroc(gt.ravel(), scores.ravel())
 
 
-def _area_up_to(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
-    """Trapezoid area under (fpr, pro) for fpr in [0, limit].
+def _cut_at(fpr: np.ndarray, pro: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The part of the curve (fpr, pro) with fpr in [0, limit], ending exactly at ``limit``.
 
     ``fpr`` is non-decreasing, starts at 0 and its last point is >= limit, so the
     curve can always be cut at exactly ``limit`` by linear interpolation.
@@ -95,18 +95,18 @@ def _area_up_to(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
         y_at_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
         x = np.append(x, limit)
         y = np.append(y, y_at_limit)
-    return float(np.trapezoid(y, x))
+    return x, y
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
-    """Normalised area under the per-region-overlap curve for FPR in [0, fpr_limit].
+def pro_curve(masks, maps, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region-overlap curve (fpr, pro) from (0, 0) up to fpr == fpr_limit (last point interpolated).
 
     Follows MVTec AD (Bergmann et al.): each 8-connected ground-truth component is a
     region and counts equally whatever its size, so small defects are not drowned by
     large ones.  Exact: every distinct map value is a threshold.  Vectorised: pixels
     are ranked once and the curve comes from cumulative sums, so the cost is one
-    sort rather than one pass per threshold.  A perfect detector scores 1.0; nan
-    when there is no defect region or no defect-free pixel.
+    sort rather than one pass per threshold.  Empty arrays when there is no defect
+    region or no defect-free pixel.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -117,7 +117,7 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     regions, n_regions = ndimage.label(gt, structure=_PER_IMAGE_8_CONNECTED)
     n_neg = gt.size - int(np.count_nonzero(gt))
     if n_regions == 0 or n_neg == 0:
-        return float("nan")
+        return np.zeros(0), np.zeros(0)
     flat_regions = regions.ravel()
     del regions
 
@@ -140,7 +140,7 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
     del order
 
     fpr = np.cumsum(sorted_regions == 0)[run_ends] / n_neg
-    # Points past the first one reaching fpr_limit cannot change the area, so PRO is
+    # Points past the first one reaching fpr_limit are cut off anyway, so PRO is
     # only accumulated over that prefix.
     keep = int(np.searchsorted(fpr, fpr_limit, side="left")) + 1
     fpr = fpr[:keep]
@@ -149,7 +149,45 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
 
     fpr = np.concatenate(([0.0], fpr))
     pro = np.concatenate(([0.0], pro))
-    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
+    return _cut_at(fpr, pro, fpr_limit)
+
+
+def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the per-region-overlap curve (`pro_curve`) for FPR in [0, fpr_limit].
+
+    A perfect detector scores 1.0; nan when there is no defect region or no
+    defect-free pixel.
+    """
+    fpr, pro = pro_curve(masks, maps, fpr_limit)
+    if fpr.size == 0:
+        return float("nan")
+    return float(np.trapezoid(pro, fpr)) / fpr_limit
+
+
+def roc_points(y_true, y_score, per_class: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ROC points (fpr, tpr) from (0, 0) to (1, 1), at most 2 * per_class + 1 of them.
+
+    The thresholds are evenly spaced quantiles of the negatives' and of the positives'
+    scores, so neighbouring points are at most about 1/per_class apart in FPR and in TPR,
+    and a class of at most per_class samples contributes every one of its scores (the
+    full curve). Two plain sorts: sklearn's roc_curve takes ~20 s on a test set's 38M
+    pixels. Empty arrays when only one class is present.
+    """
+    y = np.asarray(y_true).ravel() != 0
+    s = np.asarray(y_score).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
+    neg, pos = np.sort(s[~y]), np.sort(s[y])
+    if neg.size == 0 or pos.size == 0:
+        return np.zeros(0), np.zeros(0)
+
+    def quantiles(v: np.ndarray) -> np.ndarray:
+        return v[np.linspace(0, v.size - 1, min(per_class, v.size)).round().astype(np.int64)]
+
+    thresholds = np.unique(np.concatenate((quantiles(neg), quantiles(pos))))[::-1]
+    fpr = 1.0 - np.searchsorted(neg, thresholds, side="left") / neg.size
+    tpr = 1.0 - np.searchsorted(pos, thresholds, side="left") / pos.size
+    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], tpr))
 
 
 def f1_optimal_threshold(masks, maps) -> tuple[float, float]:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
+from scipy import ndimage
 
 
 def heat_rgb(amap: torch.Tensor, scale: float) -> np.ndarray:
@@ -24,6 +25,12 @@ def overlay_rgb(image: torch.Tensor, heat: np.ndarray, alpha: float = 0.5) -> np
     """Blend a [3, H, W] image in [0,1] with a heat image of the same size."""
     img = (image.permute(1, 2, 0).cpu().numpy() * 255).astype(np.float32)
     return ((1 - alpha) * img + alpha * heat.astype(np.float32)).round().clip(0, 255).astype(np.uint8)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The 1-pixel inner border of a boolean [H, W] mask, to draw a region without hiding it."""
+    mask = np.asarray(mask, dtype=bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:

@@ -1,0 +1,143 @@
+"""From images to what a person acts on: score, OK / defect verdict, defect mask, heat map, overlay.
+
+`Inspector` loads a model once (PyTorch or onnxruntime) with its decision thresholds; both
+`cflow-ad predict` and `cflow-ad serve` go through it, so a folder run and an HTTP call
+give the same answer for the same image. Maps are drawn at the image's own size, so the
+defect area is in the image's own pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .checkpoint import load_checkpoint
+from .errors import CflowInputError
+from .export import OnnxModel
+from .thresholds import Thresholds
+from .visualize import heat_rgb, outline, overlay_rgb
+
+RUNTIMES = ("torch", "onnx")
+
+
+def as_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+    """A model object as it is, or the model a checkpoint path holds."""
+    return model if isinstance(model, torch.nn.Module) else load_checkpoint(model)
+
+
+def exportable(model: torch.nn.Module) -> torch.nn.Module:
+    if model.config.method == "spade":
+        raise CflowInputError("SPADE's gallery search runs in PyTorch only: use --runtime torch, or a cflow or padim model")
+    return model
+
+
+def load_runner(model: torch.nn.Module | str | Path, runtime: str = "torch") -> torch.nn.Module | OnnxModel:
+    """A model to score with: a checkpoint in PyTorch or exported to onnxruntime, or an exported .onnx file."""
+    if runtime not in RUNTIMES:
+        raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
+    if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx":
+        return OnnxModel(model)
+    model = as_model(model).eval()
+    return OnnxModel.from_model(exportable(model)) if runtime == "onnx" else model
+
+
+def resolve_thresholds(stored: Thresholds | None, target_fpr: float | None = None, image: float | None = None,
+                       pixel: float | None = None) -> Thresholds | None:
+    """The model's thresholds, moved to another false-positive rate and/or overridden by hand."""
+    if stored is None:
+        if image is None or pixel is None:
+            if target_fpr is not None or image is not None or pixel is not None:
+                raise CflowInputError(
+                    "this model has no calibrated thresholds: run 'cflow-ad calibrate', or pass both "
+                    "--image-threshold and --pixel-threshold")
+            return None
+        return Thresholds(float(image), float(pixel), "manual")
+    t = stored.at_fpr(target_fpr) if target_fpr is not None else stored
+    return t.with_overrides(image, pixel)
+
+
+@dataclass
+class Verdict:
+    """One image's answer. `label` and the defect area are None without thresholds."""
+
+    score: float
+    label: str | None
+    defect_area_px: int | None
+    width: int
+    height: int
+    amap: torch.Tensor  # [H0, W0] at the image's own size
+    image: torch.Tensor  # [3, H0, W0] in [0, 1]
+
+    def mask(self, thresholds: Thresholds) -> np.ndarray:
+        return (self.amap > thresholds.pixel).numpy()
+
+
+class Inspector:
+    """A model, its runtime and its thresholds, loaded once."""
+
+    def __init__(self, model: torch.nn.Module | str | Path, runtime: str = "torch", target_fpr: float | None = None,
+                 image_threshold: float | None = None, pixel_threshold: float | None = None):
+        self.runner = load_runner(model, runtime)
+        stored = getattr(self.runner, "thresholds", None)  # exports carry them too
+        self.thresholds = resolve_thresholds(stored, target_fpr, image_threshold, pixel_threshold)
+        self.config = self.runner.config
+        self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
+        self.heat_scale = 2 * float(self.runner.train_max_score)  # colours mean the same on every image
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, originals: list[torch.Tensor]) -> list[Verdict]:
+        """Score a batch of model inputs [B, 3, H, W]; `originals` are the same images at their own size."""
+        maps, scores = self.runner(inputs)
+        return self.verdicts(maps, scores, originals, self.thresholds)
+
+    @staticmethod
+    def verdicts(maps: torch.Tensor, scores: torch.Tensor, originals: list[torch.Tensor],
+                 thresholds: Thresholds | None) -> list[Verdict]:
+        out = []
+        for amap, score, image in zip(maps, scores.tolist(), originals):
+            h, w = image.shape[-2:]
+            big = F.interpolate(amap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            label = area = None
+            if thresholds is not None:
+                label = "defect" if score > thresholds.image else "ok"
+                area = int((big > thresholds.pixel).sum())
+            out.append(Verdict(float(score), label, area, int(w), int(h), big, image))
+        return out
+
+    def heat(self, v: Verdict) -> np.ndarray:
+        return heat_rgb(v.amap, self.heat_scale)
+
+    def overlay(self, v: Verdict) -> np.ndarray:
+        """Heat map blended over the image, with the defect mask's outline in white."""
+        rgb = overlay_rgb(v.image, self.heat(v))
+        if self.thresholds is not None:
+            rgb[outline(v.mask(self.thresholds))] = 255
+        return rgb
+
+    def mask_image(self, v: Verdict) -> np.ndarray:
+        if self.thresholds is None:
+            raise CflowInputError("no thresholds, so no mask: run 'cflow-ad calibrate' or pass both thresholds")
+        return v.mask(self.thresholds).astype(np.uint8) * 255
+
+    def describe(self, v: Verdict) -> dict:
+        """The JSON-ready facts of a verdict, with the thresholds that made it."""
+        t = self.thresholds
+        return {
+            "score": v.score, "label": v.label,
+            "image_threshold": t.image if t else None, "pixel_threshold": t.pixel if t else None,
+            "defect_area_px": v.defect_area_px,
+            "defect_fraction": None if v.defect_area_px is None else v.defect_area_px / (v.width * v.height),
+            "width": v.width, "height": v.height,
+        }
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

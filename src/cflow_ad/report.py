@@ -1,0 +1,217 @@
+"""A self-contained HTML report of a `cflow-ad test` output folder.
+
+`write_test_artifacts` (called by `api.test`) stores what metrics.json and scores.csv lack: the ROC
+and PRO curves (curves.json) and overlays of the worst-scored images (cases/). `write_report` turns
+the folder into one HTML file with every figure embedded, so it can be mailed or archived and still
+opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+from html import escape
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .data import load_image
+from .errors import CflowInputError
+from .metrics import pro_curve, roc_points
+from .visualize import heat_rgb, outline, overlay_rgb, save_png
+
+FPR_LIMIT = 0.3
+GT_OUTLINE = np.array([0, 255, 0], dtype=np.uint8)  # green: white marks predicted defects in predict's overlays
+
+
+def _thin(x: np.ndarray, y: np.ndarray, steps: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Exact points of a non-decreasing curve, about 2 * steps at most: the first point of each of
+    `steps` equal steps in x and in y, and the last one. Millions of points plot the same line."""
+    if x.size == 0:
+        return x, y
+    bx, by = (np.floor(v / max(v[-1], 1e-12) * steps) for v in (x, y))
+    keep = np.r_[True, (bx[1:] != bx[:-1]) | (by[1:] != by[:-1])]
+    keep[-1] = True
+    return x[keep], y[keep]
+
+
+def write_test_artifacts(output: Path, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor,
+                         labels: list[int], types: list[str], paths: list[str], image_size: int, heat_scale: float,
+                         image_threshold: float | None, cases: int = 4) -> None:
+    """curves.json and cases/ (overlays of the `cases` highest-scored good and lowest-scored defect images)."""
+    out = Path(output)
+    gt, amaps = masks.numpy(), maps.numpy()
+    curves = {}
+    for name, (x, y) in (("image_roc", roc_points(labels, scores.numpy())), ("pixel_roc", roc_points(gt, amaps))):
+        curves[name] = {"fpr": x.tolist(), "tpr": y.tolist()}
+    fpr, pro = _thin(*pro_curve(gt, amaps, FPR_LIMIT))
+    curves["pro"] = {"fpr": fpr.tolist(), "pro": pro.tolist(), "fpr_limit": FPR_LIMIT}
+    (out / "curves.json").write_text(json.dumps(curves) + "\n")
+
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    s = scores.tolist()
+    worst = (("false positive", "fp", sorted((i for i, lab in enumerate(labels) if lab == 0), key=lambda i: -s[i])),
+             ("false negative", "fn", sorted((i for i, lab in enumerate(labels) if lab != 0), key=lambda i: s[i])))
+    rows = []
+    for kind, tag, chosen in worst:
+        for rank, i in enumerate(chosen[:cases], 1):
+            rgb = overlay_rgb(load_image(paths[i], image_size), heat_rgb(maps[i], heat_scale))
+            rgb[outline(gt[i])] = GT_OUTLINE
+            name = f"{tag}{rank}.png"
+            save_png(rgb, out / "cases" / name)
+            flagged = None if image_threshold is None else s[i] > image_threshold  # api.test's verdict rule
+            rows.append({"file": name, "path": str(paths[i]), "defect_type": types[i], "label": int(labels[i]),
+                         "score": s[i], "kind": kind,
+                         "wrong": None if flagged is None else flagged == (kind == "false positive")})
+    (out / "cases" / "cases.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _need(results: Path, name: str) -> Path:
+    path = results / name
+    if not path.is_file():
+        raise CflowInputError(f"{path} not found: rerun 'cflow-ad test --output {results}' to write the report's inputs")
+    return path
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure_uri(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return _data_uri(buf.getvalue())
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """An HTML table from already escaped cells."""
+    th = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _curves_figure(curves: dict, metrics: dict) -> str:
+    fig = Figure(figsize=(13.5, 4.2))
+    panels = (("Image ROC", curves["image_roc"], "tpr", f"AUROC {_pct(metrics.get('image_auroc'))}"),
+              ("Pixel ROC", curves["pixel_roc"], "tpr", f"AUROC {_pct(metrics.get('pixel_auroc'))}"),
+              ("PRO curve", curves["pro"], "pro", f"AUPRO {_pct(metrics.get('aupro'))}"))
+    for ax, (title, c, key, label) in zip(fig.subplots(1, 3), panels):
+        ax.set(title=title, xlabel="false-positive rate", ylabel=key.upper(), ylim=(0, 1.02))
+        if c["fpr"]:
+            ax.plot(c["fpr"], c[key], lw=2, label=label)
+        else:
+            ax.text(0.5, 0.5, "undefined: one class only", ha="center", transform=ax.transAxes)
+        if key == "tpr":
+            ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+            ax.set_xlim(0, 1)
+        else:
+            limit = c.get("fpr_limit", FPR_LIMIT)
+            ax.axvline(limit, color="red", ls="--", label=f"FPR limit {limit:g}")
+            ax.set_xlim(0, limit * 1.05)
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+    return _figure_uri(fig)
+
+
+def _histogram_figure(scores: list[tuple[int, float]], threshold: float | None) -> str:
+    fig = Figure(figsize=(9, 3.6))
+    ax = fig.subplots()
+    values = np.array([s for _, s in scores])
+    bins = np.histogram_bin_edges(values, bins=40) if values.size else 10
+    for lab, name, color in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
+        ax.hist([s for y, s in scores if (y != 0) == bool(lab)], bins=bins, alpha=0.55, color=color, label=name)
+    if threshold is not None:
+        ax.axvline(threshold, color="black", ls="--", label=f"image threshold {threshold:.4g}")
+    ax.set(title="Image scores", xlabel="score", ylabel="images")
+    ax.legend()
+    return _figure_uri(fig)
+
+
+def _cases_html(results: Path, cases: list[dict], kind: str) -> str:
+    cells = []
+    for c in (c for c in cases if c["kind"] == kind):
+        uri = _data_uri(_need(results, f"cases/{c['file']}").read_bytes())
+        verdict = {None: "", True: " · <b class=bad>wrong at threshold</b>", False: " · right at threshold"}[c["wrong"]]
+        cells.append(f"<figure><img src=\"{uri}\" alt=\"{escape(c['file'])}\"><figcaption>score {c['score']:.4g}"
+                     f" · {escape(c['defect_type'])}{verdict}<br><small>{escape(Path(c['path']).name)}</small>"
+                     "</figcaption></figure>")
+    return "<div class=cases>" + "".join(cells) + "</div>" if cells else "<p>none in this test set</p>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .8em;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.info{color:#555}
+img{max-width:100%}.cases{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;width:256px}
+figure img{width:256px;image-rendering:pixelated}figcaption{font-size:.9em}.bad{color:#b00}
+details{margin-bottom:1em}code{background:#f4f4f4}"""
+
+
+def write_report(results: Path, output: Path | None = None) -> Path:
+    """One HTML file, every figure embedded as a data URI, from a `cflow-ad test --output` folder."""
+    res = Path(results)
+    metrics = json.loads(_need(res, "metrics.json").read_text())
+    with open(_need(res, "scores.csv"), newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"label", "score"} <= set(reader.fieldnames or ()):
+            raise CflowInputError(f"{res / 'scores.csv'} has no label and score columns: rerun 'cflow-ad test --output {res}'")
+        scores = [(int(r["label"]), float(r["score"])) for r in reader]
+    curves = json.loads(_need(res, "curves.json").read_text())
+    cases = json.loads(_need(res, "cases/cases.json").read_text())
+
+    info = [f"<b>{escape(k)}</b> {escape(str(metrics[k]))}" for k in ("model", "normalization", "images", "seconds")
+            if metrics.get(k) is not None]
+    config = metrics.get("config")
+    config_html = "" if not isinstance(config, dict) else "<details><summary>configuration</summary>" + _table(
+        ["option", "value"], [[escape(str(k)), escape(str(v))] for k, v in config.items()]) + "</details>"
+    per_type = _table(["defect type", "image AUROC", "pixel AUROC"],
+                      [[escape(t), _pct(m.get("image_auroc")), _pct(m.get("pixel_auroc"))]
+                       for t, m in metrics.get("per_type", {}).items()])
+    thresholds, rates = metrics.get("thresholds"), metrics.get("at_threshold")
+    decision = ""
+    if thresholds and rates:
+        decision = ("<h2>Decision at threshold</h2>"
+                    f"<p class=info>set by {escape(str(thresholds.get('source', 'n/a')))}, target false-positive rate "
+                    f"{_pct(thresholds.get('target_fpr'))}; a score or map value above the threshold is a defect</p>"
+                    + _table(["level", "threshold", "false-positive rate", "recall"],
+                             [[lvl, _num(thresholds.get(lvl)), _pct(rates.get(f"{lvl}_fpr")), _pct(rates.get(f"{lvl}_recall"))]
+                              for lvl in ("image", "pixel")]))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>cflow-ad report: {escape(res.name)}</title>
+<style>{CSS}</style></head><body>
+<h1>cflow-ad test report: {escape(res.name)}</h1>
+<p class=info>{" · ".join(info)}</p>{config_html}
+<h2>Metrics</h2>
+{_table(["image AUROC", "pixel AUROC", "AUPRO (FPR ≤ 0.3)"],
+        [[_pct(metrics.get("image_auroc")), _pct(metrics.get("pixel_auroc")), _pct(metrics.get("aupro"))]])}
+<h3>Per defect type (against all good images)</h3>
+{per_type}
+{decision}
+<h2>Curves</h2>
+<img src="{_curves_figure(curves, metrics)}" alt="ROC and PRO curves">
+<h2>Score distribution</h2>
+<img src="{_histogram_figure(scores, (thresholds or {}).get("image"))}" alt="histogram of image scores">
+<h2>Worst false positives</h2>
+<p class=info>The highest-scored good images: what the model takes for defects.</p>
+{_cases_html(res, cases, "false positive")}
+<h2>Worst false negatives</h2>
+<p class=info>The lowest-scored defect images, ground-truth outline in green.</p>
+{_cases_html(res, cases, "false negative")}
+</body></html>
+"""
+    path = Path(output) if output is not None else res / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,205 @@
+"""`cflow-ad serve`: real HTTP calls against live servers on 127.0.0.1, and the web page in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from cflow_ad import api
+from cflow_ad.checkpoint import load_checkpoint
+
+from .browser import chromium_page
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.3)
+    raise AssertionError(f"server at {url} did not come up in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server(padim_checkpoint):
+    """`cflow-ad serve` as users start it, in its own process, with small limits to test against."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "cflow_ad", "--threads", "2", "serve", "--model", str(padim_checkpoint),
+           "--port", str(port), "--max-upload-mb", "0.2", "--max-pixels", "1000000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _sample(synthetic_root, kind: str) -> Path:
+    return sorted((synthetic_root / "synthetic" / "test" / kind).glob("*.png"))[0]
+
+
+def test_health_and_model_report_the_loaded_model(server, padim_checkpoint):
+    health = requests.get(server + "/health", timeout=10).json()
+    assert health["status"] == "ok"
+    info = requests.get(server + "/model", timeout=10).json()
+    stored = load_checkpoint(padim_checkpoint).thresholds
+    assert info["config"]["method"] == "padim" and info["runtime"] == "onnx"
+    assert info["thresholds"]["image"] == pytest.approx(stored.image)
+    assert info["thresholds"]["pixel"] == pytest.approx(stored.pixel)
+    assert info["limits"]["max_pixels"] == 1_000_000
+
+
+def test_predict_returns_the_same_verdict_as_the_cli(server, padim_checkpoint, synthetic_root, tmp_path):
+    files = [_sample(synthetic_root, "good"), _sample(synthetic_root, "spot"), _sample(synthetic_root, "scratch")]
+    expected = api.predict(padim_checkpoint, files, tmp_path, progress=False)
+    for f, want in zip(files, expected):
+        r = requests.post(server + "/predict", files={"file": (f.name, _png(f), "image/png")}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["file"] == f.name
+        assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+        assert got["label"] == want["label"] and got["image_threshold"] == pytest.approx(want["image_threshold"])
+        assert abs(got["defect_area_px"] - want["defect_area_px"]) <= 0.01 * got["width"] * got["height"]
+        assert set(got["timing"]) == {"decode_ms", "inference_ms", "total_ms"}
+    assert [r["label"] for r in expected] == ["ok", "defect", "defect"]
+
+
+def test_raw_body_and_png_outputs(server, synthetic_root):
+    f = _sample(synthetic_root, "spot")
+    raw = requests.post(server + "/predict", data=_png(f), headers={"Content-Type": "image/png"}, timeout=60)
+    assert raw.status_code == 200 and raw.json()["label"] == "defect"
+    size = Image.open(f).size
+    for output in ("overlay", "mask", "heatmap"):
+        r = requests.post(server + f"/predict?output={output}", files={"file": (f.name, _png(f), "image/png")}, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(r.content))
+        assert image.size == size  # drawn at the upload's own size
+        assert float(r.headers["X-Cflow-Score"]) == pytest.approx(raw.json()["score"], rel=1e-4)
+        if output == "mask":
+            assert int((np.asarray(image) > 0).sum()) == int(r.headers["X-Cflow-Defect-Area"]) > 0
+
+
+def _status_and_error(r: requests.Response) -> tuple[int, str]:
+    return r.status_code, r.json()["error"]
+
+
+def test_bad_uploads_get_a_clear_4xx(server, synthetic_root, tmp_path):
+    good = _png(_sample(synthetic_root, "good"))
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big, "PNG")
+    huge_dims = io.BytesIO()
+    Image.new("L", (1200, 1000)).save(huge_dims, "PNG")  # a small file of 1.2 megapixels
+    post = lambda **kw: requests.post(server + "/predict", timeout=60, **kw)  # noqa: E731
+    cases = {
+        "oversize": (post(files={"file": ("big.png", big.getvalue(), "image/png")}), 413, "limit"),
+        "oversize, chunked": (post(data=iter([big.getvalue()[:100_000], big.getvalue()[100_000:]]),
+                                   headers={"Content-Type": "image/png"}), 413, "limit"),
+        "too many pixels": (post(files={"file": ("wide.png", huge_dims.getvalue(), "image/png")}), 413, "megapixels"),
+        "text body": (post(data=b"hello", headers={"Content-Type": "text/plain"}), 415, "not an image"),
+        "text part": (post(files={"file": ("a.txt", b"hello", "text/plain")}), 415, "a.txt"),
+        "not an image": (post(files={"file": ("x.png", b"\x89PNGnot really", "image/png")}), 400, "x.png"),
+        "truncated": (post(files={"file": ("cut.png", good[: len(good) // 2], "image/png")}), 400, "cut.png"),
+        "empty": (post(files={"file": ("e.png", b"", "image/png")}), 400, "empty"),
+        "no file field": (post(files={"other": ("x.png", good, "image/png")}), 400, "'file'"),
+        "bad output": (requests.post(server + "/predict?output=pdf", files={"file": ("g.png", good, "image/png")},
+                                     timeout=60), 400, "pdf"),
+    }
+    for name, (response, status, needle) in cases.items():
+        got_status, message = _status_and_error(response)
+        assert got_status == status, (name, got_status, message)
+        assert needle in message and "\n" not in message, (name, message)
+    assert requests.get(server + "/health", timeout=10).json()["status"] == "ok"  # still serving
+
+
+class _SlowRunner:
+    """Wraps a model so each inference takes at least `seconds`: makes queueing deterministic."""
+
+    def __init__(self, runner, seconds: float):
+        self.runner, self.seconds = runner, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __call__(self, images):
+        time.sleep(self.seconds)
+        return self.runner(images)
+
+
+def test_bounded_concurrency_answers_503_beyond_the_queue(padim_checkpoint, synthetic_root):
+    import uvicorn
+
+    from cflow_ad.inference import Inspector
+    from cflow_ad.serve import Limits, create_app
+
+    inspector = Inspector(padim_checkpoint, "torch")
+    inspector.runner = _SlowRunner(inspector.runner, 0.5)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(inspector, Limits(max_concurrency=1, max_queue=1)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url)
+        body = _png(_sample(synthetic_root, "good"))
+        send = lambda _: requests.post(url + "/predict", data=body, headers={"Content-Type": "image/png"}, timeout=60)  # noqa: E731
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(send, range(6)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200, 200, 503, 503, 503, 503], codes  # one running, one waiting, the rest turned away
+        busy = [r for r in responses if r.status_code == 503]
+        assert all(r.headers["Retry-After"] == "1" and "busy" in r.json()["error"] for r in busy)
+        health = requests.get(url + "/health", timeout=10).json()
+        assert health["requests"] == 2 and health["rejected_busy"] == 4 and health["waiting"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_web_page_uploads_an_image_and_shows_verdict_and_overlay(server, synthetic_root, tmp_path):
+    f = _sample(synthetic_root, "spot")
+    with chromium_page() as page:
+        page.goto(server + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('padim')")
+        page.set_input_files("#file", str(f))
+        page.click("#submit")
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        assert page.inner_text("#verdict") == "DEFECT"
+        assert "score" in page.inner_text("#facts") and "defect area" in page.inner_text("#facts")
+        page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
+        assert page.evaluate("document.getElementById('overlay').naturalWidth") == Image.open(f).size[0]
+        # a bad upload shows the service's message instead of a result
+        bad = tmp_path / "not_an_image.png"
+        bad.write_bytes(b"plain text, not a PNG")
+        page.set_input_files("#file", str(bad))
+        page.click("#submit")
+        page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+        assert "400" in page.inner_text("#error") and "not_an_image.png" in page.inner_text("#error")
+        assert page.is_hidden("#result")
