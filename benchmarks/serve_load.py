@@ -32,11 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, runtime: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, runtime: str, threads: int, concurrency: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    extra = [] if concurrency is None else ["--max-concurrency", str(concurrency)]
     proc = subprocess.Popen([sys.executable, "-m", "cflow_ad", "--threads", str(threads), "serve", "--model", str(model),
-                             "--port", str(port), "--runtime", runtime], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--port", str(port), "--runtime", runtime, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 300
     while time.monotonic() < end:
@@ -51,10 +52,11 @@ def start_server(model: Path, runtime: str, threads: int) -> tuple[subprocess.Po
     raise SystemExit("server did not start in 300 s")
 
 
-def peak_rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int, field: str) -> float | None:
+    """A memory figure of a process from /proc: VmHWM (peak RSS) or VmRSS (now)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--runtime", choices=("onnx", "torch"), default="onnx")
     p.add_argument("--threads", type=int, default=2, help="server inference threads")
+    p.add_argument("--server-concurrency", type=int, help="server --max-concurrency (default: the server's default)")
     args = p.parse_args()
 
     files = list_images(args.images)
@@ -78,7 +81,7 @@ def main() -> None:
     if args.url:
         url = args.url
     elif args.model:
-        proc, url = start_server(args.model, args.runtime, args.threads)
+        proc, url = start_server(args.model, args.runtime, args.threads, args.server_concurrency)
     else:
         raise SystemExit("pass --model or --url")
     local = threading.local()
@@ -102,7 +105,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.concurrency) as pool:
             results = list(pool.map(one, range(args.requests)))
         wall = time.perf_counter() - t0
-        rss = peak_rss_mb(proc.pid) if proc else None
+        peak, now = (rss_mb(proc.pid, "VmHWM"), rss_mb(proc.pid, "VmRSS")) if proc else (None, None)
     finally:
         if proc:
             proc.terminate()
@@ -111,13 +114,15 @@ def main() -> None:
     latency = np.array([t for _, t, _ in results]) * 1e3
     server = np.array([ms for _, _, ms in results if ms is not None])
     errors = sum(n for s, n in codes.items() if s != 200)
-    print(f"{args.requests} requests, concurrency {args.concurrency}, {len(files)} distinct images, runtime {args.runtime}")
-    print("| requests | concurrency | throughput req/s | p50 ms | p99 ms | max ms | server p50 ms | errors | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"{args.requests} requests, concurrency {args.concurrency}, {len(files)} distinct images, runtime {args.runtime},"
+          f" server: --threads {args.threads}, --max-concurrency {args.server_concurrency or 'default'}")
+    mb = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
+    print("| requests | concurrency | throughput req/s | p50 ms | p99 ms | max ms | server p50 ms | errors |"
+          " peak RSS MB | RSS at end MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.requests} | {args.concurrency} | {args.requests / wall:.1f} | {np.percentile(latency, 50):.0f} | "
           f"{np.percentile(latency, 99):.0f} | {latency.max():.0f} | "
-          f"{np.percentile(server, 50) if server.size else float('nan'):.0f} | {errors} | "
-          f"{'n/a' if rss is None else f'{rss:.0f}'} |")
+          f"{np.percentile(server, 50) if server.size else float('nan'):.0f} | {errors} | {mb(peak)} | {mb(now)} |")
     print("status codes:", dict(codes))
 
 

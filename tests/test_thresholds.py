@@ -127,6 +127,7 @@ def test_predict_outputs_are_each_optional(padim_checkpoint, synthetic_root, tmp
     assert run(["--quiet", "predict", "--model", str(padim_checkpoint), str(test_dir), "--output", str(tmp_path / "all")]) == 0
     printed = capsys.readouterr().out
     assert "good: " in printed and "false-positive rate" in printed and "spot: " in printed and "recall" in printed
+    assert "thresholds: image " in printed
     names = sorted(p.name for p in (tmp_path / "all").iterdir())
     assert len([n for n in names if n.endswith("_mask.png")]) == 12 and "predictions.csv" in names
     summary = json.loads((tmp_path / "all" / "predictions.json").read_text())

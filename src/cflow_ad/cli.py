@@ -155,6 +155,10 @@ def _print_predictions(rows: list[dict]) -> None:
     rate on 'good' next to the recall on each defect type."""
     from .api import summarize
 
+    used = next((r for r in rows if r.get("image_threshold") is not None), None)
+    if used:
+        print(f"thresholds: image {used['image_threshold']:.6g}, pixel {used['pixel_threshold']:.6g}"
+              " (a score or map value above is a defect)")
     for r in rows:
         if not r["error"]:
             area = "" if r["defect_area_px"] is None else f"  {r['defect_area_px']:>7} px"
