@@ -22,14 +22,17 @@ from .checkpoint import read_metadata, save_checkpoint
 from .config import CFlowConfig
 from .errors import CflowInputError
 from .export import export_onnx
-from .inference import Inspector, exportable, as_model
+from .inference import Inspector, as_model, exportable
 from .metrics import evaluate
 from .model import CFlowModel, build_model
 from .report import write_test_artifacts
 from .scoring import anomaly_maps, paper_constants, score_set
-from .training import fit, fit_baseline
+from .stc import is_stc_root, stc_dataset, stc_scenes
 from .thresholds import Thresholds
+from .training import fit, fit_baseline
 from .visualize import overlay_rgb, save_png
+
+STATE_FILE = "training_state.pt"  # CFLOW-AD's resumable training state, beside model.safetensors
 
 
 def open_dataset(
@@ -41,8 +44,13 @@ def open_dataset(
     abnormal_dir: str | Path | None = None,
     mask_dir: str | Path | None = None,
 ) -> D.AnomalyDataset:
-    """An MVTec-layout split (data + category) or a plain folder layout (normal/abnormal/mask dirs)."""
+    """An MVTec-layout split (data + category), an STC video-frame split (data with training/frames/,
+    category = scene) or a plain folder layout (normal/abnormal/mask dirs)."""
     if data is not None:
+        if is_stc_root(data):
+            if not category:
+                raise CflowInputError(f"no scene given for '{data}': pass --category, one of {', '.join(stc_scenes(data))}")
+            return stc_dataset(data, category, split, size)
         if not category:
             raise CflowInputError(f"no category given for '{data}': pass --category (one of the folders under it)")
         return D.mvtec_dataset(data, category, split, size)
@@ -59,9 +67,16 @@ def train(
     normal_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> Path:
     """Train on defect-free images and write `output/model.safetensors`; returns its path.
-    `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE)."""
+    `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE). CFLOW-AD's training state is kept
+    in `output/training_state.pt` after every epoch and on SIGINT/SIGTERM until the model is written;
+    `resume=True` continues from it (and returns a finished run's model as it is)."""
+    final, state = Path(output) / "model.safetensors", Path(output) / STATE_FILE
+    if resume and final.is_file() and not state.is_file():
+        log(f"nothing to resume: training already finished ({final})")
+        return final
     dataset = open_dataset("train", config.image_size, data, category, normal_dir)
     held_out = None
     if config.calibration_fraction > 0:
@@ -74,14 +89,16 @@ def train(
         val = None
         if config.val_fraction > 0:
             dataset, val = D.split_train_val(dataset, config.val_fraction, config.seed)
-        history = fit(model, dataset, val, progress=progress, log=log)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        history = fit(model, dataset, val, progress=progress, log=log, state_path=state, resume=resume)
     history["train_seconds"] = time.perf_counter() - t0
     history["train_images"] = len(dataset)
     if held_out is not None:
         model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress)
         log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"
             f" image {model.thresholds.image:.4g}, pixel {model.thresholds.pixel:.4g}")
-    path = save_checkpoint(model, Path(output) / "model.safetensors", extra={"history": history})
+    path = save_checkpoint(model, final, extra={"history": history})
+    state.unlink(missing_ok=True)
     return path
 
 

@@ -25,10 +25,15 @@ FORMAT = "cflow-ad/1"
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint; a model with
+    non-finite weights is refused, so a diverged run never replaces a good file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CflowInputError(f"refusing to save a model with NaN or Inf values in {', '.join(bad[:3])} to '{path}':"
+                              " training diverged; check the training images or lower --lr")
     meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {})}
     if getattr(model, "thresholds", None) is not None:
         meta["thresholds"] = json.dumps(model.thresholds.to_dict())

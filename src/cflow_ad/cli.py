@@ -37,7 +37,7 @@ def _config_from(args: argparse.Namespace) -> CFlowConfig:
 def _add_data_flags(parser: argparse.ArgumentParser, test: bool) -> None:
     g = parser.add_argument_group("data: an MVTec-AD layout root and category, or plain folders")
     g.add_argument("--data", type=Path, help="MVTec-layout root (ROOT/CATEGORY/train/good, test/<type>, ground_truth/<type>)")
-    g.add_argument("--category", help="category folder under --data")
+    g.add_argument("--category", help="category folder under --data, or STC scene; train: 'all' trains each one")
     g.add_argument("--normal-dir", type=Path, help="folder of defect-free images (instead of --data)")
     if test:
         g.add_argument("--abnormal-dir", type=Path, help="folder of defective images (with --normal-dir)")
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on defect-free images", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_flags(t, test=False)
     t.add_argument("--output", type=Path, required=True, help="folder for model.safetensors")
+    t.add_argument("--jobs", type=int, default=1,
+                   help="with --category all: categories trained at once, in separate processes sharing the threads")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a run stopped by a crash, SIGINT or SIGTERM from OUTPUT/training_state.pt")
     _add_config_flags(t)
 
     e = sub.add_parser("test", help="evaluate a model on a labelled test set")
@@ -180,7 +184,17 @@ def run(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     if args.command == "train":
         config = _config_from(args)
-        path = api.train(config, args.output, args.data, args.category, args.normal_dir, progress=progress)
+        if args.category == "all":
+            from .categories import summary_markdown, train_all
+
+            import torch
+
+            rows = train_all(config, args.data, args.output, args.jobs, torch.get_num_threads(), args.resume,
+                             log=lambda m: print(m, file=sys.stderr))
+            print(summary_markdown(rows), end="")
+            return 1 if any(r["status"] != "ok" for r in rows) else 0
+        path = api.train(config, args.output, args.data, args.category, args.normal_dir, progress=progress,
+                         resume=args.resume)
         print(path)
     elif args.command == "test":
         metrics = api.test(
@@ -238,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     except CflowInputError as exc:
         print(f"cflow-ad: error: {exc}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("cflow-ad: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"cflow-ad: {exc or 'interrupted'}", file=sys.stderr)
         code = 130
     sys.exit(code)

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +29,22 @@ from tqdm import tqdm
 
 from .baselines import DistanceModel
 from .config import CFlowConfig
+from .errors import CflowInputError
 from .flow_decoder import LocationWhitening
 from .model import CFlowModel
-from .scoring import score_set
+from .scoring import probability_sum
+
+
+NONFINITE_PATIENCE = 10  # skipped steps in a row before the learning rate is halved
 
 
 class _ImageOnly(Dataset):
-    """Images of a dataset as uint8, decoded once and kept in memory up to a byte budget."""
+    """Images of a dataset as uint8, decoded once and kept in memory up to a byte budget. An image
+    with non-finite values is remembered in `nonfinite` (uint8 cannot hold NaN, and a silent cast
+    would train on garbage), and comes back as NaN from `_float_images`."""
 
     def __init__(self, dataset: Dataset, budget_bytes: int = 2 << 30):
-        self.dataset, self.budget, self.cache = dataset, budget_bytes, {}
+        self.dataset, self.budget, self.cache, self.nonfinite = dataset, budget_bytes, {}, set()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -42,15 +52,23 @@ class _ImageOnly(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         if i in self.cache:
             return self.cache[i]
-        img = (self.dataset[i]["image"] * 255).round().to(torch.uint8)
+        img = self.dataset[i]["image"]
+        if not torch.isfinite(img).all():
+            self.nonfinite.add(i)
+            img = torch.zeros_like(img)
+        img = (img * 255).round().to(torch.uint8)
         if (len(self.cache) + 1) * img.numel() <= self.budget:
             self.cache[i] = img
         return img
 
 
 def _float_images(images: _ImageOnly, idx: torch.Tensor) -> torch.Tensor:
-    """Images `idx` of an `_ImageOnly` set as a [0, 1] float batch."""
-    return torch.stack([images[int(i)] for i in idx]).float() / 255
+    """Images `idx` of an `_ImageOnly` set as a [0, 1] float batch (NaN for non-finite ones)."""
+    batch = torch.stack([images[int(i)] for i in idx]).float() / 255
+    for row, i in enumerate(idx.tolist()):
+        if i in images.nonfinite:
+            batch[row] = float("nan")
+    return batch
 
 
 def learning_rate(config: CFlowConfig, epoch: float, total_epochs: int) -> float:
@@ -108,9 +126,10 @@ class _Features:
     """
 
     def __init__(self, model: CFlowModel, images: Dataset, config: CFlowConfig, fit_whitening: bool,
-                 progress: bool = False, budget_bytes: int = 4 << 30):
+                 progress: bool = False, budget_bytes: int = 4 << 30, log: Callable[[str], None] = print):
         self.model, self.images, self.config = model, images, config
         self.cache: list[torch.Tensor] | None = None
+        self.dropped = 0  # images with non-finite features, left out of the whitening fit
         keep = config.rotation <= 0
         fit_whitening = fit_whitening and model.whitenings is not None
         if not keep and not fit_whitening:
@@ -121,7 +140,9 @@ class _Features:
         for idx in tqdm(_batches(len(images), config.batch_size), desc="features", disable=not progress, leave=False):
             feats = model.features(self._images(idx))
             if fit_whitening:
-                m = [LocationWhitening.moments(f.flatten(2).transpose(1, 2)) for f in feats]
+                finite = _finite_rows(feats)
+                self.dropped += int((~finite).sum())
+                m = [LocationWhitening.moments(f[finite].flatten(2).transpose(1, 2)) for f in feats]
                 moments = m if moments is None else [(a + c, b + d) for (a, b), (c, d) in zip(moments, m)]
             if keep:
                 size += sum(f.numel() * f.element_size() for f in feats)
@@ -132,10 +153,16 @@ class _Features:
                 else:
                     parts = []
         if fit_whitening:
+            if self.dropped:
+                log(f"warning: {self.dropped} training image(s) with non-finite features left out of the whitening fit")
+            if self.dropped == len(images):
+                raise CflowInputError("every training image gave non-finite features: check the training images")
             for w, (total, outer) in zip(model.whitenings, moments):
-                w.fit_moments(total, outer, len(images), config.whitening_eps)
+                w.fit_moments(total, outer, len(images) - self.dropped, config.whitening_eps)
         if keep:
             self.cache = [torch.cat(p) for p in parts]
+            if isinstance(images, _ImageOnly):
+                images.cache.clear()  # never read again: the features stand in for them
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
         return _float_images(self.images, idx)
@@ -163,13 +190,71 @@ def log_density_maps_of(model: CFlowModel, features: Callable[[torch.Tensor], li
 
 
 @torch.no_grad()
-def calibrate(model: CFlowModel, logs: list[torch.Tensor]) -> None:
-    """Fix the stateless constants from the training images' log maps: per-scale max log-density, map offset."""
+def calibrate(model: CFlowModel, logs: list[torch.Tensor], chunk: int = 64) -> None:
+    """Fix the stateless constants from the training images' log maps: per-scale max log-density, map offset.
+    Images with a non-finite map (non-finite inputs) are left out."""
+    finite = torch.stack([torch.isfinite(lm).flatten(1).all(1) for lm in logs]).all(0)
+    if not finite.any():
+        raise CflowInputError("the trained model gives no finite likelihood on any training image: it cannot be used")
+    logs = [lm[finite] for lm in logs]
     model.ref_log_density.copy_(torch.stack([lm.max() for lm in logs]))
-    neg_sum, _ = score_set(logs, model.image_size, "stateless", model.ref_log_density, 0.0)  # -sum_k P_k
-    offset = -neg_sum.amin()  # the largest summed probability seen in training: train maps are >= 0
-    model.map_offset.copy_(offset)
-    model.train_max_score.copy_((neg_sum + offset).flatten(1).amax(1).max().clamp_min(1e-6))
+    # Only the extremes of the summed probability matter, so maps are made a chunk at a time:
+    # all full-size training maps at once would take N x H x W floats (72 GB for STC's frames).
+    high, low = -math.inf, math.inf
+    for i in range(0, logs[0].shape[0], chunk):
+        p = probability_sum([lm[i : i + chunk] for lm in logs], model.ref_log_density, model.image_size)
+        high, low = max(high, p.max().item()), min(low, p.min().item())
+    model.map_offset.fill_(high)  # the largest summed probability seen in training: train maps are >= 0
+    model.train_max_score.fill_(max(high - low, 1e-6))  # the largest training map value
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after its state was saved; `--resume` continues."""
+
+    def __init__(self, state_path: Path):
+        super().__init__(f"training interrupted; its state is saved in {state_path}: rerun with --resume to continue")
+        self.state_path = state_path
+
+
+class _StopRequests:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each image batch, so the state
+    saved is that of a whole step. A second SIGINT interrupts at once."""
+
+    def __enter__(self) -> "_StopRequests":
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    """Atomically (temp file + rename): a kill mid-write leaves the previous state intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, config: CFlowConfig) -> dict:
+    state = torch.load(path, weights_only=True)  # tensors and plain containers only: nothing executes
+    if state.get("config") != config.to_json():
+        raise CflowInputError(f"the training state in '{path}' was saved with other options: "
+                              "rerun with the same options, or without --resume to start over")
+    return state
+
+
+def _finite_rows(features: list[torch.Tensor]) -> torch.Tensor:
+    """[B] True for the images whose features are finite at every scale."""
+    return torch.stack([torch.isfinite(f).flatten(1).all(1) for f in features]).all(0)
 
 
 def fit(
@@ -179,8 +264,20 @@ def fit(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[int, CFlowModel], None] | None = None,
+    state_path: str | Path | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train the decoders of `model` in place; returns a history with losses and timings.
+
+    With `state_path`, the whole training state (model, optimiser, RNG states, epoch and position,
+    history) is written there atomically after every epoch and when SIGINT or SIGTERM arrives, and
+    `resume=True` continues from it exactly: the same seed gives the same model as a run that was
+    never stopped. The learning rate is a function of the position, so it needs no state of its own.
+
+    Non-finite values never reach the weights: images with non-finite features are dropped from
+    their batch (and from the whitening fit), and a step whose loss or gradient is not finite is
+    skipped; after `NONFINITE_PATIENCE` skipped steps in a row the learning rate is halved. Both are
+    counted in the history and logged.
 
     `on_epoch(epoch, model)` runs after every epoch, outside the timed loop (benchmarks use it
     to trace accuracy over training; training itself never looks at its results).
@@ -188,33 +285,65 @@ def fit(
     cfg = model.config
     if len(train_set) == 0:
         raise ValueError("empty training set")
+    state_path = Path(state_path) if state_path is not None else None
+    state = load_state(state_path, cfg) if resume and state_path is not None and state_path.is_file() else None
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images = _ImageOnly(train_set)
-    features = _Features(model, images, cfg, fit_whitening=True, progress=progress)
+    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, log=log)
     val = _Features(model, _ImageOnly(val_set), cfg.replace(rotation=0.0), False) if val_set else None
     params = [p for p in model.decoders.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # one kernel per step: a third of a step unfused
     total_epochs = cfg.epochs * cfg.sub_epochs
     n_batches = math.ceil(len(images) / cfg.batch_size)
-    history: dict = {"epoch_loss": [], "epoch_seconds": [], "val_nll": []}
-    best = (math.inf, None)
-    for meta in range(cfg.epochs):
-        for sub in range(cfg.sub_epochs):
-            epoch = meta * cfg.sub_epochs + sub
+    history: dict = {"epoch_loss": [], "epoch_seconds": [], "val_nll": [], "skipped_steps": 0, "dropped_images": 0,
+                     "lr_scale": 1.0}
+    best: tuple[float, dict | None] = (math.inf, None)
+    position = (0, 0, None, (0.0, 0, 0))  # epoch, next batch, the epoch's batch order, (loss sum, steps, images)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best = state["history"], (state["best_nll"], state["best"])
+        position = (state["epoch"], state["batch"], state["order"], tuple(state["partial"]))
+        log(f"resuming at epoch {state['epoch'] + 1}/{total_epochs}, image batch {state['batch'] + 1}/{n_batches}")
+    history["dropped_images"] = max(history["dropped_images"], features.dropped)
+
+    def save(epoch: int, batch: int, order, partial) -> None:
+        if state_path is not None:
+            _save_state(state_path, {
+                "config": cfg.to_json(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "best_nll": best[0], "best": best[1], "epoch": epoch, "batch": batch, "order": order,
+                "partial": list(partial)})
+
+    skipped_in_row = 0
+    with _StopRequests() as stop:
+        for epoch in range(position[0], total_epochs):
             model.train()  # the encoder stays in eval mode; leaving eval later refolds the decoders
-            t0, loss_sum, loss_n, seen = time.perf_counter(), 0.0, 0, 0
-            bar = tqdm(
-                _batches(len(images), cfg.batch_size, gen),
-                total=n_batches,
-                desc=f"epoch {epoch + 1}/{total_epochs}",
-                disable=not progress,
-                leave=False,
-            )
-            for b, idx in enumerate(bar):
+            resumed = epoch == position[0] and position[2] is not None
+            order = position[2] if resumed else _batches(len(images), cfg.batch_size, gen)
+            first = position[1] if resumed else 0
+            loss_sum, loss_n, seen = position[3] if resumed else (0.0, 0, 0)
+            t0 = time.perf_counter()
+            bar = tqdm(range(first, len(order)), total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{total_epochs}",
+                       disable=not progress, leave=False)
+            for b in bar:
+                idx = order[b]
+                lr = learning_rate(cfg, epoch + b / n_batches, total_epochs) * history["lr_scale"]
                 for group in opt.param_groups:
-                    group["lr"] = learning_rate(cfg, epoch + b / n_batches, total_epochs)
-                for k, (decoder, f) in enumerate(zip(model.decoders, features(idx, gen))):
+                    group["lr"] = lr
+                feats = features(idx, gen)
+                finite = _finite_rows(feats)
+                if not finite.all():
+                    history["dropped_images"] += int((~finite).sum())
+                    log(f"warning: {int((~finite).sum())} image(s) with non-finite features left out of this batch"
+                        f" ({history['dropped_images']} so far)")
+                    feats = [f[finite] for f in feats]
+                for k, (decoder, f) in enumerate(zip(model.decoders, feats)):
+                    if f.shape[0] == 0:
+                        continue
                     _, d, h, w = f.shape
                     fibers, log_det = model.fibers(k, f)
                     cond = model.condition(h, w)
@@ -224,25 +353,48 @@ def fit(
                             lp = lp + log_det
                         loss = fiber_loss(lp / d, cfg.loss)
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                        value = loss.item()
+                        if math.isfinite(value):
+                            loss.backward()
+                            grad = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                        if not math.isfinite(value) or not torch.isfinite(grad):
+                            skipped_in_row += 1
+                            history["skipped_steps"] += 1
+                            if skipped_in_row == NONFINITE_PATIENCE:
+                                history["lr_scale"] /= 2
+                                skipped_in_row = 0
+                                log(f"warning: {NONFINITE_PATIENCE} non-finite steps in a row: learning rate"
+                                    f" halved (x{history['lr_scale']:g})")
+                            continue
+                        skipped_in_row = 0
                         opt.step()
-                        loss_sum += loss.item()
+                        loss_sum += value
                         loss_n += 1
                 seen += len(idx)
                 bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+                if stop.requested:
+                    save(epoch, b + 1, order, (loss_sum, loss_n, seen))
+                    raise TrainingInterrupted(state_path)
             seconds = time.perf_counter() - t0
-            history["epoch_loss"].append(loss_sum / max(loss_n, 1))
+            if loss_n == 0:
+                raise CflowInputError("every training step of an epoch had a non-finite loss or gradient: check the"
+                                      " training images, or lower --lr")
+            history["epoch_loss"].append(loss_sum / loss_n)
             history["epoch_seconds"].append(seconds)
-            log(f"epoch {epoch + 1}/{total_epochs}: loss {history['epoch_loss'][-1]:.4f}, {seconds:.1f} s")
+            log(f"epoch {epoch + 1}/{total_epochs}: loss {history['epoch_loss'][-1]:.4f}, {seconds:.1f} s"
+                + (f", {history['skipped_steps']} non-finite steps skipped" if history["skipped_steps"] else ""))
             if on_epoch is not None:
                 on_epoch(epoch + 1, model)
-        if val is not None:
-            val_logs = log_density_maps_of(model, val, len(val_set), cfg.batch_size)
-            val_nll = -sum(lm.mean().item() for lm in val_logs) / len(val_logs)
-            history["val_nll"].append(val_nll)
-            log(f"meta-epoch {meta + 1}/{cfg.epochs}: validation NLL per dim {val_nll:.4f}")
-            if val_nll < best[0]:
-                best = (val_nll, copy.deepcopy(model.decoders.state_dict()))
+            if val is not None and (epoch + 1) % cfg.sub_epochs == 0:
+                val_logs = log_density_maps_of(model, val, len(val_set), cfg.batch_size)
+                val_nll = -sum(lm.mean().item() for lm in val_logs) / len(val_logs)
+                history["val_nll"].append(val_nll)
+                log(f"meta-epoch {(epoch + 1) // cfg.sub_epochs}/{cfg.epochs}: validation NLL per dim {val_nll:.4f}")
+                if val_nll < best[0]:
+                    best = (val_nll, copy.deepcopy(model.decoders.state_dict()))
+            save(epoch + 1, 0, None, (0.0, 0, 0))
+            if stop.requested:
+                raise TrainingInterrupted(state_path)
     if best[1] is not None:
         model.decoders.load_state_dict(best[1])
         history["selected_meta_epoch"] = history["val_nll"].index(best[0]) + 1

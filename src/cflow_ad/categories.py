@@ -1,0 +1,105 @@
+"""One model per product: `cflow-ad train --category all` over every category (or STC scene) of a root.
+
+Categories train one after another, or `jobs` at a time in separate processes that share the
+cores. Each writes OUTPUT/<category>/model.safetensors and, where the category has a test split,
+its test metrics. A failing category is recorded with its one-line error and the others go on.
+The summary (summary.md, summary.json) names every category with its outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from .config import CFlowConfig
+from .errors import CflowInputError
+
+
+def categories_of(data: str | Path) -> list[str]:
+    """The categories under an MVTec-layout root, or the scenes of an STC root."""
+    from .data import mvtec_categories
+    from .stc import is_stc_root, stc_scenes
+
+    if data is None:
+        raise CflowInputError("--category all needs --data ROOT: an MVTec-layout or STC root")
+    found = stc_scenes(data) if is_stc_root(data) else mvtec_categories(data)
+    if not found:
+        raise CflowInputError(f"no categories in '{data}': expected <root>/<category>/train/good, or training/frames/")
+    return found
+
+
+def _one(config: CFlowConfig, data: str, category: str, output: str, threads: int | None, resume: bool) -> dict:
+    """Train (and test, where there is a test split) one category; never raises."""
+    import torch
+
+    from . import api
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder = Path(output) / category
+    row = {"category": category, "status": "ok", "error": "", "checkpoint": str(folder / "model.safetensors")}
+    t0 = time.perf_counter()
+    try:
+        path = api.train(config, folder, data, category, progress=False, log=lambda m: None, resume=resume)
+        row["train_seconds"] = round(time.perf_counter() - t0, 1)
+        has_test = (Path(data) / category / "test").is_dir() or (Path(data) / "testing" / "frames").is_dir()
+        if has_test:
+            m = api.test(path, folder / "test", data, category, progress=False)
+            row.update({k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
+            row.update(image_fpr=m.get("at_threshold", {}).get("image_fpr"),
+                       image_recall=m.get("at_threshold", {}).get("image_recall"))
+    except CflowInputError as exc:
+        row.update(status="failed", error=str(exc))
+    except Exception as exc:  # a bug or a resource error in one category must not stop the others
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0],
+                   traceback=traceback.format_exc())
+    row.setdefault("train_seconds", round(time.perf_counter() - t0, 1))
+    return row
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.1f}"
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| category | status | image AUROC | pixel AUROC | AUPRO | FPR on good | recall | seconds | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['category']} | {r['status']} | {_pct(r.get('image_auroc'))} | {_pct(r.get('pixel_auroc'))} | "
+                     f"{_pct(r.get('aupro'))} | {_pct(r.get('image_fpr'))} | {_pct(r.get('image_recall'))} | "
+                     f"{r['train_seconds']} | {r['error']} |")
+    failed = sum(r["status"] != "ok" for r in rows)
+    return "\n".join(lines) + f"\n\n{len(rows) - failed} of {len(rows)} categories trained, {failed} failed.\n"
+
+
+def train_all(config: CFlowConfig, data: str | Path, output: str | Path, jobs: int = 1, threads: int | None = None,
+              resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    """Train every category of `data` into `output/<category>/`; returns one summary row per category."""
+    names = categories_of(data)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    per_job = max(1, (threads or 1) // jobs) if threads else None
+    args = [(config, str(data), name, str(out), per_job, resume) for name in names]
+    rows: list[dict] = []
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        log(f"[{len(rows)}/{len(names)}] {row['category']}: {row['status']}"
+            + (f" ({row['error']})" if row["error"] else f", image AUROC {_pct(row.get('image_auroc')) or 'n/a'}"))
+
+    if jobs <= 1:
+        for a in args:
+            done(_one(*a))
+    else:  # fresh interpreters: forking a process that has started torch's thread pools can deadlock
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(_one, *a) for a in args]):
+                done(future.result())
+    rows.sort(key=lambda r: names.index(r["category"]))
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(rows))
+    return rows
