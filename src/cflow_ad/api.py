@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import data as D
 from .checkpoint import read_metadata, save_checkpoint
+from .distributed import init_from_env
 from .config import CFlowConfig
 from .errors import CflowInputError
 from .export import export_onnx
@@ -74,6 +75,12 @@ def train(
     in `output/training_state.pt` after every epoch and on SIGINT/SIGTERM until the model is written;
     `resume=True` continues from it (and returns a finished run's model as it is)."""
     final, state = Path(output) / "model.safetensors", Path(output) / STATE_FILE
+    rank, world = init_from_env()  # under torchrun: one rank of data-parallel training
+    if rank > 0:
+        log = lambda message: None  # noqa: E731  (rank 0 speaks and writes for all)
+        progress = False
+    if world > 1 and config.method != "cflow":
+        raise CflowInputError(f"{config.method} has no training loop to distribute: run it without torchrun")
     if resume and final.is_file() and not state.is_file():
         log(f"nothing to resume: training already finished ({final})")
         return final
@@ -93,6 +100,9 @@ def train(
         history = fit(model, dataset, val, progress=progress, log=log, state_path=state, resume=resume)
     history["train_seconds"] = time.perf_counter() - t0
     history["train_images"] = len(dataset)
+    history["processes"] = world
+    if rank > 0:
+        return final  # rank 0 calibrates the thresholds and writes the checkpoint
     if held_out is not None:
         model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress)
         log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"

@@ -59,7 +59,9 @@ def available_cores() -> int:
 def _threads(n: int | None) -> None:
     import torch
 
-    torch.set_num_threads(max(1, n or available_cores()))
+    from .distributed import local_threads
+
+    torch.set_num_threads(max(1, n or local_threads(available_cores())))  # torchrun: the node's cores shared
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on defect-free images", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_flags(t, test=False)
     t.add_argument("--output", type=Path, required=True, help="folder for model.safetensors")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel training in N processes on this machine (runs torchrun; see README for multi-node)")
     t.add_argument("--jobs", type=int, default=1,
                    help="with --category all: categories trained at once, in separate processes sharing the threads")
     t.add_argument("--resume", action="store_true",
@@ -176,8 +180,28 @@ def _print_predictions(rows: list[dict]) -> None:
     print(f"{summary['scored']} scored, {summary['skipped']} skipped")
 
 
+def _torchrun(argv: list[str], nproc: int) -> int:
+    """`cflow-ad train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m cflow_ad train ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "cflow_ad", *rest]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, available_cores() // nproc)))}
+    return subprocess.run(cmd, env=env).returncode
+
+
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.nproc > 1:
+        return _torchrun(argv, args.nproc)
     _threads(args.threads)
     from . import api
 
@@ -195,7 +219,10 @@ def run(argv: list[str] | None = None) -> int:
             return 1 if any(r["status"] != "ok" for r in rows) else 0
         path = api.train(config, args.output, args.data, args.category, args.normal_dir, progress=progress,
                          resume=args.resume)
-        print(path)
+        from .distributed import rank_world
+
+        if rank_world()[0] == 0:
+            print(path)
     elif args.command == "test":
         metrics = api.test(
             args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir, args.mask_dir,

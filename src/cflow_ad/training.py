@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from .baselines import DistanceModel
 from .config import CFlowConfig
+from .distributed import all_reduce, any_rank, decoder_steps, rank_world, shard
 from .errors import CflowInputError
 from .flow_decoder import LocationWhitening
 from .model import CFlowModel
@@ -126,10 +127,12 @@ class _Features:
     """
 
     def __init__(self, model: CFlowModel, images: Dataset, config: CFlowConfig, fit_whitening: bool,
-                 progress: bool = False, budget_bytes: int = 4 << 30, log: Callable[[str], None] = print):
+                 progress: bool = False, budget_bytes: int = 4 << 30, log: Callable[[str], None] = print,
+                 real: torch.Tensor | None = None):
         self.model, self.images, self.config = model, images, config
         self.cache: list[torch.Tensor] | None = None
         self.dropped = 0  # images with non-finite features, left out of the whitening fit
+        real = torch.ones(len(images), dtype=torch.bool) if real is None else real  # False: a rank's padding
         keep = config.rotation <= 0
         fit_whitening = fit_whitening and model.whitenings is not None
         if not keep and not fit_whitening:
@@ -141,8 +144,8 @@ class _Features:
             feats = model.features(self._images(idx))
             if fit_whitening:
                 finite = _finite_rows(feats)
-                self.dropped += int((~finite).sum())
-                m = [LocationWhitening.moments(f[finite].flatten(2).transpose(1, 2)) for f in feats]
+                self.dropped += int((~finite & real[idx]).sum())
+                m = [LocationWhitening.moments(f[finite & real[idx]].flatten(2).transpose(1, 2)) for f in feats]
                 moments = m if moments is None else [(a + c, b + d) for (a, b), (c, d) in zip(moments, m)]
             if keep:
                 size += sum(f.numel() * f.element_size() for f in feats)
@@ -153,12 +156,15 @@ class _Features:
                 else:
                     parts = []
         if fit_whitening:
+            n_real = int(all_reduce(torch.tensor(int(real.sum())), "sum"))
+            self.dropped = int(all_reduce(torch.tensor(self.dropped), "sum"))
+            moments = [(all_reduce(a, "sum"), all_reduce(b, "sum")) for a, b in moments]
             if self.dropped:
                 log(f"warning: {self.dropped} training image(s) with non-finite features left out of the whitening fit")
-            if self.dropped == len(images):
+            if self.dropped == n_real:
                 raise CflowInputError("every training image gave non-finite features: check the training images")
             for w, (total, outer) in zip(model.whitenings, moments):
-                w.fit_moments(total, outer, len(images) - self.dropped, config.whitening_eps)
+                w.fit_moments(total, outer, n_real - self.dropped, config.whitening_eps)
         if keep:
             self.cache = [torch.cat(p) for p in parts]
             if isinstance(images, _ImageOnly):
@@ -197,13 +203,15 @@ def calibrate(model: CFlowModel, logs: list[torch.Tensor], chunk: int = 64) -> N
     if not finite.any():
         raise CflowInputError("the trained model gives no finite likelihood on any training image: it cannot be used")
     logs = [lm[finite] for lm in logs]
-    model.ref_log_density.copy_(torch.stack([lm.max() for lm in logs]))
+    model.ref_log_density.copy_(all_reduce(torch.stack([lm.max() for lm in logs]), "max"))
     # Only the extremes of the summed probability matter, so maps are made a chunk at a time:
     # all full-size training maps at once would take N x H x W floats (72 GB for STC's frames).
     high, low = -math.inf, math.inf
     for i in range(0, logs[0].shape[0], chunk):
         p = probability_sum([lm[i : i + chunk] for lm in logs], model.ref_log_density, model.image_size)
         high, low = max(high, p.max().item()), min(low, p.min().item())
+    high = all_reduce(torch.tensor(high), "max").item()
+    low = all_reduce(torch.tensor(low), "min").item()
     model.map_offset.fill_(high)  # the largest summed probability seen in training: train maps are >= 0
     model.train_max_score.fill_(max(high - low, 1e-6))  # the largest training map value
 
@@ -289,13 +297,17 @@ def fit(
     state = load_state(state_path, cfg) if resume and state_path is not None and state_path.is_file() else None
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    images = _ImageOnly(train_set)
-    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, log=log)
+    rank, world = rank_world()
+    mine, real = shard(len(train_set))  # all images in one process
+    images = _ImageOnly(train_set if world == 1 else Subset(train_set, mine))
+    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, log=log, real=torch.tensor(real))
+    batch_size, fiber_batch = max(1, cfg.batch_size // world), max(1, cfg.fiber_batch // world)  # the same global batch
     val = _Features(model, _ImageOnly(val_set), cfg.replace(rotation=0.0), False) if val_set else None
     params = [p for p in model.decoders.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # one kernel per step: a third of a step unfused
     total_epochs = cfg.epochs * cfg.sub_epochs
-    n_batches = math.ceil(len(images) / cfg.batch_size)
+    n_batches = math.ceil(len(images) / batch_size)
+    steps = decoder_steps(model.decoders)  # DDP-wrapped when distributed: gradients averaged over ranks
     history: dict = {"epoch_loss": [], "epoch_seconds": [], "val_nll": [], "skipped_steps": 0, "dropped_images": 0,
                      "lr_scale": 1.0}
     best: tuple[float, dict | None] = (math.inf, None)
@@ -311,7 +323,7 @@ def fit(
     history["dropped_images"] = max(history["dropped_images"], features.dropped)
 
     def save(epoch: int, batch: int, order, partial) -> None:
-        if state_path is not None:
+        if state_path is not None and rank == 0:
             _save_state(state_path, {
                 "config": cfg.to_json(), "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
@@ -323,7 +335,7 @@ def fit(
         for epoch in range(position[0], total_epochs):
             model.train()  # the encoder stays in eval mode; leaving eval later refolds the decoders
             resumed = epoch == position[0] and position[2] is not None
-            order = position[2] if resumed else _batches(len(images), cfg.batch_size, gen)
+            order = position[2] if resumed else _batches(len(images), batch_size, gen)
             first = position[1] if resumed else 0
             loss_sum, loss_n, seen = position[3] if resumed else (0.0, 0, 0)
             t0 = time.perf_counter()
@@ -336,24 +348,28 @@ def fit(
                     group["lr"] = lr
                 feats = features(idx, gen)
                 finite = _finite_rows(feats)
+                if world > 1 and any_rank(not finite.all()):  # ranks must take the same steps: all skip it
+                    finite = torch.zeros_like(finite)
                 if not finite.all():
                     history["dropped_images"] += int((~finite).sum())
                     log(f"warning: {int((~finite).sum())} image(s) with non-finite features left out of this batch"
                         f" ({history['dropped_images']} so far)")
                     feats = [f[finite] for f in feats]
-                for k, (decoder, f) in enumerate(zip(model.decoders, feats)):
+                for k, f in enumerate(feats):
                     if f.shape[0] == 0:
                         continue
                     _, d, h, w = f.shape
                     fibers, log_det = model.fibers(k, f)
                     cond = model.condition(h, w)
-                    for chunk in location_chunks(fibers, cfg.fiber_batch, gen):
-                        lp = decoder.log_prob(chunk, cond)  # [rows, h*w]: the condition broadcasts
+                    for chunk in location_chunks(fibers, fiber_batch, gen):
+                        lp = steps[k](chunk, cond)  # [rows, h*w]: the condition broadcasts
                         if log_det is not None:  # constant in theta: reported NLL stays exact
                             lp = lp + log_det
                         loss = fiber_loss(lp / d, cfg.loss)
                         opt.zero_grad(set_to_none=True)
                         value = loss.item()
+                        if world > 1 and any_rank(not math.isfinite(value)):
+                            value = math.nan  # a step is taken by all ranks or by none
                         if math.isfinite(value):
                             loss.backward()
                             grad = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -372,10 +388,11 @@ def fit(
                         loss_n += 1
                 seen += len(idx)
                 bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-                if stop.requested:
+                if any_rank(stop.requested):
                     save(epoch, b + 1, order, (loss_sum, loss_n, seen))
                     raise TrainingInterrupted(state_path)
             seconds = time.perf_counter() - t0
+            loss_sum, loss_n = (float(v) for v in all_reduce(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)))
             if loss_n == 0:
                 raise CflowInputError("every training step of an epoch had a non-finite loss or gradient: check the"
                                       " training images, or lower --lr")
@@ -393,12 +410,12 @@ def fit(
                 if val_nll < best[0]:
                     best = (val_nll, copy.deepcopy(model.decoders.state_dict()))
             save(epoch + 1, 0, None, (0.0, 0, 0))
-            if stop.requested:
+            if any_rank(stop.requested):
                 raise TrainingInterrupted(state_path)
     if best[1] is not None:
         model.decoders.load_state_dict(best[1])
         history["selected_meta_epoch"] = history["val_nll"].index(best[0]) + 1
-    calibrate(model, log_density_maps_of(model, features, len(images), cfg.batch_size))
+    calibrate(model, log_density_maps_of(model, features, len(images), batch_size))
     model.eval()
     history["epochs"] = total_epochs
     return history

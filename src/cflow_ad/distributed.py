@@ -1,0 +1,79 @@
+"""Data-parallel training with torch.distributed, as `torchrun` starts it.
+
+`torchrun --nproc-per-node N -m cflow_ad train ...` (or `cflow-ad train --nproc N`) starts N
+copies of the training command; each finds RANK / WORLD_SIZE in its environment and joins one
+process group (gloo on CPUs, nccl on GPUs). Each rank owns a fixed, disjoint shard of the training
+images (DistributedSampler without shuffling, padded to equal sizes, so every rank takes the same
+number of steps), encodes only its shard, and the decoders' gradients are averaged by
+DistributedDataParallel. Everything else that needs the whole training set (the whitening moments,
+the stateless scoring constants, the epoch loss) is summed or maxed across ranks here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data.distributed import DistributedSampler
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group that torchrun's environment describes; (0, 1) when not under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return rank_world()
+
+
+def local_threads(cores: int) -> int:
+    """Threads per rank: the cores shared by the ranks on this node (too many threads collapse throughput)."""
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def shard(n: int) -> tuple[list[int], list[bool]]:
+    """This rank's image indices and, for each, whether it is real (False: padding repeated so that
+    all ranks have the same count). One process: all images, all real."""
+    rank, world = rank_world()
+    if world == 1:
+        return list(range(n)), [True] * n
+    indices = list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False))
+    return indices, [rank + j * world < n for j in range(len(indices))]
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place across ranks (sum, max or min); the tensor itself in one process."""
+    if rank_world()[1] > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any: collective decisions (skip, stop) must agree."""
+    return bool(all_reduce(torch.tensor(float(flag)), "max").item()) if rank_world()[1] > 1 else flag
+
+
+class LogProb(nn.Module):
+    """A decoder's log_prob as `forward`, the call DistributedDataParallel hooks for gradient averaging."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return self.decoder.log_prob(x, c)
+
+
+def decoder_steps(decoders: nn.ModuleList) -> list:
+    """Per decoder, the callable that computes log p with gradients: wrapped in DDP when distributed."""
+    if rank_world()[1] == 1:
+        return [d.log_prob for d in decoders]
+    return [nn.parallel.DistributedDataParallel(LogProb(d)) for d in decoders]
