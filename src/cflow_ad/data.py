@@ -57,6 +57,18 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _denied(p: Path) -> bool:
+    """Whether stat() is refused (a folder on the way without search permission): exists(), is_dir() and
+    is_file() raise PermissionError then, which must become a clear error, not escape."""
+    try:
+        p.stat()
+    except PermissionError:
+        return True
+    except OSError:  # missing, a loop of links: told apart by the callers
+        return False
+    return False
+
+
 def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """Fully decode an image file, or the bytes of one called `name` (an upload), with EXIF
     orientation applied, or explain what is wrong with it. `max_pixels` defaults to MAX_PIXELS."""
@@ -67,7 +79,12 @@ def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixel
             raise CflowInputError(f"cannot read {kind} '{p}': it is empty (0 bytes); send an image file")
     else:
         p = source = Path(path)
+        if _denied(p):
+            raise CflowInputError(f"cannot read {kind} '{p}': permission denied; fix the permissions of its folders")
         if not p.exists():
+            if p.is_symlink():  # exists() follows the link: a missing target or a loop of links
+                raise CflowInputError(f"{kind} file '{p}' is a broken symbolic link (missing target or a loop): "
+                                      "fix or remove it")
             raise CflowInputError(f"{kind} file '{p}' does not exist: check the path")
         if not p.is_file():
             raise CflowInputError(f"{kind} path '{p}' is not a file: pass an image file")
@@ -100,6 +117,14 @@ def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixel
         raise CflowInputError(
             f"cannot read {kind} '{p}': file is truncated or corrupt ({_one_line(exc)}); replace or remove it"
         ) from None
+    except Exception as exc:  # noqa: BLE001
+        # Pillow picks the decoder from the content, not the extension, and its plugins raise more than
+        # the types above on hostile files (tests/test_fuzz.py found TypeError from a TIFF tag of the
+        # wrong type, RuntimeError from a corrupt AVIF, NotImplementedError from a BLP). Only Pillow
+        # runs in this block, so any other exception is still a problem with this one file.
+        raise CflowInputError(
+            f"cannot decode {kind} '{p}': corrupt or unsupported variant ({type(exc).__name__}: {_one_line(exc)}); "
+            "replace or remove it") from None
 
 
 def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
@@ -175,7 +200,8 @@ def _is_hidden(path: Path, base: Path) -> bool:
 def _images_in(folder: Path) -> list[Path]:
     """All image files below a folder, recursive and sorted, hidden entries skipped."""
     return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not _is_hidden(p, folder))
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and (_denied(p) or p.is_file())  # denied: reported on load
+                  and not _is_hidden(p, folder))
 
 
 def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
@@ -185,6 +211,8 @@ def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
     result: list[Path] = []
     for raw in paths:
         p = Path(raw)
+        if _denied(p):
+            raise CflowInputError(f"cannot read '{p}': permission denied; fix the permissions of its folders")
         if p.is_dir():
             found = _images_in(p)
             if not found:
@@ -193,6 +221,8 @@ def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
             result.extend(found)
         elif p.is_file():
             result.append(p)
+        elif p.exists() or p.is_symlink():  # a FIFO or device, or a broken or looping link: don't say "missing"
+            raise CflowInputError(f"path '{p}' is not a regular file or folder: pass image files or folders")
         else:
             raise CflowInputError(f"path '{p}' does not exist: check the spelling")
     return result
