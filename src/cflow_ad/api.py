@@ -29,7 +29,7 @@ from .model import CFlowModel, build_model
 from .report import write_test_artifacts
 from .scoring import anomaly_maps, paper_constants, score_set
 from .stc import is_stc_root, stc_dataset, stc_scenes
-from .thresholds import Thresholds
+from .thresholds import PIXEL_SAMPLE, Thresholds
 from .training import fit, fit_baseline
 from .visualize import overlay_rgb, save_png
 
@@ -116,12 +116,30 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
                          progress: bool = False, source: str = "held-out good images") -> Thresholds:
     """Thresholds from a set's stateless scores: at `target_fpr` on its good images, or F1-optimal
     over its labelled images and masks (`f1=True`)."""
-    maps, scores, masks, labels, _, _ = score_dataset(model.eval(), dataset, "stateless", progress)
+    model.eval()
     if f1:
+        maps, scores, masks, labels, _, _ = score_dataset(model, dataset, "stateless", progress)
         return Thresholds.f1(labels, scores.numpy(), masks.numpy(), maps.numpy())
-    good = torch.tensor(labels) == 0
-    return Thresholds.from_good(scores[good].numpy(), maps[good].numpy(), target_fpr or model.config.target_fpr,
-                                f"{int(good.sum())} {source}", model.config.seed)
+    # Streamed, so memory does not grow with the set: the image scores, and per image a fixed-size
+    # random sample of its map values (all of them while the set has fewer than PIXEL_SAMPLE pixels).
+    per_image = max(1, PIXEL_SAMPLE // max(len(dataset), 1))
+    gen = torch.Generator().manual_seed(model.config.seed)
+    scores, pixels = [], []
+    loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="calibrate", disable=not progress, leave=False):
+            good = batch["label"] == 0
+            if not good.any():
+                continue
+            maps, s = model(batch["image"][good])
+            flat = maps.flatten(1)
+            if flat.shape[1] > per_image:
+                flat = flat[:, torch.randint(flat.shape[1], (per_image,), generator=gen)]
+            scores.append(s)
+            pixels.append(flat)
+    n = sum(len(s) for s in scores)
+    return Thresholds.from_good(torch.cat(scores).numpy() if n else [], torch.cat(pixels).numpy() if n else [],
+                                target_fpr or model.config.target_fpr, f"{n} {source}", model.config.seed)
 
 
 def calibrate(
