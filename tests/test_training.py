@@ -10,6 +10,7 @@ import torch
 from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.config import CFlowConfig
+from cflow_ad.model import CFlowModel
 from cflow_ad.training import fiber_loss, learning_rate, location_chunks
 
 from .conftest import TINY
@@ -92,7 +93,6 @@ def test_location_chunks_use_every_fiber_once_and_every_location_per_step():
 
 
 def test_folded_decoders_follow_training_with_the_fused_optimiser(synthetic_root):
-    from cflow_ad.model import CFlowModel
     from cflow_ad.training import fit
 
     ds = api.open_dataset("train", TINY.image_size, synthetic_root, "synthetic")
@@ -113,3 +113,26 @@ def test_folded_decoders_follow_training_with_the_fused_optimiser(synthetic_root
 
     fit(model, ds, progress=False, log=lambda m: None, on_epoch=on_epoch)
     assert len(seen) == 2 and not torch.allclose(seen[0], seen[1], atol=1e-4)  # epoch 2 moved the folds too
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30], ids=["two-passes", "kept"])
+def test_calibration_constants_streamed_equal_the_whole_set(budget):
+    """The stateless constants from batches (kept, or made twice when over budget) equal those computed
+    on all maps at once; a non-finite image is left out."""
+    from cflow_ad.scoring import score_set
+    from cflow_ad.training import calibrate
+
+    model = CFlowModel(TINY, pretrained=False)
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(5, 16, 16, generator=gen) - 2, torch.randn(5, 8, 8, generator=gen) - 3] for _ in range(4)]
+    batches[1][0][2, 3, 3] = float("nan")
+    calibrate(model, lambda: iter(batches), chunk=3, budget_bytes=budget)
+    whole = [torch.cat([b[k] for b in batches]) for k in range(2)]
+    keep = torch.ones(20, dtype=torch.bool)
+    keep[7] = False
+    whole = [w[keep] for w in whole]
+    refs = torch.stack([w.max() for w in whole])
+    neg, _ = score_set(whole, model.image_size, "stateless", refs, 0.0)
+    assert torch.allclose(model.ref_log_density, refs)
+    assert model.map_offset.item() == pytest.approx(-neg.min().item(), rel=1e-6)
+    assert model.train_max_score.item() == pytest.approx((neg - neg.min()).max().item(), rel=1e-5)

@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -196,20 +196,38 @@ def log_density_maps_of(model: CFlowModel, features: Callable[[torch.Tensor], li
 
 
 @torch.no_grad()
-def calibrate(model: CFlowModel, logs: list[torch.Tensor], chunk: int = 64) -> None:
-    """Fix the stateless constants from the training images' log maps: per-scale max log-density, map offset.
-    Images with a non-finite map (non-finite inputs) are left out."""
-    finite = torch.stack([torch.isfinite(lm).flatten(1).all(1) for lm in logs]).all(0)
-    if not finite.any():
+def calibrate(model: CFlowModel, log_batches: Callable[[], Iterable[list[torch.Tensor]]], chunk: int = 64,
+              budget_bytes: int = 256 << 20) -> None:
+    """Fix the stateless constants from the training images' log maps: per-scale max log-density, then
+    the largest summed probability (the map offset) and the largest training map value (the heat-map
+    scale). `log_batches()` yields each image batch's per-scale log maps. Memory stays bounded however
+    many images there are: the batches are kept between the two passes while they fit in
+    `budget_bytes`, else made again (one more decoder pass). Images with a non-finite map are left out."""
+
+    def finite_batches(batches):
+        for logs in batches:
+            ok = torch.stack([torch.isfinite(lm).flatten(1).all(1) for lm in logs]).all(0)
+            if ok.any():
+                yield [lm[ok] for lm in logs]
+
+    refs = torch.full((len(model.decoders),), -math.inf)
+    kept: list[list[torch.Tensor]] | None = []
+    size = 0
+    for logs in finite_batches(log_batches()):
+        refs = torch.maximum(refs, torch.stack([lm.max() for lm in logs]))
+        size += sum(lm.numel() * lm.element_size() for lm in logs)
+        kept = kept if kept is not None and size <= budget_bytes else None
+        if kept is not None:
+            kept.append(logs)
+    refs = all_reduce(refs, "max")
+    if not torch.isfinite(refs).all():
         raise CflowInputError("the trained model gives no finite likelihood on any training image: it cannot be used")
-    logs = [lm[finite] for lm in logs]
-    model.ref_log_density.copy_(all_reduce(torch.stack([lm.max() for lm in logs]), "max"))
-    # Only the extremes of the summed probability matter, so maps are made a chunk at a time:
-    # all full-size training maps at once would take N x H x W floats (72 GB for STC's frames).
+    model.ref_log_density.copy_(refs)
     high, low = -math.inf, math.inf
-    for i in range(0, logs[0].shape[0], chunk):
-        p = probability_sum([lm[i : i + chunk] for lm in logs], model.ref_log_density, model.image_size)
-        high, low = max(high, p.max().item()), min(low, p.min().item())
+    for logs in kept if kept is not None else finite_batches(log_batches()):
+        for i in range(0, logs[0].shape[0], chunk):  # full-size maps only a chunk at a time
+            p = probability_sum([lm[i : i + chunk] for lm in logs], refs, model.image_size)
+            high, low = max(high, p.max().item()), min(low, p.min().item())
     high = all_reduce(torch.tensor(high), "max").item()
     low = all_reduce(torch.tensor(low), "min").item()
     model.map_offset.fill_(high)  # the largest summed probability seen in training: train maps are >= 0
@@ -415,7 +433,8 @@ def fit(
     if best[1] is not None:
         model.decoders.load_state_dict(best[1])
         history["selected_meta_epoch"] = history["val_nll"].index(best[0]) + 1
-    calibrate(model, log_density_maps_of(model, features, len(images), batch_size))
+    model.eval()
+    calibrate(model, lambda: (model.log_density_maps(features(idx)) for idx in _batches(len(images), batch_size)))
     model.eval()
     history["epochs"] = total_epochs
     return history
