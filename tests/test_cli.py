@@ -12,8 +12,6 @@ import pytest
 from cflow_ad.cli import build_parser, run
 from cflow_ad.config import CFlowConfig
 
-from .conftest import TINY
-
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cflow_ad", *args], capture_output=True, text=True, timeout=600)
@@ -61,6 +59,8 @@ def test_train_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
         (["test", "--model", "missing.safetensors", "--data", ".", "--category", "x", "--output", "o"], "missing.safetensors"),
         (["train", "--data", "no/such/root", "--category", "x", "--output", "o"], "no/such/root"),
         (["train", "--data", ".", "--category", "x", "--output", "o", "--condition-dim", "6"], "condition_dim"),
+        (["train", "--nproc", "2", "--data", ".", "--category", "all", "--output", "o"], "--jobs"),
+        (["train", "--data", ".", "--category", "all", "--output", "o"], "no categories"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args, needle, tmp_path):

@@ -201,6 +201,8 @@ def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.command == "train" and args.nproc > 1:
+        if args.category == "all":
+            raise CflowInputError("--nproc trains one category in several processes: with --category all use --jobs")
         return _torchrun(argv, args.nproc)
     _threads(args.threads)
     from . import api
