@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import CFlowConfig
 from .errors import CflowInputError
+from .report import percent
 
 
 def categories_of(data: str | Path) -> list[str]:
@@ -62,17 +63,12 @@ def _one(config: CFlowConfig, data: str, category: str, output: str, threads: in
     return row
 
 
-def _pct(v) -> str:
-    return "" if v is None else f"{100 * v:.1f}"
-
-
 def summary_markdown(rows: list[dict]) -> str:
     lines = ["| category | status | image AUROC | pixel AUROC | AUPRO | FPR on good | recall | seconds | error |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['category']} | {r['status']} | {_pct(r.get('image_auroc'))} | {_pct(r.get('pixel_auroc'))} | "
-                     f"{_pct(r.get('aupro'))} | {_pct(r.get('image_fpr'))} | {_pct(r.get('image_recall'))} | "
-                     f"{r['train_seconds']} | {r['error']} |")
+        figures = " | ".join(percent(r.get(k)) for k in ("image_auroc", "pixel_auroc", "aupro", "image_fpr", "image_recall"))
+        lines.append(f"| {r['category']} | {r['status']} | {figures} | {r['train_seconds']} | {r['error']} |")
     failed = sum(r["status"] != "ok" for r in rows)
     return "\n".join(lines) + f"\n\n{len(rows) - failed} of {len(rows)} categories trained, {failed} failed.\n"
 
@@ -90,7 +86,7 @@ def train_all(config: CFlowConfig, data: str | Path, output: str | Path, jobs: i
     def done(row: dict) -> None:
         rows.append(row)
         log(f"[{len(rows)}/{len(names)}] {row['category']}: {row['status']}"
-            + (f" ({row['error']})" if row["error"] else f", image AUROC {_pct(row.get('image_auroc')) or 'n/a'}"))
+            + (f" ({row['error']})" if row["error"] else f", image AUROC {percent(row.get('image_auroc'))}"))
 
     if jobs <= 1:
         for a in args:

@@ -78,7 +78,8 @@ def _need(results: Path, name: str) -> Path:
     return path
 
 
-def _pct(v) -> str:
+def percent(v) -> str:
+    """A fraction as a percentage for people, 'n/a' when missing or nan."""
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
@@ -105,9 +106,9 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def _curves_figure(curves: dict, metrics: dict) -> str:
     fig = Figure(figsize=(13.5, 4.2))
-    panels = (("Image ROC", curves["image_roc"], "tpr", f"AUROC {_pct(metrics.get('image_auroc'))}"),
-              ("Pixel ROC", curves["pixel_roc"], "tpr", f"AUROC {_pct(metrics.get('pixel_auroc'))}"),
-              ("PRO curve", curves["pro"], "pro", f"AUPRO {_pct(metrics.get('aupro'))}"))
+    panels = (("Image ROC", curves["image_roc"], "tpr", f"AUROC {percent(metrics.get('image_auroc'))}"),
+              ("Pixel ROC", curves["pixel_roc"], "tpr", f"AUROC {percent(metrics.get('pixel_auroc'))}"),
+              ("PRO curve", curves["pro"], "pro", f"AUPRO {percent(metrics.get('aupro'))}"))
     for ax, (title, c, key, label) in zip(fig.subplots(1, 3), panels):
         ax.set(title=title, xlabel="false-positive rate", ylabel=key.upper(), ylim=(0, 1.02))
         if c["fpr"]:
@@ -177,16 +178,16 @@ def write_report(results: Path, output: Path | None = None) -> Path:
     config_html = "" if not isinstance(config, dict) else "<details><summary>configuration</summary>" + _table(
         ["option", "value"], [[escape(str(k)), escape(str(v))] for k, v in config.items()]) + "</details>"
     per_type = _table(["defect type", "image AUROC", "pixel AUROC"],
-                      [[escape(t), _pct(m.get("image_auroc")), _pct(m.get("pixel_auroc"))]
+                      [[escape(t), percent(m.get("image_auroc")), percent(m.get("pixel_auroc"))]
                        for t, m in metrics.get("per_type", {}).items()])
     thresholds, rates = metrics.get("thresholds"), metrics.get("at_threshold")
     decision = ""
     if thresholds and rates:
         decision = ("<h2>Decision at threshold</h2>"
                     f"<p class=info>set by {escape(str(thresholds.get('source', 'n/a')))}, target false-positive rate "
-                    f"{_pct(thresholds.get('target_fpr'))}; a score or map value above the threshold is a defect</p>"
+                    f"{percent(thresholds.get('target_fpr'))}; a score or map value above the threshold is a defect</p>"
                     + _table(["level", "threshold", "false-positive rate", "recall"],
-                             [[lvl, _num(thresholds.get(lvl)), _pct(rates.get(f"{lvl}_fpr")), _pct(rates.get(f"{lvl}_recall"))]
+                             [[lvl, _num(thresholds.get(lvl)), percent(rates.get(f"{lvl}_fpr")), percent(rates.get(f"{lvl}_recall"))]
                               for lvl in ("image", "pixel")]))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cflow-ad report: {escape(res.name)}</title>
@@ -195,7 +196,7 @@ def write_report(results: Path, output: Path | None = None) -> Path:
 <p class=info>{" · ".join(info)}</p>{config_html}
 <h2>Metrics</h2>
 {_table(["image AUROC", "pixel AUROC", "AUPRO (FPR ≤ 0.3)"],
-        [[_pct(metrics.get("image_auroc")), _pct(metrics.get("pixel_auroc")), _pct(metrics.get("aupro"))]])}
+        [[percent(metrics.get("image_auroc")), percent(metrics.get("pixel_auroc")), percent(metrics.get("aupro"))]])}
 <h3>Per defect type (against all good images)</h3>
 {per_type}
 {decision}
