@@ -138,8 +138,6 @@ class _Features:
         if not keep and not fit_whitening:
             return
         moments = None
-        parts: list[list[torch.Tensor]] = [[] for _ in model.decoders]
-        size = 0
         for idx in tqdm(_batches(len(images), config.batch_size), desc="features", disable=not progress, leave=False):
             feats = model.features(self._images(idx))
             if fit_whitening:
@@ -147,14 +145,13 @@ class _Features:
                 self.dropped += int((~finite & real[idx]).sum())
                 m = [LocationWhitening.moments(f[finite & real[idx]].flatten(2).transpose(1, 2)) for f in feats]
                 moments = m if moments is None else [(a + c, b + d) for (a, b), (c, d) in zip(moments, m)]
+            if keep and self.cache is None:  # filled in place: concatenating batches would need twice the budget
+                per_image = sum(f[0].numel() * f.element_size() for f in feats)
+                keep = per_image * len(images) <= budget_bytes
+                self.cache = [f.new_empty((len(images), *f.shape[1:])) for f in feats] if keep else None
             if keep:
-                size += sum(f.numel() * f.element_size() for f in feats)
-                keep = size <= budget_bytes
-                if keep:
-                    for part, f in zip(parts, feats):
-                        part.append(f)
-                else:
-                    parts = []
+                for c, f in zip(self.cache, feats):
+                    c[idx] = f
         if fit_whitening:
             n_real = int(all_reduce(torch.tensor(int(real.sum())), "sum"))
             self.dropped = int(all_reduce(torch.tensor(self.dropped), "sum"))
@@ -165,10 +162,8 @@ class _Features:
                 raise CflowInputError("every training image gave non-finite features: check the training images")
             for w, (total, outer) in zip(model.whitenings, moments):
                 w.fit_moments(total, outer, n_real - self.dropped, config.whitening_eps)
-        if keep:
-            self.cache = [torch.cat(p) for p in parts]
-            if isinstance(images, _ImageOnly):
-                images.cache.clear()  # never read again: the features stand in for them
+        if keep and isinstance(images, _ImageOnly):
+            images.cache.clear()  # never read again: the features stand in for them
 
     def _images(self, idx: torch.Tensor) -> torch.Tensor:
         return _float_images(self.images, idx)
