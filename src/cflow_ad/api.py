@@ -31,7 +31,7 @@ from .scoring import anomaly_maps, paper_constants, score_set
 from .stc import is_stc_root, stc_dataset, stc_scenes
 from .thresholds import PIXEL_SAMPLE, Thresholds
 from .training import fit, fit_baseline
-from .visualize import overlay_rgb, save_png
+from .visualize import save_png
 
 STATE_FILE = "training_state.pt"  # CFLOW-AD's resumable training state, beside model.safetensors
 
@@ -350,11 +350,11 @@ def predict(
             row = {"path": str(p), **inspector.describe(v), "error": ""}
             if thresholds is None:
                 row.update(image_threshold=None, pixel_threshold=None)
+            heat = inspector.heat(v) if heatmaps or overlays else None  # drawn once for both
             if heatmaps:
-                row["heatmap"] = str(save_png(inspector.heat(v), out / f"{stem}_heatmap.png"))
+                row["heatmap"] = str(save_png(heat, out / f"{stem}_heatmap.png"))
             if overlays:
-                row["overlay"] = str(save_png(inspector.overlay(v) if thresholds else overlay_rgb(v.image, inspector.heat(v)),
-                                              out / f"{stem}_overlay.png"))
+                row["overlay"] = str(save_png(inspector.overlay(v, thresholds, heat), out / f"{stem}_overlay.png"))
             if masks and thresholds is not None:
                 row["mask"] = str(save_png(v.mask(thresholds).astype(np.uint8) * 255, out / f"{stem}_mask.png"))
             rows.append(row)

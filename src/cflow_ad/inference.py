@@ -113,11 +113,12 @@ class Inspector:
     def heat(self, v: Verdict) -> np.ndarray:
         return heat_rgb(v.amap, self.heat_scale)
 
-    def overlay(self, v: Verdict) -> np.ndarray:
-        """Heat map blended over the image, with the defect mask's outline in white."""
-        rgb = overlay_rgb(v.image, self.heat(v))
-        if self.thresholds is not None:
-            rgb[outline(v.mask(self.thresholds))] = 255
+    def overlay(self, v: Verdict, thresholds: Thresholds | None, heat: np.ndarray | None = None) -> np.ndarray:
+        """Heat map (`heat`, when already drawn) blended over the image, with the outline of the defect
+        mask at `thresholds` in white (none without thresholds)."""
+        rgb = overlay_rgb(v.image, self.heat(v) if heat is None else heat)
+        if thresholds is not None:
+            rgb[outline(v.mask(thresholds))] = 255
         return rgb
 
     def mask_image(self, v: Verdict) -> np.ndarray:

@@ -119,8 +119,8 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
         t1 = time.perf_counter()
         verdict = inspector(x[None], [original])[0]
         t2 = time.perf_counter()
-        image = {"overlay": inspector.overlay, "mask": inspector.mask_image, "heatmap": inspector.heat,
-                 "json": None}[output]
+        image = {"overlay": lambda v: inspector.overlay(v, inspector.thresholds), "mask": inspector.mask_image,
+                 "heatmap": inspector.heat, "json": None}[output]
         png = png_bytes(image(verdict)) if image else None
         timing = {"decode_ms": 1e3 * (t1 - t0), "inference_ms": 1e3 * (t2 - t1),
                   "total_ms": 1e3 * (time.perf_counter() - t0)}
