@@ -6,11 +6,15 @@ import pytest
 from scipy import ndimage
 
 from cflow_ad.metrics import (
+    Evaluation,
+    PixelHistograms,
     aupro,
     auroc_per_defect_type,
     evaluate,
     image_auroc,
     pixel_auroc,
+    pro_curve,
+    value_bins,
 )
 
 
@@ -283,3 +287,101 @@ def test_roc_points_are_exact_points_of_sklearns_curve():
     assert all((a, b) in on_curve for a, b in zip(fpr.round(12), tpr.round(12)))
     assert max(np.diff(fpr).max(), np.diff(tpr).max()) < 1.5 / 50  # about 1/per_class; tied scores move together
     assert roc_points([0, 0], [0.1, 0.2])[0].size == 0
+
+
+def test_value_bins_keep_order_are_narrow_and_exact_near_the_centre():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal(20000) * 10 ** rng.uniform(-30, 30, 20000),
+                        [0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, np.finfo(np.float32).max]]).astype(np.float32)
+    near = np.nextafter(np.float32(1.5), np.float32(3), dtype=np.float32) + np.arange(-9000, 9000) * np.float32(2**-23)
+    for centre in (1.5, 0.0, -7.25):
+        values = np.sort(np.concatenate([v, near.astype(np.float32)]))
+        b = value_bins(values, centre)
+        assert np.all(np.diff(b) >= 0)  # sorting bins sorts values
+        assert np.abs(b).max() <= 2**21 + 1  # bounded whatever the values
+        finite = np.isfinite(values)
+        d, fb = np.abs(values[finite].astype(np.float64) - centre), b[finite]
+        for side in (values[finite] > centre, values[finite] < centre):  # neighbours sharing a bin: < 2^-13 of |d| apart
+            same = fb[side][1:] == fb[side][:-1]
+            assert np.all(np.abs(np.diff(d[side]))[same] <= np.maximum(d[side][1:], d[side][:-1])[same] * 2**-13)
+    b = value_bins(near, 1.5)
+    assert np.unique(b).size == near.size  # within 2^13 steps of the centre every value has its own bin
+
+
+def _typed_case(seed=0, n=45, size=48, spread=1.0):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), dtype=bool)
+    types = [("good", "spot", "crack")[i % 3] for i in range(n)]
+    for i, t in enumerate(types):
+        for _ in range(rng.integers(1, 4) if t != "good" else 0):
+            r, c = rng.integers(0, size - 9, size=2)
+            masks[i, r : r + rng.integers(2, 9), c : c + rng.integers(1, 9)] = True
+    smooth = ndimage.gaussian_filter(rng.standard_normal(masks.shape), (0, 3, 3))
+    maps = (spread * (rng.standard_normal(masks.shape) + 1.5 * masks + smooth) - 0.5).astype(np.float32)
+    labels = [int(t != "good") for t in types]
+    return labels, maps.reshape(n, -1).max(1), masks, maps, types
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-3])
+def test_binned_metrics_are_within_bin_width_of_exact(spread):
+    labels, scores, masks, maps, types = _typed_case(spread=spread)
+    h = PixelHistograms()
+    for i in range(0, len(labels), 7):  # batch by batch
+        h.add(masks[i : i + 7], maps[i : i + 7], types[i : i + 7])
+    exact = evaluate(labels, scores, masks, maps, types)
+    # a (defect, normal) pixel pair sharing a bin counts one half: that is the whole difference
+    pos, neg = (np.bincount(value_bins(maps[m], h.centre) - h.lo) for m in (masks, ~masks))
+    n = min(pos.size, neg.size)
+    tied = float(np.sum(pos[:n] * neg[:n].astype(np.float64))) / (masks.sum() * float((~masks).sum()))
+    assert abs(h.pixel_auroc() - exact["pixel_auroc"]) <= 0.5 * tied + 1e-12
+    assert tied < (1e-4 if spread == 1.0 else 1e-2)  # values crowded near -0.5 share bins more often
+    per_type = h.pixel_auroc_per_type()
+    assert set(per_type) == {"spot", "crack"}
+    for t, v in per_type.items():
+        assert v == pytest.approx(exact["per_type"][t]["pixel_auroc"], abs=tied)
+    assert h.aupro() == pytest.approx(exact["aupro"], abs=10 * tied)
+    fpr, tpr = h.roc()
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_binned_metrics_equal_exact_when_values_fall_in_distinct_bins(seed):
+    masks, maps = random_case(seed, tie_decimals=1)  # values 0.0, 0.1, ...: each its own bin
+    h = PixelHistograms()
+    h.add(masks, maps, ["spot"] * len(masks))
+    assert h.pixel_auroc() == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
+    assert h.aupro() == pytest.approx(reference_aupro(masks, maps), abs=1e-12)
+    x, y = h.pro_curve(0.3)
+    xe, ye = pro_curve(masks, maps, 0.3)
+    assert np.allclose(x, xe) and np.allclose(y, ye)  # the same thresholds: the same points
+
+
+def test_evaluation_is_exact_within_its_budget_and_binned_past_it():
+    labels, scores, masks, maps, types = _typed_case()
+    thresholds = (float(np.median(scores)), 1.5)
+    hot = maps > thresholds[1]
+    good = np.array(labels) == 0
+    direct = {"pixel_fpr": hot[good].sum() / masks[good].size, "pixel_recall": (hot & masks).sum() / masks.sum(),
+              "image_fpr": np.mean(scores[good] > thresholds[0]), "image_recall": np.mean(scores[~good] > thresholds[0])}
+    per_batch = masks[:9].nbytes + maps[:9].nbytes
+    results = {}
+    for budget in (10**12, 0, 2 * per_batch):  # all kept, none kept, two batches kept then binned
+        ev = Evaluation(budget, thresholds)
+        for i in range(0, len(labels), 9):
+            ev.add(labels[i : i + 9], scores[i : i + 9], masks[i : i + 9], maps[i : i + 9], types[i : i + 9])
+        results[budget] = ev.result()
+        for key, value in direct.items():
+            assert results[budget]["at_threshold"][key] == pytest.approx(value), (budget, key)
+        curves = ev.curves()
+        assert set(curves) == {"image_roc", "pixel_roc", "pro"} and curves["pro"]["fpr"][-1] == pytest.approx(0.3)
+    exact = evaluate(labels, scores, masks, maps, types)
+    assert results[10**12]["pixel_metrics"] == "exact"
+    assert {k: results[10**12][k] for k in exact} == exact
+    for budget in (0, 2 * per_batch):
+        assert results[budget]["pixel_metrics"].startswith("binned")
+        assert results[budget]["image_auroc"] == exact["image_auroc"]  # one score an image: always exact
+        assert results[budget]["pixel_auroc"] == pytest.approx(exact["pixel_auroc"], abs=1e-4)
+        assert results[budget]["aupro"] == pytest.approx(exact["aupro"], abs=1e-4)
+    # switching to bins part-way counts the kept batches too: the same figures as binning from the start
+    assert results[2 * per_batch]["pixel_auroc"] == results[0]["pixel_auroc"]
+    assert results[2 * per_batch]["per_type"] == results[0]["per_type"]

@@ -199,7 +199,31 @@ def test_train_and_test_one_scene(stc_root, tmp_path):
     ckpt = api.train(TINY.replace(epochs=1, sub_epochs=1), tmp_path / "m", data=stc_root, category="01",
                      progress=False, log=lambda m: None)
     metrics = api.test(ckpt, tmp_path / "t", data=stc_root, category="01", progress=False)
-    assert metrics["images"] == 12
+    assert metrics["images"] == 12 and metrics["pixel_metrics"] == "exact"
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert math.isfinite(metrics[key]), key
     assert set(metrics["per_type"]) >= {"anomalous"}
+
+    # no room for maps: the same set evaluated from histograms, the same scores and cases
+    binned = api.test(ckpt, tmp_path / "b", data=stc_root, category="01", progress=False, memory_mb=0)
+    assert binned["pixel_metrics"].startswith("binned")
+    assert binned["image_auroc"] == metrics["image_auroc"]
+    for key in ("pixel_auroc", "aupro"):
+        assert binned[key] == pytest.approx(metrics[key], abs=1e-3), key
+    for name in ("scores.csv", "cases/cases.json"):
+        assert (tmp_path / "b" / name).read_text() == (tmp_path / "t" / name).read_text()
+
+    # every 2nd frame of each video, from the command line
+    from cflow_ad.cli import run
+
+    assert run(["--quiet", "test", "--model", str(ckpt), "--data", str(stc_root), "--category", "01",
+                "--frame-step", "2", "--output", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "scores.csv").read_text().count("\n") == 1 + 6
+
+
+def test_frame_step_needs_an_stc_root(stc_root, tmp_path):
+    assert len(api.open_dataset("train", 32, stc_root, "01", frame_step=3)) == len(api.open_dataset("train", 32, stc_root, "01")) // 3
+    for bad in (0, -1):
+        assert "--frame-step" in _error(api.open_dataset, "train", 32, stc_root, "01", frame_step=bad)
+    (tmp_path / "good").mkdir()
+    assert "STC root" in _error(api.open_dataset, "train", 32, None, None, tmp_path / "good", frame_step=2)

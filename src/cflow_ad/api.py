@@ -24,10 +24,10 @@ from .config import CFlowConfig
 from .errors import CflowInputError
 from .export import export_onnx
 from .inference import Inspector, as_model, exportable
-from .metrics import evaluate
+from .metrics import Evaluation
 from .model import CFlowModel, build_model
-from .report import write_test_artifacts
-from .scoring import anomaly_maps, paper_constants, score_set
+from .report import FPR_LIMIT, WorstCases, write_test_artifacts
+from .scoring import anomaly_maps, paper_constants
 from .stc import is_stc_root, stc_dataset, stc_scenes
 from .thresholds import PIXEL_SAMPLE, Thresholds
 from .training import fit, fit_baseline
@@ -44,14 +44,20 @@ def open_dataset(
     normal_dir: str | Path | None = None,
     abnormal_dir: str | Path | None = None,
     mask_dir: str | Path | None = None,
+    frame_step: int = 1,
 ) -> D.AnomalyDataset:
     """An MVTec-layout split (data + category), an STC video-frame split (data with training/frames/,
-    category = scene) or a plain folder layout (normal/abnormal/mask dirs)."""
+    category = scene; every `frame_step`-th frame) or a plain folder layout (normal/abnormal/mask dirs)."""
+    if frame_step < 1:
+        raise CflowInputError(f"--frame-step must be >= 1, got {frame_step}")
+    stc = data is not None and is_stc_root(data)
+    if frame_step > 1 and not stc:
+        raise CflowInputError("--frame-step picks frames of videos: it needs --data with an STC root (training/frames/)")
     if data is not None:
-        if is_stc_root(data):
+        if stc:
             if not category:
                 raise CflowInputError(f"no scene given for '{data}': pass --category, one of {', '.join(stc_scenes(data))}")
-            return stc_dataset(data, category, split, size)
+            return stc_dataset(data, category, split, size, frame_step)
         if not category:
             raise CflowInputError(f"no category given for '{data}': pass --category (one of the folders under it)")
         return D.mvtec_dataset(data, category, split, size)
@@ -69,6 +75,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     resume: bool = False,
+    frame_step: int = 1,
 ) -> Path:
     """Train on defect-free images and write `output/model.safetensors`; returns its path.
     `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE). CFLOW-AD's training state is kept
@@ -84,7 +91,7 @@ def train(
     if resume and final.is_file() and not state.is_file():
         log(f"nothing to resume: training already finished ({final})")
         return final
-    dataset = open_dataset("train", config.image_size, data, category, normal_dir)
+    dataset = open_dataset("train", config.image_size, data, category, normal_dir, frame_step=frame_step)
     held_out = None
     if config.calibration_fraction > 0:
         dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
@@ -153,13 +160,15 @@ def calibrate(
     target_fpr: float | None = None,
     f1: bool = False,
     progress: bool = True,
+    frame_step: int = 1,
 ) -> Thresholds:
     """Set a checkpoint's thresholds on new images and write it to `output` (default: in place).
     Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
     with `f1` the set must hold defect images with masks (its test split, or the folders)."""
     path = Path(model) if isinstance(model, (str, Path)) else None
     model = as_model(model).eval()
-    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir)
+    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir,
+                           frame_step)
     model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress,
                                             f"good images of {Path(data) / category if data else normal_dir}")
     target = output or path
@@ -175,35 +184,40 @@ def _paper_only_for_cflow(model) -> None:
             "paper normalisation needs CFLOW's per-scale maps: use a cflow .safetensors checkpoint with --runtime torch")
 
 
-@torch.no_grad()
-def _run_set(model, dataset, outputs: Callable[[torch.Tensor], Sequence[torch.Tensor]], progress: bool, desc: str):
-    """`outputs(images)` over a whole dataset, concatenated, plus its masks/labels/types/paths."""
+def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
+    """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, labels, defect types,
+    paths) per batch of a labelled set. Stateless scoring keeps nothing between batches; paper
+    normalisation needs the set's constants first, so it keeps the small per-scale log maps (about
+    21 KB an image at 256 px) and the masks, then makes the maps a batch at a time."""
     loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
-    parts: list[list[torch.Tensor]] = []
-    masks, labels, types, paths = [], [], [], []
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        for k, out in enumerate(outputs(batch["image"])):
-            if k == len(parts):
-                parts.append([])
-            parts[k].append(out)
-        masks.append(batch["mask"][:, 0] > 0.5)
-        labels += [int(v) for v in batch["label"]]
-        types += list(batch["defect_type"])
-        paths += list(batch["path"])
-    return [torch.cat(p) for p in parts], torch.cat(masks), labels, types, paths
+
+    def meta(batch):
+        return batch["mask"][:, 0] > 0.5, [int(v) for v in batch["label"]], list(batch["defect_type"]), list(batch["path"])
+
+    batches = tqdm(loader, desc="test", disable=not progress, leave=False)
+    with torch.no_grad():
+        if mode != "paper":
+            for batch in batches:
+                yield (*model(batch["image"]), *meta(batch))
+            return
+        _paper_only_for_cflow(model)
+        logs, metas = [], []
+        for batch in batches:
+            logs.append(model.log_density_maps(model.features(batch["image"])))
+            metas.append(meta(batch))
+        refs, offset = paper_constants([torch.cat(p) for p in zip(*logs)], model.image_size)
+        for lg, m in zip(logs, metas):
+            yield (*anomaly_maps(lg, refs, offset, model.image_size), *m)
 
 
 def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
-    """(anomaly maps [N, H, W], scores [N], masks [N, H, W], labels, defect types, paths) of a labelled set."""
-    if isinstance(model, CFlowModel):
-        logs, masks, labels, types, paths = _run_set(
-            model, dataset, lambda x: model.log_density_maps(model.features(x)), progress, "test")
-        maps, scores = score_set(logs, model.image_size, mode, model.ref_log_density, model.map_offset)
-    else:
-        if mode == "paper":
-            _paper_only_for_cflow(model)
-        (maps, scores), masks, labels, types, paths = _run_set(model, dataset, model, progress, "test")
-    return maps, scores, masks, labels, types, paths
+    """(anomaly maps [N, H, W], scores [N], masks [N, H, W], labels, defect types, paths) of a whole
+    labelled set, held in memory: for the figures and F1 calibration of modest sets."""
+    parts = list(zip(*scored_batches(model, dataset, mode, progress)))
+    if not parts:
+        raise CflowInputError("the test set is empty")
+    return (torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]),
+            *([v for b in p for v in b] for p in parts[3:]))
 
 
 def test(
@@ -216,22 +230,35 @@ def test(
     mask_dir: str | Path | None = None,
     normalization: str | None = None,
     progress: bool = True,
+    frame_step: int = 1,
+    memory_mb: int | None = None,
 ) -> dict:
     """Score a labelled test set; writes metrics.json and scores.csv to `output` when given. With
-    calibrated thresholds, metrics also give the false-positive rate and recall they reach."""
+    calibrated thresholds, metrics also give the false-positive rate and recall they reach. Memory
+    is bounded: pixel metrics are exact while the set's maps and masks fit in an eighth of
+    `memory_mb` (default: the config's), else binned (metrics.json says which)."""
     model_path = model if isinstance(model, (str, Path)) else None
     model = as_model(model).eval()
     mode = normalization or model.config.normalization
-    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir)
-    t0 = time.perf_counter()
-    maps, scores, masks, labels, types, paths = score_dataset(model, dataset, mode, progress)
-    seconds = time.perf_counter() - t0
-    metrics = evaluate(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
-    metrics.update(normalization=mode, images=len(labels), seconds=round(seconds, 2),
-                   model=str(model_path) if model_path else None)
+    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir,
+                           frame_step)
     thresholds = getattr(model, "thresholds", None) if mode == "stateless" else None
+    evaluation = Evaluation((model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8,
+                            None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT)
+    cases = WorstCases()
+    paths = []
+    t0 = time.perf_counter()
+    for maps, scores, masks, labels, types, batch_paths in scored_batches(model, dataset, mode, progress):
+        evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
+        if output is not None:
+            cases.add(maps, scores, masks, labels, types, batch_paths)
+        paths += batch_paths
+    seconds = time.perf_counter() - t0
+    metrics = evaluation.result()
+    metrics.update(normalization=mode, images=len(paths), seconds=round(seconds, 2),
+                   model=str(model_path) if model_path else None)
     if thresholds is not None:
-        metrics.update(thresholds=thresholds.summary(), at_threshold=rates_at(thresholds, labels, scores, masks, maps))
+        metrics["thresholds"] = thresholds.summary()
     if output is not None:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
@@ -240,29 +267,10 @@ def test(
             w = csv.writer(f)
             w.writerow(["path", "defect_type", "label", "score", "verdict"])
             w.writerows([p, t, lab, f"{s:.6f}", "" if thresholds is None else ("defect" if s > thresholds.image else "ok")]
-                        for p, t, lab, s in zip(paths, types, labels, scores.tolist()))
-        write_test_artifacts(out, maps, scores, masks, labels, types, paths, model.config.image_size,
+                        for p, t, lab, s in zip(paths, evaluation.types, evaluation.labels, evaluation.scores))
+        write_test_artifacts(out, evaluation.curves(), cases, model.config.image_size,
                              2 * float(model.train_max_score), metrics.get("thresholds", {}).get("image"))
     return metrics
-
-
-def rates_at(thresholds: Thresholds, labels, scores: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor) -> dict:
-    """What the thresholds do on a labelled set, in the terms they were calibrated in: the share of good
-    images (of their pixels) flagged, and the share of defective images (of defect pixels) found."""
-    bad = torch.tensor(labels, dtype=torch.bool)
-    flagged = scores > thresholds.image
-    rates = {"good_images": int((~bad).sum()), "defect_images": int(bad.sum()),
-             "image_fpr": float(flagged[~bad].float().mean()) if (~bad).any() else None,
-             "image_recall": float(flagged[bad].float().mean()) if bad.any() else None}
-    hot_good = hot_defect = n_defect = 0
-    for i in range(0, len(maps), 64):  # chunks: a whole set's boolean maps can be large
-        hot, m = maps[i : i + 64] > thresholds.pixel, masks[i : i + 64]
-        hot_good += int(hot[~bad[i : i + 64]].sum())
-        hot_defect += int((hot & m).sum())
-        n_defect += int(m.sum())
-    n_good = int((~bad).sum()) * maps[0].numel()
-    rates.update(pixel_fpr=hot_good / n_good if n_good else None, pixel_recall=hot_defect / n_defect if n_defect else None)
-    return rates
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:

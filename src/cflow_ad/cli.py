@@ -42,6 +42,7 @@ def _add_data_flags(parser: argparse.ArgumentParser, test: bool) -> None:
     if test:
         g.add_argument("--abnormal-dir", type=Path, help="folder of defective images (with --normal-dir)")
         g.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir: <stem>.png or <stem>_mask.png")
+    g.add_argument("--frame-step", type=int, default=1, help="STC roots: use every N-th frame of each video")
 
 
 def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(e, test=True)
     e.add_argument("--output", type=Path, required=True, help="folder for metrics.json and scores.csv")
     e.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
+    e.add_argument("--memory-mb", type=int, help="override the checkpoint's memory_mb: exact pixel metrics while the"
+                   " maps fit in an eighth of it, else binned")
 
     rp = sub.add_parser("report", help="self-contained HTML report of a 'cflow-ad test' output folder")
     rp.add_argument("--results", type=Path, required=True, help="folder written by 'cflow-ad test --output'")
@@ -216,11 +219,11 @@ def run(argv: list[str] | None = None) -> int:
             import torch
 
             rows = train_all(config, args.data, args.output, args.jobs, torch.get_num_threads(), args.resume,
-                             log=lambda m: print(m, file=sys.stderr))
+                             log=lambda m: print(m, file=sys.stderr), frame_step=args.frame_step)
             print(summary_markdown(rows), end="")
             return 1 if any(r["status"] != "ok" for r in rows) else 0
         path = api.train(config, args.output, args.data, args.category, args.normal_dir, progress=progress,
-                         resume=args.resume)
+                         resume=args.resume, frame_step=args.frame_step)
         from .distributed import rank_world
 
         if rank_world()[0] == 0:
@@ -228,7 +231,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "test":
         metrics = api.test(
             args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir, args.mask_dir,
-            normalization=args.normalization, progress=progress,
+            normalization=args.normalization, progress=progress, frame_step=args.frame_step, memory_mb=args.memory_mb,
         )
         _print_metrics(metrics)
         print(args.output / "metrics.json")
@@ -246,7 +249,8 @@ def run(argv: list[str] | None = None) -> int:
         print(f"-> {args.output}")
     elif args.command == "calibrate":
         t = api.calibrate(args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir,
-                          args.mask_dir, target_fpr=args.target_fpr, f1=args.f1, progress=progress)
+                          args.mask_dir, target_fpr=args.target_fpr, f1=args.f1, progress=progress,
+                          frame_step=args.frame_step)
         print(f"image threshold {t.image:.6g}, pixel threshold {t.pixel:.6g} ({t.source}) -> {args.output or args.model}")
     elif args.command == "serve":
         from .serve import Limits, serve

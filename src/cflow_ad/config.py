@@ -90,6 +90,11 @@ class CFlowConfig:
         " pixel decision thresholds at --target-fpr; 0 trains on all and leaves thresholds to 'cflow-ad calibrate'."
     )
     target_fpr: float = _opt(0.01, "False-positive rate on defect-free images that the calibrated thresholds aim at.")
+    memory_mb: int = _opt(
+        6144, "RAM (MB) for data held across a set: training caches decoded images in a third and encoder features in"
+        " two thirds, and test keeps maps for exact pixel metrics in an eighth (sorting them takes ~5x that). Past it"
+        " training decodes and encodes again each pass and test bins the map values: memory stays bounded."
+    )
     seed: int = _opt(0, "Random seed: the same seed gives the same model and metrics.")
     # scoring (Eq. 8)
     normalization: str = _opt(
@@ -128,6 +133,8 @@ class CFlowConfig:
             bad(f"val_fraction and calibration_fraction must be in [0, 1), got {self.val_fraction}, {self.calibration_fraction}")
         if self.val_fraction + self.calibration_fraction >= 0.9:
             bad("val_fraction + calibration_fraction must leave at least 10% of the images to train on")
+        if self.memory_mb < 0:
+            bad(f"memory_mb must be >= 0, got {self.memory_mb}")
         if not 0.0 < self.target_fpr < 1.0:
             bad(f"target_fpr must be in (0, 1), got {self.target_fpr}")
 

@@ -61,10 +61,10 @@ def ablation_variants(base: CFlowConfig) -> dict[str, dict]:
 # are the same run. Experiments follow the paper and train on every training image, so the
 # calibration hold-out is always 0 here (thresholds play no part in the paper's metrics).
 _UNUSED = {
-    "cflow": {"padim_channels", "knn_images", "blur_sigma", "calibration_fraction", "target_fpr"},
+    "cflow": {"padim_channels", "knn_images", "blur_sigma", "calibration_fraction", "target_fpr", "memory_mb"},
     "baseline": {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "permutation", "whitening",
                  "whitening_eps", "epochs", "sub_epochs", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
-                 "val_fraction", "normalization", "calibration_fraction", "target_fpr"},
+                 "val_fraction", "normalization", "calibration_fraction", "target_fpr", "memory_mb"},
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import heapq
 import io
 import json
 import math
@@ -22,51 +23,54 @@ from matplotlib.figure import Figure
 
 from .data import load_image
 from .errors import CflowInputError
-from .metrics import pro_curve, roc_points
 from .visualize import heat_rgb, outline, overlay_rgb, save_png
 
 FPR_LIMIT = 0.3
 GT_OUTLINE = np.array([0, 255, 0], dtype=np.uint8)  # green: white marks predicted defects in predict's overlays
 
 
-def _thin(x: np.ndarray, y: np.ndarray, steps: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """Exact points of a non-decreasing curve, about 2 * steps at most: the first point of each of
-    `steps` equal steps in x and in y, and the last one. Millions of points plot the same line."""
-    if x.size == 0:
-        return x, y
-    bx, by = (np.floor(v / max(v[-1], 1e-12) * steps) for v in (x, y))
-    keep = np.r_[True, (bx[1:] != bx[:-1]) | (by[1:] != by[:-1])]
-    keep[-1] = True
-    return x[keep], y[keep]
+class WorstCases:
+    """The `k` highest-scored good images (false positives first) and the `k` lowest-scored defect
+    images of a set seen batch by batch, each with its map and mask: the cases a report shows,
+    kept without keeping the set."""
+
+    def __init__(self, k: int = 4):
+        self.k = k
+        self.fp: list[tuple] = []  # heaps of (key, order, row): the root is the case to drop first
+        self.fn: list[tuple] = []
+        self.seen = 0
+
+    def add(self, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor, labels, types, paths) -> None:
+        for i, s in enumerate(scores.tolist()):
+            heap, key = (self.fp, s) if int(labels[i]) == 0 else (self.fn, -s)
+            row = (maps[i].clone(), masks[i].clone(), int(labels[i]), str(types[i]), str(paths[i]), s)
+            item = (key, -self.seen, row)  # equal scores: the earlier image stays, as a stable sort keeps it
+            self.seen += 1
+            if len(heap) < self.k:
+                heapq.heappush(heap, item)
+            elif item[:2] > heap[0][:2]:
+                heapq.heapreplace(heap, item)
+
+    def worst(self, kind: str) -> list[tuple]:
+        """Rows (map, mask, label, type, path, score), worst first; kind 'fp' or 'fn'."""
+        return [row for *_, row in sorted(self.fp if kind == "fp" else self.fn, key=lambda t: t[:2], reverse=True)]
 
 
-def write_test_artifacts(output: Path, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor,
-                         labels: list[int], types: list[str], paths: list[str], image_size: int, heat_scale: float,
-                         image_threshold: float | None, cases: int = 4) -> None:
-    """curves.json and cases/ (overlays of the `cases` highest-scored good and lowest-scored defect images)."""
+def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_size: int, heat_scale: float,
+                         image_threshold: float | None) -> None:
+    """curves.json (from `metrics.Evaluation.curves`) and cases/ (overlays of the worst cases)."""
     out = Path(output)
-    gt, amaps = masks.numpy(), maps.numpy()
-    curves = {}
-    for name, (x, y) in (("image_roc", roc_points(labels, scores.numpy())), ("pixel_roc", roc_points(gt, amaps))):
-        curves[name] = {"fpr": x.tolist(), "tpr": y.tolist()}
-    fpr, pro = _thin(*pro_curve(gt, amaps, FPR_LIMIT))
-    curves["pro"] = {"fpr": fpr.tolist(), "pro": pro.tolist(), "fpr_limit": FPR_LIMIT}
     (out / "curves.json").write_text(json.dumps(curves) + "\n")
-
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    s = scores.tolist()
-    worst = (("false positive", "fp", sorted((i for i, lab in enumerate(labels) if lab == 0), key=lambda i: -s[i])),
-             ("false negative", "fn", sorted((i for i, lab in enumerate(labels) if lab != 0), key=lambda i: s[i])))
     rows = []
-    for kind, tag, chosen in worst:
-        for rank, i in enumerate(chosen[:cases], 1):
-            rgb = overlay_rgb(load_image(paths[i], image_size), heat_rgb(maps[i], heat_scale))
-            rgb[outline(gt[i])] = GT_OUTLINE
+    for kind, tag in (("false positive", "fp"), ("false negative", "fn")):
+        for rank, (amap, mask, label, dtype, path, score) in enumerate(cases.worst(tag), 1):
+            rgb = overlay_rgb(load_image(path, image_size), heat_rgb(amap, heat_scale))
+            rgb[outline(mask.numpy())] = GT_OUTLINE
             name = f"{tag}{rank}.png"
             save_png(rgb, out / "cases" / name)
-            flagged = None if image_threshold is None else s[i] > image_threshold  # api.test's verdict rule
-            rows.append({"file": name, "path": str(paths[i]), "defect_type": types[i], "label": int(labels[i]),
-                         "score": s[i], "kind": kind,
+            flagged = None if image_threshold is None else score > image_threshold  # api.test's verdict rule
+            rows.append({"file": name, "path": path, "defect_type": dtype, "label": label, "score": score, "kind": kind,
                          "wrong": None if flagged is None else flagged == (kind == "false positive")})
     (out / "cases" / "cases.json").write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -44,7 +44,7 @@ class _ImageOnly(Dataset):
     with non-finite values is remembered in `nonfinite` (uint8 cannot hold NaN, and a silent cast
     would train on garbage), and comes back as NaN from `_float_images`."""
 
-    def __init__(self, dataset: Dataset, budget_bytes: int = 2 << 30):
+    def __init__(self, dataset: Dataset, budget_bytes: int):
         self.dataset, self.budget, self.cache, self.nonfinite = dataset, budget_bytes, {}, set()
 
     def __len__(self) -> int:
@@ -127,13 +127,13 @@ class _Features:
     """
 
     def __init__(self, model: CFlowModel, images: Dataset, config: CFlowConfig, fit_whitening: bool,
-                 progress: bool = False, budget_bytes: int = 4 << 30, log: Callable[[str], None] = print,
+                 progress: bool = False, budget_bytes: int = 0, log: Callable[[str], None] = print,
                  real: torch.Tensor | None = None):
         self.model, self.images, self.config = model, images, config
         self.cache: list[torch.Tensor] | None = None
         self.dropped = 0  # images with non-finite features, left out of the whitening fit
         real = torch.ones(len(images), dtype=torch.bool) if real is None else real  # False: a rank's padding
-        keep = config.rotation <= 0
+        keep = config.rotation <= 0 and budget_bytes > 0
         fit_whitening = fit_whitening and model.whitenings is not None
         if not keep and not fit_whitening:
             return
@@ -312,10 +312,13 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     rank, world = rank_world()
     mine, real = shard(len(train_set))  # all images in one process
-    images = _ImageOnly(train_set if world == 1 else Subset(train_set, mine))
-    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, log=log, real=torch.tensor(real))
+    budget = cfg.memory_mb * 2**20
+    images = _ImageOnly(train_set if world == 1 else Subset(train_set, mine), budget // 3)
+    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, budget_bytes=budget * 2 // 3, log=log,
+                         real=torch.tensor(real))
     batch_size, fiber_batch = max(1, cfg.batch_size // world), max(1, cfg.fiber_batch // world)  # the same global batch
-    val = _Features(model, _ImageOnly(val_set), cfg.replace(rotation=0.0), False) if val_set else None
+    # validation runs once a meta-epoch: its images are decoded and encoded again rather than cached
+    val = _Features(model, _ImageOnly(val_set, 0), cfg.replace(rotation=0.0), False, budget_bytes=0) if val_set else None
     params = [p for p in model.decoders.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # one kernel per step: a third of a step unfused
     total_epochs = cfg.epochs * cfg.sub_epochs
