@@ -385,3 +385,25 @@ def test_evaluation_is_exact_within_its_budget_and_binned_past_it():
     # switching to bins part-way counts the kept batches too: the same figures as binning from the start
     assert results[2 * per_batch]["pixel_auroc"] == results[0]["pixel_auroc"]
     assert results[2 * per_batch]["per_type"] == results[0]["per_type"]
+
+
+def test_bins_centred_on_the_maps_upper_bound_resolve_values_piled_up_there():
+    """A flow's stateless map is offset - (sum of probabilities): strongly anomalous pixels all sit just
+    below the offset. Centred there, the bins separate them; centred lower, they would tie."""
+    rng = np.random.default_rng(1)
+    offset = np.float32(2.6)
+    masks = np.zeros((8, 32, 32), dtype=bool)
+    masks[4:, 8:20, 8:20] = True  # the first batch (images 0-3) is defect-free
+    near_top = masks | ((np.arange(8) >= 4)[:, None, None] & (rng.random(masks.shape) < 0.1))  # defects, and some normal pixels
+    gap = np.where(near_top, rng.uniform(0, 3e-4, masks.shape), rng.uniform(0.5, 2.0, masks.shape))
+    maps = (offset - gap).astype(np.float32)
+    types = ["good"] * 4 + ["spot"] * 4
+    exact = pixel_auroc(masks, maps)
+    results = {}
+    for centre in (float(offset), None):
+        h = PixelHistograms(centre)
+        for i in range(0, 8, 4):
+            h.add(masks[i : i + 4], maps[i : i + 4], types[i : i + 4])
+        results[centre] = h.pixel_auroc()
+    assert results[float(offset)] == pytest.approx(exact, abs=1e-9)
+    assert abs(results[None] - exact) > 1e-6  # the first batch's maximum is far from the pile

@@ -145,7 +145,8 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
             scores.append(s)
             pixels.append(flat)
     n = sum(len(s) for s in scores)
-    return Thresholds.from_good(torch.cat(scores).numpy() if n else [], torch.cat(pixels).numpy() if n else [],
+    pixels = torch.cat(pixels).numpy() if n else []  # the parts are freed: at most twice the sample in memory
+    return Thresholds.from_good(torch.cat(scores).numpy() if n else [], pixels,
                                 target_fpr or model.config.target_fpr, f"{n} {source}", model.config.seed)
 
 
@@ -187,8 +188,8 @@ def _paper_only_for_cflow(model) -> None:
 def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
     """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, labels, defect types,
     paths) per batch of a labelled set. Stateless scoring keeps nothing between batches; paper
-    normalisation needs the set's constants first, so it keeps the small per-scale log maps (about
-    21 KB an image at 256 px) and the masks, then makes the maps a batch at a time."""
+    normalisation needs the set's constants first, so it keeps the per-scale log maps and the masks
+    (5 + 64 KB an image at 256 px), then makes the maps a batch at a time."""
     loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
 
     def meta(batch):
@@ -244,7 +245,8 @@ def test(
                            frame_step)
     thresholds = getattr(model, "thresholds", None) if mode == "stateless" else None
     evaluation = Evaluation((model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8,
-                            None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT)
+                            None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT,
+                            float(model.map_offset) if isinstance(model, CFlowModel) and mode == "stateless" else None)
     cases = WorstCases()
     paths = []
     t0 = time.perf_counter()

@@ -92,7 +92,7 @@ class CFlowConfig:
     target_fpr: float = _opt(0.01, "False-positive rate on defect-free images that the calibrated thresholds aim at.")
     memory_mb: int = _opt(
         6144, "RAM (MB) for data held across a set: training caches decoded images in a third and encoder features in"
-        " two thirds, and test keeps maps for exact pixel metrics in an eighth (sorting them takes ~5x that). Past it"
+        " two thirds, and test keeps maps for exact pixel metrics in an eighth (sorting them takes ~6x that). Past it"
         " training decodes and encodes again each pass and test bins the map values: memory stays bounded."
     )
     seed: int = _opt(0, "Random seed: the same seed gives the same model and metrics.")

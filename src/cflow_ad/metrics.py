@@ -271,12 +271,14 @@ def evaluate(
 # tens of thousands of frames) is instead counted into histograms of the map values. A value's bin
 # comes from its difference d to a centre value: d = 0 is a bin of its own, and |d| is binned on
 # its float32 bit pattern with 13 mantissa bits, so a bin is at most 2^-13 of |d| wide and values
-# within 2^13 float32 steps of the centre each get their own. The centre is the highest value of
-# the first batch: a flow's map piles up there, as every pixel whose likelihood underflows sits
-# at the map's offset. Only the range of bins seen is stored: 352k bins (2.8 MB a histogram) on
-# magnetic_tile's test maps, 2^21 at most whatever the values. Pixels sharing a bin count as ties,
-# the only difference from the exact figures: 5e-9 pixel AUROC and 7e-8 AUPRO on magnetic_tile,
-# where binning took 1.2 s against 45 s for the exact sort.
+# within 2^13 float32 steps of the centre each get their own. The centre should be where values
+# pile up: for a flow's stateless maps that is their upper bound, the map offset, where every
+# strongly anomalous pixel sits (its probability has underflowed to 0); without one it is the
+# highest value of the first batch. Only the range of bins seen is stored: 199k bins (1.6 MB a
+# histogram) on magnetic_tile's test maps, 2^22 (32 MB) at most whatever the values. Pixels
+# sharing a bin count as ties, the only difference from the exact figures: 3e-9 pixel AUROC and
+# 6e-8 AUPRO on magnetic_tile, where binning took 1.2 s against 45 s for the exact sort. Centred
+# on the first batch's maximum instead, synthetic STC maps lost 2e-5 pixel AUROC to ties at the top.
 _MANTISSA = 13
 BINNED = f"binned: map values in bins 2^-{_MANTISSA} of their distance to a centre wide"
 
@@ -302,8 +304,8 @@ class PixelHistograms:
     weighs 1 / (size of its 8-connected region), so that a bin's cumulative sum is the summed
     per-region overlap. Only the range of bins seen is stored."""
 
-    def __init__(self) -> None:
-        self.centre: np.float32 | None = None  # the first batch's highest value
+    def __init__(self, centre: float | None = None) -> None:
+        self.centre = None if centre is None else np.float32(centre)  # None: the first batch's highest value
         self.lo = 0  # bin number of index 0 in every array
         self.counts: dict[tuple[str, bool], np.ndarray] = {}  # (defect type, defect pixel?) -> counts per bin
         self.pro = np.zeros(0)
@@ -342,9 +344,11 @@ class PixelHistograms:
             weight = 1.0 / np.bincount(regions.ravel(), minlength=n + 1)[1:]
             self.pro += np.bincount(bins[gt] - self.lo, weights=weight[regions[gt] - 1], minlength=self.pro.size)
             self.regions += n
-        for i, t in enumerate(defect_types):
-            self._add((str(t), False), bins[i][~gt[i]])
-            self._add((str(t), True), bins[i][gt[i]])
+        types = np.asarray([str(t) for t in defect_types])
+        for t in np.unique(types):
+            chosen = types == t
+            self._add((str(t), False), bins[chosen][~gt[chosen]])
+            self._add((str(t), True), bins[chosen][gt[chosen]])
 
     def _sum(self, defect: bool, types: set[str] | None = None) -> np.ndarray:
         parts = [v for (t, d), v in self.counts.items() if d == defect and (types is None or t in types)]
@@ -401,10 +405,12 @@ class Evaluation:
     while they and their masks take at most `budget_bytes`; past that they are counted into
     `PixelHistograms` and dropped, so memory stays bounded however many images there are (the
     result's "pixel_metrics" says which). Image metrics are always exact: one score per image.
-    With `thresholds` (image, pixel) it also counts what they flag (`at_threshold`)."""
+    With `thresholds` (image, pixel) it also counts what they flag (`at_threshold`). `centre` is
+    where the histograms' bins are finest (see `value_bins`): the maps' upper bound if known."""
 
-    def __init__(self, budget_bytes: int, thresholds: tuple[float, float] | None = None, fpr_limit: float = 0.3):
-        self.budget, self.thresholds, self.fpr_limit = budget_bytes, thresholds, fpr_limit
+    def __init__(self, budget_bytes: int, thresholds: tuple[float, float] | None = None, fpr_limit: float = 0.3,
+                 centre: float | None = None):
+        self.budget, self.thresholds, self.fpr_limit, self.centre = budget_bytes, thresholds, fpr_limit, centre
         self.labels: list[int] = []
         self.scores: list[float] = []
         self.types: list[str] = []
@@ -430,7 +436,7 @@ class Evaluation:
             self.kept_bytes += gt.nbytes + m.nbytes
             return
         if self.binned is None:
-            self.binned = PixelHistograms()
+            self.binned = PixelHistograms(self.centre)
             for (g, mm), types in zip(self.kept or [], self._kept_types()):
                 self.binned.add(g, mm, types)
             self.kept = None

@@ -30,9 +30,11 @@ def _check_fpr(fpr: float) -> float:
     return float(fpr)
 
 
-def _upper_quantile(values: np.ndarray, fpr: float) -> float:
-    """The smallest t with at most `fpr` of `values` strictly above it (score > t is a defect)."""
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+def _upper_quantile(values: np.ndarray, fpr: float, presorted: bool = False) -> float:
+    """The smallest t with at most `fpr` of `values` strictly above it (score > t is a defect);
+    `presorted`: values are sorted ascending already (one sort serves a whole grid of rates)."""
+    v = np.asarray(values).ravel()
+    v = v if presorted else np.sort(v)
     k = int(math.floor(fpr * v.size))  # values allowed above t
     return float(v[v.size - 1 - min(k, v.size - 1)])
 
@@ -60,7 +62,7 @@ class Thresholds:
         if pixels.size > PIXEL_SAMPLE:
             pixels = np.random.default_rng(seed).choice(pixels, PIXEL_SAMPLE, replace=False)
         pixels = np.sort(pixels)
-        grid = [_upper_quantile(pixels, f) for f in PIXEL_FPR_GRID]
+        grid = [_upper_quantile(pixels, f, presorted=True) for f in PIXEL_FPR_GRID]
         t = cls(0.0, 0.0, source, target_fpr, int(scores.size), scores.tolist(), grid)
         return t.at_fpr(target_fpr)
 
