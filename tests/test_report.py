@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cflow_ad import api, cli
@@ -138,3 +139,19 @@ def test_report_renders_offline_in_chromium(report):
     shot = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert shot.shape[1] == 1280 and shot.shape[0] > 1500
     assert shot.std() > 20  # not a blank page
+
+
+def test_worst_cases_kept_batch_by_batch_are_those_of_a_stable_sort():
+    from cflow_ad.report import WorstCases
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 40).astype(float)  # many ties
+    labels = (rng.random(40) < 0.5).astype(int)
+    cases = WorstCases(4)
+    for i in range(0, 40, 3):
+        n = len(scores[i : i + 3])
+        cases.add(torch.full((n, 2, 2), float(i)), torch.tensor(scores[i : i + 3]), torch.zeros(n, 2, 2, dtype=torch.bool),
+                  labels[i : i + 3], ["t"] * n, [str(j) for j in range(i, i + n)])
+    fp = sorted((j for j in range(40) if labels[j] == 0), key=lambda j: -scores[j])[:4]
+    fn = sorted((j for j in range(40) if labels[j] == 1), key=lambda j: scores[j])[:4]
+    assert [int(r[4]) for r in cases.worst("fp")] == fp and [int(r[4]) for r in cases.worst("fn")] == fn

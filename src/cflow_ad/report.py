@@ -43,13 +43,12 @@ class WorstCases:
     def add(self, maps: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor, labels, types, paths) -> None:
         for i, s in enumerate(scores.tolist()):
             heap, key = (self.fp, s) if int(labels[i]) == 0 else (self.fn, -s)
-            row = (maps[i].clone(), masks[i].clone(), int(labels[i]), str(types[i]), str(paths[i]), s)
-            item = (key, -self.seen, row)  # equal scores: the earlier image stays, as a stable sort keeps it
+            rank = (key, -self.seen)  # equal scores: the earlier image stays, as a stable sort keeps it
             self.seen += 1
-            if len(heap) < self.k:
-                heapq.heappush(heap, item)
-            elif item[:2] > heap[0][:2]:
-                heapq.heapreplace(heap, item)
+            if len(heap) == self.k and rank <= heap[0][:2]:
+                continue
+            item = (*rank, (maps[i].clone(), masks[i].clone(), int(labels[i]), str(types[i]), str(paths[i]), s))
+            (heapq.heappush if len(heap) < self.k else heapq.heapreplace)(heap, item)
 
     def worst(self, kind: str) -> list[tuple]:
         """Rows (map, mask, label, type, path, score), worst first; kind 'fp' or 'fn'."""
