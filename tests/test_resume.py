@@ -74,7 +74,10 @@ def test_a_stopped_run_resumes_to_the_same_model_and_metrics(sig, uninterrupted,
         assert stopped.returncode == 130 and "--resume" in stopped.stderr
     else:
         assert stopped.returncode == -signal.SIGKILL
-    resumed = subprocess.run(_train_cmd(synthetic_root, tmp_path, "--resume"), capture_output=True, text=True, timeout=600)
+    # after SIGKILL (as after running out of memory) resume without any cache: the model must not change
+    extra = ["--memory-mb", "0"] if sig == signal.SIGKILL else []
+    resumed = subprocess.run(_train_cmd(synthetic_root, tmp_path, "--resume", *extra), capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert not (tmp_path / api.STATE_FILE).exists()  # removed once the model is written
     ckpt, metrics = uninterrupted
@@ -89,6 +92,7 @@ def test_resume_refuses_a_state_saved_with_other_options(synthetic_root, tmp_pat
     _stopped_run(synthetic_root, tmp_path, signal.SIGTERM)
     with pytest.raises(CflowInputError, match="other options"):
         load_state(tmp_path / api.STATE_FILE, LONG.replace(lr=1e-3))
+    assert load_state(tmp_path / api.STATE_FILE, LONG.replace(memory_mb=1))["epoch"] >= 2  # the budget may change
     # a finished run has nothing to resume: its model is returned as it is
     done = tmp_path / "done"
     done.mkdir()

@@ -13,6 +13,7 @@ likelihood wins.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
@@ -266,8 +267,11 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path, config: CFlowConfig) -> dict:
+    """The training state saved in `path`, if it was saved with the same options as `config`; the
+    memory budget may differ (a run stopped for lack of memory can resume with a smaller one)."""
     state = torch.load(path, weights_only=True)  # tensors and plain containers only: nothing executes
-    if state.get("config") != config.to_json():
+    saved = CFlowConfig.from_dict(json.loads(state.get("config", "{}"))).replace(memory_mb=config.memory_mb)
+    if saved != config:
         raise CflowInputError(f"the training state in '{path}' was saved with other options: "
                               "rerun with the same options, or without --resume to start over")
     return state
