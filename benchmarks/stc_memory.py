@@ -67,8 +67,9 @@ def main() -> None:
             test_s, test_mb = measured(["test", *common, "--model", str(out / "model.safetensors"),
                                         "--output", str(out / "test"), "--memory-mb", str(memory_mb)])
             m = json.loads((out / "test" / "metrics.json").read_text())
-            rows.append((memory_mb, TRAIN_VIDEOS * -(-a.frames // step), m["images"], train_s, train_mb, test_s, test_mb,
-                         m["image_auroc"], m["pixel_auroc"], m["pixel_metrics"].split(":")[0]))
+            frames = TRAIN_VIDEOS * -(-a.frames // step)
+            rows.append((memory_mb, frames, m["images"], train_s, train_mb, test_s, test_mb, m["image_auroc"],
+                         m["pixel_auroc"], m["pixel_metrics"].split(":")[0]))
             print(rows[-1], file=sys.stderr)
 
     print(f"image size {a.image_size}, frames {a.frame_size[0]}x{a.frame_size[1]}, 1 epoch; peak RSS per process\n")

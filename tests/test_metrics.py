@@ -301,7 +301,8 @@ def test_value_bins_keep_order_are_narrow_and_exact_near_the_centre():
         assert np.abs(b).max() <= 2**21 + 1  # bounded whatever the values
         finite = np.isfinite(values)
         d, fb = np.abs(values[finite].astype(np.float64) - centre), b[finite]
-        for side in (values[finite] > centre, values[finite] < centre):  # neighbours sharing a bin: < 2^-13 of |d| apart
+        # neighbours sharing a bin are less than 2^-13 of their distance to the centre apart
+        for side in (values[finite] > centre, values[finite] < centre):
             same = fb[side][1:] == fb[side][:-1]
             assert np.all(np.abs(np.diff(d[side]))[same] <= np.maximum(d[side][1:], d[side][:-1])[same] * 2**-13)
     b = value_bins(near, 1.5)
@@ -362,7 +363,8 @@ def test_evaluation_is_exact_within_its_budget_and_binned_past_it():
     hot = maps > thresholds[1]
     good = np.array(labels) == 0
     direct = {"pixel_fpr": hot[good].sum() / masks[good].size, "pixel_recall": (hot & masks).sum() / masks.sum(),
-              "image_fpr": np.mean(scores[good] > thresholds[0]), "image_recall": np.mean(scores[~good] > thresholds[0])}
+              "image_fpr": np.mean(scores[good] > thresholds[0]),
+              "image_recall": np.mean(scores[~good] > thresholds[0])}
     per_batch = masks[:9].nbytes + maps[:9].nbytes
     results = {}
     for budget in (10**12, 0, 2 * per_batch):  # all kept, none kept, two batches kept then binned
@@ -394,7 +396,8 @@ def test_bins_centred_on_the_maps_upper_bound_resolve_values_piled_up_there():
     offset = np.float32(2.6)
     masks = np.zeros((8, 32, 32), dtype=bool)
     masks[4:, 8:20, 8:20] = True  # the first batch (images 0-3) is defect-free
-    near_top = masks | ((np.arange(8) >= 4)[:, None, None] & (rng.random(masks.shape) < 0.1))  # defects, and some normal pixels
+    # the defects, and some normal pixels of the defect images, sit just below the offset
+    near_top = masks | ((np.arange(8) >= 4)[:, None, None] & (rng.random(masks.shape) < 0.1))
     gap = np.where(near_top, rng.uniform(0, 3e-4, masks.shape), rng.uniform(0.5, 2.0, masks.shape))
     maps = (offset - gap).astype(np.float32)
     types = ["good"] * 4 + ["spot"] * 4

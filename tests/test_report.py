@@ -150,8 +150,9 @@ def test_worst_cases_kept_batch_by_batch_are_those_of_a_stable_sort():
     cases = WorstCases(4)
     for i in range(0, 40, 3):
         n = len(scores[i : i + 3])
-        cases.add(torch.full((n, 2, 2), float(i)), torch.tensor(scores[i : i + 3]), torch.zeros(n, 2, 2, dtype=torch.bool),
-                  labels[i : i + 3], ["t"] * n, [str(j) for j in range(i, i + n)])
+        paths = [str(j) for j in range(i, i + n)]
+        cases.add(torch.full((n, 2, 2), float(i)), torch.tensor(scores[i : i + 3]),
+                  torch.zeros(n, 2, 2, dtype=torch.bool), labels[i : i + 3], ["t"] * n, paths)
     fp = sorted((j for j in range(40) if labels[j] == 0), key=lambda j: -scores[j])[:4]
     fn = sorted((j for j in range(40) if labels[j] == 1), key=lambda j: scores[j])[:4]
     assert [int(r[4]) for r in cases.worst("fp")] == fp and [int(r[4]) for r in cases.worst("fn")] == fn

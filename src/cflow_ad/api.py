@@ -52,7 +52,8 @@ def open_dataset(
         raise CflowInputError(f"--frame-step must be >= 1, got {frame_step}")
     stc = data is not None and is_stc_root(data)
     if frame_step > 1 and not stc:
-        raise CflowInputError("--frame-step picks frames of videos: it needs --data with an STC root (training/frames/)")
+        raise CflowInputError(
+            "--frame-step picks frames of videos: it needs --data with an STC root (training/frames/)")
     if data is not None:
         if stc:
             if not category:
@@ -193,7 +194,8 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
     loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
 
     def meta(batch):
-        return batch["mask"][:, 0] > 0.5, [int(v) for v in batch["label"]], list(batch["defect_type"]), list(batch["path"])
+        labels = [int(v) for v in batch["label"]]
+        return batch["mask"][:, 0] > 0.5, labels, list(batch["defect_type"]), list(batch["path"])
 
     batches = tqdm(loader, desc="test", disable=not progress, leave=False)
     with torch.no_grad():

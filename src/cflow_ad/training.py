@@ -318,11 +318,11 @@ def fit(
     mine, real = shard(len(train_set))  # all images in one process
     budget = cfg.memory_mb * 2**20
     images = _ImageOnly(train_set if world == 1 else Subset(train_set, mine), budget // 3)
-    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, budget_bytes=budget * 2 // 3, log=log,
-                         real=torch.tensor(real))
+    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, budget_bytes=budget * 2 // 3,
+                         log=log, real=torch.tensor(real))
     batch_size, fiber_batch = max(1, cfg.batch_size // world), max(1, cfg.fiber_batch // world)  # the same global batch
     # validation runs once a meta-epoch: its images are decoded and encoded again rather than cached
-    val = _Features(model, _ImageOnly(val_set, 0), cfg.replace(rotation=0.0), False, budget_bytes=0) if val_set else None
+    val = None if not val_set else _Features(model, _ImageOnly(val_set, 0), cfg.replace(rotation=0.0), False)
     params = [p for p in model.decoders.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # one kernel per step: a third of a step unfused
     total_epochs = cfg.epochs * cfg.sub_epochs
