@@ -11,6 +11,7 @@ from cflow_ad.metrics import (
     aupro,
     auroc_per_defect_type,
     evaluate,
+    f1_optimal_threshold,
     image_auroc,
     pixel_auroc,
     pro_curve,
@@ -239,8 +240,6 @@ def test_fast_auroc_matches_sklearn_with_ties():
 def test_f1_optimal_threshold_matches_sklearn():
     from sklearn.metrics import precision_recall_curve
 
-    from cflow_ad.metrics import f1_optimal_threshold
-
     rng = np.random.default_rng(3)
     masks = rng.random((3, 20, 20)) < 0.1
     maps = np.round(rng.random((3, 20, 20)) + 0.6 * masks, 2)  # rounding makes ties
@@ -341,6 +340,11 @@ def test_binned_metrics_are_within_bin_width_of_exact(spread):
     for t, v in per_type.items():
         assert v == pytest.approx(exact["per_type"][t]["pixel_auroc"], abs=tied)
     assert h.aupro() == pytest.approx(exact["aupro"], abs=10 * tied)
+    t_binned, f1_binned = h.f1_optimal_threshold()
+    t_exact, f1_exact = f1_optimal_threshold(masks, maps)
+    hot = maps >= t_binned  # the threshold flags exactly the pixels the reported F1 counts
+    assert 2 * (hot & masks).sum() / (hot.sum() + masks.sum()) == pytest.approx(f1_binned, rel=1e-12)
+    assert f1_exact - 10 * tied <= f1_binned <= f1_exact and t_binned == pytest.approx(t_exact, rel=1e-3)
     fpr, tpr = h.roc()
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
 

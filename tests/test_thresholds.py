@@ -106,6 +106,15 @@ def test_calibrate_then_predict_at_other_thresholds(padim_checkpoint, synthetic_
     assert load_checkpoint(out).thresholds.source == "F1 on 12 labelled images"
     assert load_checkpoint(padim_checkpoint).thresholds.source.endswith("held-out good images")  # untouched
 
+    # without room for the maps the F1 search runs on binned values: the same thresholds, to the bin width
+    model = load_checkpoint(padim_checkpoint)
+    exact = api.calibrate_thresholds(model, api.open_dataset("test", model.config.image_size, synthetic_root,
+                                                             "synthetic"), f1=True)
+    model.config = model.config.replace(memory_mb=0)
+    binned = api.calibrate_thresholds(model, api.open_dataset("test", model.config.image_size, synthetic_root,
+                                                              "synthetic"), f1=True)
+    assert binned.image == exact.image and binned.pixel == pytest.approx(exact.pixel, rel=1e-3)
+
     good_dir = synthetic_root / "synthetic" / "test" / "good"
     refit = tmp_path / "good.safetensors"
     api.calibrate(padim_checkpoint, refit, normal_dir=good_dir, target_fpr=0.2, progress=False)

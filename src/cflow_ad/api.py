@@ -125,9 +125,11 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
     """Thresholds from a set's stateless scores: at `target_fpr` on its good images, or F1-optimal
     over its labelled images and masks (`f1=True`)."""
     model.eval()
-    if f1:
-        maps, scores, masks, labels, _, _ = score_dataset(model, dataset, "stateless", progress)
-        return Thresholds.f1(labels, scores.numpy(), masks.numpy(), maps.numpy())
+    if f1:  # streamed as `test` is: exact within the memory budget, binned past it
+        evaluation = Evaluation(model.config.memory_mb * 2**20 // 8, centre=_map_upper_bound(model, "stateless"))
+        for maps, scores, masks, labels, types, _ in scored_batches(model, dataset, "stateless", progress):
+            evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
+        return Thresholds.f1_with_pixel(evaluation.labels, evaluation.scores, evaluation.f1_optimal_threshold()[0])
     # Streamed, so memory does not grow with the set: the image scores, and per image a fixed-size
     # random sample of its map values (all of them while the set has fewer than PIXEL_SAMPLE pixels).
     per_image = max(1, PIXEL_SAMPLE // max(len(dataset), 1))
@@ -186,6 +188,12 @@ def _paper_only_for_cflow(model) -> None:
             "paper normalisation needs CFLOW's per-scale maps: use a cflow .safetensors checkpoint with --runtime torch")
 
 
+def _map_upper_bound(model: torch.nn.Module, mode: str) -> float | None:
+    """CFLOW's stateless maps never exceed the map offset, and strong anomalies pile up just under it:
+    where binned metrics need their finest bins (`metrics.value_bins`)."""
+    return float(model.map_offset) if isinstance(model, CFlowModel) and mode == "stateless" else None
+
+
 def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
     """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, labels, defect types,
     paths) per batch of a labelled set. Stateless scoring keeps nothing between batches; paper
@@ -215,7 +223,7 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
 
 def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
     """(anomaly maps [N, H, W], scores [N], masks [N, H, W], labels, defect types, paths) of a whole
-    labelled set, held in memory: for the figures and F1 calibration of modest sets."""
+    labelled set, held in memory: for the experiments' figures of MVTec-size sets."""
     parts = list(zip(*scored_batches(model, dataset, mode, progress)))
     if not parts:
         raise CflowInputError("the test set is empty")
@@ -248,7 +256,7 @@ def test(
     thresholds = getattr(model, "thresholds", None) if mode == "stateless" else None
     evaluation = Evaluation((model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8,
                             None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT,
-                            float(model.map_offset) if isinstance(model, CFlowModel) and mode == "stateless" else None)
+                            _map_upper_bound(model, mode))
     cases = WorstCases()
     paths = []
     t0 = time.perf_counter()

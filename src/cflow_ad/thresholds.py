@@ -82,11 +82,16 @@ class Thresholds:
     @classmethod
     def f1(cls, labels, scores, masks, maps) -> "Thresholds":
         """F1-optimal image and pixel thresholds on a labelled set (needs defect images and masks)."""
+        return cls.f1_with_pixel(labels, scores, f1_optimal_threshold(masks, maps)[0])
+
+    @classmethod
+    def f1_with_pixel(cls, labels, scores, pixel: float) -> "Thresholds":
+        """The F1-optimal image threshold of a labelled set, with its F1-optimal pixel threshold `pixel`
+        (map >= pixel flags a pixel) found already, e.g. batch by batch (`metrics.Evaluation`)."""
         labels = np.asarray(labels)
         if labels.min(initial=1) == 1 or labels.max(initial=0) == 0:
             raise CflowInputError("F1 thresholds need both good and defective images: add the missing kind")
         image, _ = f1_optimal_threshold(labels.reshape(-1, 1, 1), np.asarray(scores, dtype=np.float64).reshape(-1, 1, 1))
-        pixel, _ = f1_optimal_threshold(masks, maps)
         if math.isnan(pixel):
             raise CflowInputError("F1 pixel threshold needs defect masks with marked pixels: pass --mask-dir or masks")
         # f1_optimal_threshold flags score >= t; these thresholds flag score > t.
