@@ -126,7 +126,7 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
     over its labelled images and masks (`f1=True`)."""
     model.eval()
     if f1:  # streamed as `test` is: exact within the memory budget, binned past it
-        evaluation = Evaluation(model.config.memory_mb * 2**20 // 8, centre=_map_upper_bound(model, "stateless"))
+        evaluation = _evaluation(model, "stateless")
         for maps, scores, masks, labels, types, _ in scored_batches(model, dataset, "stateless", progress):
             evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
         return Thresholds.f1_with_pixel(evaluation.labels, evaluation.scores, evaluation.f1_optimal_threshold()[0])
@@ -188,10 +188,14 @@ def _paper_only_for_cflow(model) -> None:
             "paper normalisation needs CFLOW's per-scale maps: use a cflow .safetensors checkpoint with --runtime torch")
 
 
-def _map_upper_bound(model: torch.nn.Module, mode: str) -> float | None:
-    """CFLOW's stateless maps never exceed the map offset, and strong anomalies pile up just under it:
-    where binned metrics need their finest bins (`metrics.value_bins`)."""
-    return float(model.map_offset) if isinstance(model, CFlowModel) and mode == "stateless" else None
+def _evaluation(model: torch.nn.Module, mode: str, memory_mb: int | None = None,
+                thresholds: Thresholds | None = None) -> Evaluation:
+    """An `Evaluation` of a labelled set within an eighth of the memory budget (default: the config's).
+    Its histograms are centred where CFLOW's stateless maps pile up: their upper bound, the map offset,
+    just under which strong anomalies sit."""
+    budget = (model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8
+    centre = float(model.map_offset) if isinstance(model, CFlowModel) and mode == "stateless" else None
+    return Evaluation(budget, None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT, centre)
 
 
 def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
@@ -254,9 +258,7 @@ def test(
     dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir,
                            frame_step)
     thresholds = getattr(model, "thresholds", None) if mode == "stateless" else None
-    evaluation = Evaluation((model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8,
-                            None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT,
-                            _map_upper_bound(model, mode))
+    evaluation = _evaluation(model, mode, memory_mb, thresholds)
     cases = WorstCases()
     paths = []
     t0 = time.perf_counter()
