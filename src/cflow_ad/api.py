@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import data as D
 from .checkpoint import read_metadata, save_checkpoint
-from .distributed import init_from_env
 from .config import CFlowConfig
+from .device import Compute
+from .distributed import init_from_env
 from .errors import CflowInputError
 from .export import export_onnx
 from .inference import Inspector, as_model, exportable
@@ -77,13 +77,19 @@ def train(
     log: Callable[[str], None] = print,
     resume: bool = False,
     frame_step: int = 1,
+    device: str = "auto",
+    precision: str = "fp32",
+    workers: int | None = None,
 ) -> Path:
     """Train on defect-free images and write `output/model.safetensors`; returns its path.
     `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE). CFLOW-AD's training state is kept
     in `output/training_state.pt` after every epoch and on SIGINT/SIGTERM until the model is written;
-    `resume=True` continues from it (and returns a finished run's model as it is)."""
+    `resume=True` continues from it (and returns a finished run's model as it is). `device`,
+    `precision` and `workers` say where and how it computes (`device.Compute`); the checkpoint is the
+    same file whatever the device."""
     final, state = Path(output) / "model.safetensors", Path(output) / STATE_FILE
-    rank, world = init_from_env()  # under torchrun: one rank of data-parallel training
+    compute = Compute(device, precision, workers)
+    rank, world = init_from_env(compute.torch_device)  # under torchrun: one rank of data-parallel training
     if rank > 0:
         log = lambda message: None  # noqa: E731  (rank 0 speaks and writes for all)
         progress = False
@@ -99,20 +105,20 @@ def train(
     model = build_model(config)
     t0 = time.perf_counter()
     if config.method != "cflow":
-        history = fit_baseline(model, dataset, progress=progress)
+        history = fit_baseline(model, dataset, progress=progress, compute=compute)
     else:
         val = None
         if config.val_fraction > 0:
             dataset, val = D.split_train_val(dataset, config.val_fraction, config.seed)
         Path(output).mkdir(parents=True, exist_ok=True)
-        history = fit(model, dataset, val, progress=progress, log=log, state_path=state, resume=resume)
+        history = fit(model, dataset, val, progress=progress, log=log, state_path=state, resume=resume, compute=compute)
     history["train_seconds"] = time.perf_counter() - t0
     history["train_images"] = len(dataset)
     history["processes"] = world
     if rank > 0:
         return final  # rank 0 calibrates the thresholds and writes the checkpoint
     if held_out is not None:
-        model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress)
+        model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress, compute=compute)
         log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"
             f" image {model.thresholds.image:.4g}, pixel {model.thresholds.pixel:.4g}")
     path = save_checkpoint(model, final, extra={"history": history})
@@ -121,30 +127,34 @@ def train(
 
 
 def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | None = None, f1: bool = False,
-                         progress: bool = False, source: str = "held-out good images") -> Thresholds:
+                         progress: bool = False, source: str = "held-out good images",
+                         compute: Compute | None = None) -> Thresholds:
     """Thresholds from a set's stateless scores: at `target_fpr` on its good images, or F1-optimal
-    over its labelled images and masks (`f1=True`)."""
-    model.eval()
+    over its labelled images and masks (`f1=True`). Scored on `compute` (default: `Compute()`)."""
+    compute = compute or Compute()
+    compute.place(model).eval()
     if f1:  # streamed as `test` is: exact within the memory budget, binned past it
         evaluation = _evaluation(model, "stateless")
-        for maps, scores, masks, labels, types, _ in scored_batches(model, dataset, "stateless", progress):
+        for maps, scores, masks, labels, types, _ in scored_batches(model, dataset, "stateless", progress, compute):
             evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
         return Thresholds.f1_with_pixel(evaluation.labels, evaluation.scores, evaluation.f1_optimal_threshold()[0])
     # Streamed, so memory does not grow with the set: the image scores, and per image a fixed-size
-    # random sample of its map values (all of them while the set has fewer than PIXEL_SAMPLE pixels).
+    # random sample of its map values (all of them while the set has fewer than PIXEL_SAMPLE pixels),
+    # drawn on the device and copied back once per batch.
     per_image = max(1, PIXEL_SAMPLE // max(len(dataset), 1))
     gen = torch.Generator().manual_seed(model.config.seed)
     scores, pixels = [], []
-    loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
+    loader = D.image_loader(dataset, compute, model.config.batch_size)
     with torch.no_grad():
-        for batch in tqdm(loader, desc="calibrate", disable=not progress, leave=False):
+        for batch in tqdm(D.checked(loader), total=len(loader), desc="calibrate", disable=not progress, leave=False):
             good = batch["label"] == 0
             if not good.any():
                 continue
-            maps, s = model(batch["image"][good])
+            maps, s = model(compute.put(batch["image"][good]))
             flat = maps.flatten(1)
             if flat.shape[1] > per_image:
-                flat = flat[:, torch.randint(flat.shape[1], (per_image,), generator=gen)]
+                flat = flat[:, torch.randint(flat.shape[1], (per_image,), generator=gen).to(flat.device)]
+            s, flat = compute.host(s, flat)
             scores.append(s)
             pixels.append(flat)
     n = sum(len(s) for s in scores)
@@ -165,16 +175,20 @@ def calibrate(
     f1: bool = False,
     progress: bool = True,
     frame_step: int = 1,
+    device: str = "auto",
+    precision: str = "fp32",
+    workers: int | None = None,
 ) -> Thresholds:
     """Set a checkpoint's thresholds on new images and write it to `output` (default: in place).
     Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
     with `f1` the set must hold defect images with masks (its test split, or the folders)."""
     path = Path(model) if isinstance(model, (str, Path)) else None
+    compute = Compute(device, precision, workers)
     model = as_model(model).eval()
     dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir,
                            frame_step)
     model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress,
-                                            f"good images of {Path(data) / category if data else normal_dir}")
+                                            f"good images of {Path(data) / category if data else normal_dir}", compute)
     target = output or path
     if target is not None:
         extra = read_metadata(path)["extra"] if path is not None else {}
@@ -198,37 +212,41 @@ def _evaluation(model: torch.nn.Module, mode: str, memory_mb: int | None = None,
     return Evaluation(budget, None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT, centre)
 
 
-def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
+def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
     """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, labels, defect types,
-    paths) per batch of a labelled set. Stateless scoring keeps nothing between batches; paper
-    normalisation needs the set's constants first, so it keeps the per-scale log maps and the masks
-    (5 + 64 KB an image at 256 px), then makes the maps a batch at a time."""
-    loader = DataLoader(dataset, batch_size=model.config.batch_size, shuffle=False, num_workers=0)
+    paths) per batch of a labelled set, scored on `compute` (default: `Compute()`); maps and scores
+    come back to the host once per batch. A file that cannot be read stops it with its one-line error.
+    Stateless scoring keeps nothing between batches; paper normalisation needs the set's constants
+    first, so it keeps the per-scale log maps on the device and the masks (5 + 64 KB an image at
+    256 px), then makes the maps a batch at a time."""
+    compute = compute or Compute()
+    compute.place(model).eval()
+    loader = D.image_loader(dataset, compute, model.config.batch_size)
 
     def meta(batch):
         labels = [int(v) for v in batch["label"]]
         return batch["mask"][:, 0] > 0.5, labels, list(batch["defect_type"]), list(batch["path"])
 
-    batches = tqdm(loader, desc="test", disable=not progress, leave=False)
+    batches = tqdm(D.checked(loader), total=len(loader), desc="test", disable=not progress, leave=False)
     with torch.no_grad():
         if mode != "paper":
             for batch in batches:
-                yield (*model(batch["image"]), *meta(batch))
+                yield (*compute.host(*model(compute.put(batch["image"]))), *meta(batch))
             return
         _paper_only_for_cflow(model)
         logs, metas = [], []
         for batch in batches:
-            logs.append(model.log_density_maps(model.features(batch["image"])))
+            logs.append(model.log_density_maps(model.features(compute.put(batch["image"]))))
             metas.append(meta(batch))
         refs, offset = paper_constants([torch.cat(p) for p in zip(*logs)], model.image_size)
         for lg, m in zip(logs, metas):
-            yield (*anomaly_maps(lg, refs, offset, model.image_size), *m)
+            yield (*compute.host(*anomaly_maps(lg, refs, offset, model.image_size)), *m)
 
 
-def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False):
+def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
     """(anomaly maps [N, H, W], scores [N], masks [N, H, W], labels, defect types, paths) of a whole
     labelled set, held in memory: for the experiments' figures of MVTec-size sets."""
-    parts = list(zip(*scored_batches(model, dataset, mode, progress)))
+    parts = list(zip(*scored_batches(model, dataset, mode, progress, compute)))
     if not parts:
         raise CflowInputError("the test set is empty")
     return (torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]),
@@ -247,12 +265,16 @@ def test(
     progress: bool = True,
     frame_step: int = 1,
     memory_mb: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    workers: int | None = None,
 ) -> dict:
     """Score a labelled test set; writes metrics.json and scores.csv to `output` when given. With
     calibrated thresholds, metrics also give the false-positive rate and recall they reach. Memory
     is bounded: pixel metrics are exact while the set's maps and masks fit in an eighth of
     `memory_mb` (default: the config's), else binned (metrics.json says which)."""
     model_path = model if isinstance(model, (str, Path)) else None
+    compute = Compute(device, precision, workers)
     model = as_model(model).eval()
     mode = normalization or model.config.normalization
     dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir,
@@ -262,7 +284,7 @@ def test(
     cases = WorstCases()
     paths = []
     t0 = time.perf_counter()
-    for maps, scores, masks, labels, types, batch_paths in scored_batches(model, dataset, mode, progress):
+    for maps, scores, masks, labels, types, batch_paths in scored_batches(model, dataset, mode, progress, compute):
         evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
         if output is not None:
             cases.add(maps, scores, masks, labels, types, batch_paths)
@@ -270,7 +292,7 @@ def test(
     seconds = time.perf_counter() - t0
     metrics = evaluation.result()
     metrics.update(normalization=mode, images=len(paths), seconds=round(seconds, 2),
-                   model=str(model_path) if model_path else None)
+                   model=str(model_path) if model_path else None, device=compute.describe())
     if thresholds is not None:
         metrics["thresholds"] = thresholds.summary()
     if output is not None:
@@ -336,6 +358,9 @@ def predict(
     target_fpr: float | None = None,
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    workers: int | None = None,
 ) -> list[dict]:
     """Score images/folders: per image a score, an OK / defect label at the model's thresholds (or
     `target_fpr`, or the given thresholds) and the defect area in its own pixels; optionally a heat
@@ -346,9 +371,11 @@ def predict(
     nothing is lost silently. `paper` normalisation needs the whole set, so it scores in a
     second pass over the readable images, in PyTorch only, and gives no labels: its scores
     are relative to the set, the thresholds are not. A `.onnx` model, or
-    `runtime="onnx"`, scores in onnxruntime.
+    `runtime="onnx"`, scores in onnxruntime (on the GPU with onnxruntime-gpu and a CUDA device).
+    Images are decoded by `workers` processes and scored on `device` (see `device.Compute`).
     """
-    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold)
+    compute = Compute(device, precision, workers)
+    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute)
     runner = inspector.runner
     mode = normalization or runner.config.normalization
     thresholds = inspector.thresholds
@@ -381,34 +408,28 @@ def predict(
                 row["mask"] = str(save_png(v.mask(thresholds).astype(np.uint8) * 255, out / f"{stem}_mask.png"))
             rows.append(row)
 
+    def skipped(i: int, exc: CflowInputError) -> None:
+        warn(f"skipped: {exc}")
+        rows.append({"path": str(files[i]), "score": None, "label": None, "error": str(exc)})
+
     readable: list[Path] = []
     kept_logs: list[list[torch.Tensor]] = []
-    for i in tqdm(range(0, len(files), bs), desc="predict", disable=not progress):
-        batch_paths, inputs, originals = [], [], []
-        for p in files[i : i + bs]:
-            try:
-                x, original = D.load_image_and_original(p, size)
-            except CflowInputError as exc:
-                warn(f"skipped: {exc}")
-                rows.append({"path": str(p), "score": None, "label": None, "error": str(exc)})
-                continue
-            batch_paths.append(p)
-            inputs.append(x)
-            originals.append(original)
-        if not inputs:
-            continue
+    loader = D.image_loader(D.ImageFiles(files, size), compute, bs, collate=D.collate_files)
+    for index, inputs, originals in tqdm(D.checked(loader, skipped), total=len(loader), desc="predict",
+                                         disable=not progress):
+        batch_paths = [files[i] for i in index]
         if mode == "paper":
             readable += batch_paths
-            kept_logs.append(runner.log_density_maps(runner.features(torch.stack(inputs))))
+            kept_logs.append(runner.log_density_maps(runner.features(compute.put(inputs))))
         else:
-            write(batch_paths, originals, *runner(torch.stack(inputs)))
+            write(batch_paths, originals, *inspector.score(inputs))
     if kept_logs:
         all_logs = [torch.cat(parts) for parts in zip(*kept_logs)]
         refs, offset = paper_constants(all_logs, runner.image_size)
         for i in range(0, len(readable), bs):
             originals = [D.load_image_and_original(p, size)[1] for p in readable[i : i + bs]]
             write(readable[i : i + bs], originals,
-                  *anomaly_maps([lm[i : i + bs] for lm in all_logs], refs, offset, runner.image_size))
+                  *compute.host(*anomaly_maps([lm[i : i + bs] for lm in all_logs], refs, offset, runner.image_size)))
     if csv_summary:
         with open(out / "predictions.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
@@ -416,6 +437,7 @@ def predict(
             w.writerows({k: ("" if r.get(k) is None else r[k]) for k in PREDICTION_FIELDS} for r in rows)
     if json_summary:
         summary = {"model": str(model) if isinstance(model, (str, Path)) else None, "runtime": inspector.runtime,
+                   "device": inspector.device,
                    "normalization": mode, **summarize(rows, thresholds), "predictions": rows}
         (out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows

@@ -147,13 +147,13 @@ class SPADE(DistanceModel):
         emb, query = embedding(features), self.pool(features)
         d_img = torch.cdist(query, self.pooled)
         if gallery_index is not None:
-            d_img[torch.arange(len(query)), gallery_index] = float("inf")
+            d_img[torch.arange(len(query), device=d_img.device), gallery_index.to(d_img.device)] = float("inf")
         k = min(self.config.knn_images, len(self.pooled) - (gallery_index is not None))
         near_d, near_i = d_img.topk(max(k, 1), dim=1, largest=False)
         maps = []
         for x, idx in zip(emb.flatten(2), near_i):  # x [D, P]: one image at a time bounds the memory
             x_sq = x.square().sum(0, keepdim=True).T  # [P, 1]
-            best = torch.full((x.shape[1],), float("inf"))
+            best = torch.full((x.shape[1],), float("inf"), device=x.device)
             for part in idx.split(chunk):
                 g = self.bank[part].flatten(2).transpose(0, 1).flatten(1)  # [D, chunk * P]
                 d2 = x_sq + g.square().sum(0, keepdim=True) - 2 * (x.T @ g)

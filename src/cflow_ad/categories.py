@@ -35,24 +35,25 @@ def categories_of(data: str | Path) -> list[str]:
 
 
 def _one(config: CFlowConfig, data: str, category: str, output: str, threads: int | None, resume: bool,
-         frame_step: int = 1) -> dict:
-    """Train (and test, where there is a test split) one category; never raises."""
-    import torch
-
+         frame_step: int = 1, compute: dict | None = None) -> dict:
+    """Train (and test, where there is a test split) one category; never raises. `compute`: the
+    api's device / precision / workers keywords."""
+    compute = compute or {}
     from . import api
+    from .device import set_threads
 
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     folder = Path(output) / category
     row = {"category": category, "status": "ok", "error": "", "checkpoint": str(folder / "model.safetensors")}
     t0 = time.perf_counter()
     try:
         path = api.train(config, folder, data, category, progress=False, log=lambda m: None, resume=resume,
-                         frame_step=frame_step)
+                         frame_step=frame_step, **compute)
         row["train_seconds"] = round(time.perf_counter() - t0, 1)
         has_test = (Path(data) / category / "test").is_dir() or (Path(data) / "testing" / "frames").is_dir()
         if has_test:
-            m = api.test(path, folder / "test", data, category, progress=False, frame_step=frame_step)
+            m = api.test(path, folder / "test", data, category, progress=False, frame_step=frame_step, **compute)
             row.update({k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
             row.update(image_fpr=m.get("at_threshold", {}).get("image_fpr"),
                        image_recall=m.get("at_threshold", {}).get("image_recall"))
@@ -76,14 +77,16 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 def train_all(config: CFlowConfig, data: str | Path, output: str | Path, jobs: int = 1, threads: int | None = None,
-              resume: bool = False, log: Callable[[str], None] = print, frame_step: int = 1) -> list[dict]:
+              resume: bool = False, log: Callable[[str], None] = print, frame_step: int = 1,
+              **compute) -> list[dict]:
     """Train every category of `data` into `output/<category>/`; returns one summary row per category
-    (`frame_step`: every N-th frame of each STC video)."""
+    (`frame_step`: every N-th frame of each STC video; `compute`: device, precision, workers as for
+    `api.train`)."""
     names = categories_of(data)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     per_job = max(1, (threads or 1) // jobs) if threads else None
-    args = [(config, str(data), name, str(out), per_job, resume, frame_step) for name in names]
+    args = [(config, str(data), name, str(out), per_job, resume, frame_step, compute) for name in names]
     rows: list[dict] = []
 
     def done(row: dict) -> None:

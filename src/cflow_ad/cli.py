@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import CFlowConfig
+from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
 
 
@@ -52,17 +53,22 @@ def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pixel-threshold", type=float, help="map value above which a pixel is a defect")
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _add_compute_flags(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """--device, --precision and --workers (`device.Compute`): where a run computes, never saved in the model."""
+    g = parser.add_argument_group("compute (a run setting: the model file is the same on every device)")
+    for f in dataclasses.fields(Compute):
+        if f.name == "workers" and not workers:
+            continue
+        g.add_argument("--" + f.name, type=int if f.name == "workers" else str, default=f.default,
+                       choices=PRECISIONS if f.name == "precision" else None, help=f.metadata["help"])
 
 
-def _threads(n: int | None) -> None:
-    import torch
-
-    from .distributed import local_threads
-
-    torch.set_num_threads(max(1, n or local_threads(available_cores())))  # torchrun: the node's cores shared
+def _compute(args: argparse.Namespace) -> dict:
+    """The compute flags as keyword arguments of the api functions, checked at once (exit 2 when the
+    device or precision is not available here)."""
+    kwargs = {name: getattr(args, name) for name in COMPUTE_FIELDS if hasattr(args, name)}
+    Compute(**kwargs)
+    return kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --category all: categories trained at once, in separate processes sharing the threads")
     t.add_argument("--resume", action="store_true",
                    help="continue a run stopped by a crash, SIGINT or SIGTERM from OUTPUT/training_state.pt")
+    _add_compute_flags(t)
     _add_config_flags(t)
 
     e = sub.add_parser("test", help="evaluate a model on a labelled test set")
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
     e.add_argument("--memory-mb", type=int, help="override the checkpoint's memory_mb: exact pixel metrics while the"
                    " maps fit in an eighth of it, else binned")
+    _add_compute_flags(e)
 
     rp = sub.add_parser("report", help="self-contained HTML report of a 'cflow-ad test' output folder")
     rp.add_argument("--results", type=Path, required=True, help="folder written by 'cflow-ad test --output'")
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="score in PyTorch or export to onnxruntime first (faster on CPUs; a .onnx --model always uses it)")
     _add_threshold_flags(r)
+    _add_compute_flags(r)
     out = r.add_argument_group("outputs")
     for name, text in (("overlays", "<name>_overlay.png: heat map over the image, defect outline in white"),
                        ("masks", "<name>_mask.png: the defect mask at the pixel threshold"),
@@ -119,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target-fpr", type=float, help="false-positive rate on the good images (default: the config's)")
     c.add_argument("--f1", action="store_true",
                    help="F1-optimal thresholds on a labelled set (--data's test split, or --abnormal-dir with --mask-dir)")
+    _add_compute_flags(c)
 
     sv = sub.add_parser("serve", help="HTTP service: POST /predict, GET /health, GET /model, a web page at /",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -127,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="port to listen on")
     sv.add_argument("--runtime", choices=("torch", "onnx"), default="onnx", help="inference runtime (SPADE: torch)")
     _add_threshold_flags(sv)
+    _add_compute_flags(sv, workers=False)
     from .serve import Limits
 
     for f in dataclasses.fields(Limits):
@@ -147,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="compare: seeds per method")
     xp.add_argument("--methods", nargs="+", default=["cflow", "padim", "spade"], help="compare: methods")
     xp.add_argument("--variants", nargs="+", help="ablation: variant names (default: all; see ablation.md)")
+    _add_compute_flags(xp)
     _add_config_flags(xp)
 
     d = sub.add_parser("demo", help="offline demo: synthetic data -> train -> test -> overlays")
@@ -207,7 +219,7 @@ def run(argv: list[str] | None = None) -> int:
         if args.category == "all":
             raise CflowInputError("--nproc trains one category in several processes: with --category all use --jobs")
         return _torchrun(argv, args.nproc)
-    _threads(args.threads)
+    threads = set_threads(args.threads)  # torchrun: the node's cores shared by its ranks
     from . import api
 
     progress = not args.quiet
@@ -216,14 +228,12 @@ def run(argv: list[str] | None = None) -> int:
         if args.category == "all":
             from .categories import summary_markdown, train_all
 
-            import torch
-
-            rows = train_all(config, args.data, args.output, args.jobs, torch.get_num_threads(), args.resume,
-                             log=lambda m: print(m, file=sys.stderr), frame_step=args.frame_step)
+            rows = train_all(config, args.data, args.output, args.jobs, threads, args.resume,
+                             log=lambda m: print(m, file=sys.stderr), frame_step=args.frame_step, **_compute(args))
             print(summary_markdown(rows), end="")
             return 1 if any(r["status"] != "ok" for r in rows) else 0
         path = api.train(config, args.output, args.data, args.category, args.normal_dir, progress=progress,
-                         resume=args.resume, frame_step=args.frame_step)
+                         resume=args.resume, frame_step=args.frame_step, **_compute(args))
         from .distributed import rank_world
 
         if rank_world()[0] == 0:
@@ -232,6 +242,7 @@ def run(argv: list[str] | None = None) -> int:
         metrics = api.test(
             args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir, args.mask_dir,
             normalization=args.normalization, progress=progress, frame_step=args.frame_step, memory_mb=args.memory_mb,
+            **_compute(args),
         )
         _print_metrics(metrics)
         print(args.output / "metrics.json")
@@ -244,27 +255,27 @@ def run(argv: list[str] | None = None) -> int:
             args.model, args.paths, args.output, args.normalization, overlays=args.overlays, progress=progress,
             warn=lambda m: print(m, file=sys.stderr), runtime=args.runtime, masks=args.masks, heatmaps=args.heatmaps,
             csv_summary=args.csv, json_summary=args.json, target_fpr=args.target_fpr,
-            image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold)
+            image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold, **_compute(args))
         _print_predictions(rows)
         print(f"-> {args.output}")
     elif args.command == "calibrate":
         t = api.calibrate(args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir,
                           args.mask_dir, target_fpr=args.target_fpr, f1=args.f1, progress=progress,
-                          frame_step=args.frame_step)
+                          frame_step=args.frame_step, **_compute(args))
         print(f"image threshold {t.image:.6g}, pixel threshold {t.pixel:.6g} ({t.source}) -> {args.output or args.model}")
     elif args.command == "serve":
         from .serve import Limits, serve
 
         limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
         serve(args.model, args.host, args.port, args.runtime, limits, args.target_fpr, args.image_threshold,
-              args.pixel_threshold)
+              args.pixel_threshold, **_compute(args))
     elif args.command == "export":
         print(api.export(args.model, args.output, args.format))
     elif args.command == "experiment":
         from . import experiments
 
         base = _config_from(args)
-        common = {"progress": progress, "log": lambda m: print(m, file=sys.stderr)}
+        common = {"progress": progress, "log": lambda m: print(m, file=sys.stderr), "compute": _compute(args)}
         if args.name == "ablation":
             experiments.ablation(base, args.data, args.categories, args.output, args.variants, **common)
         elif args.name == "compare":

@@ -277,6 +277,87 @@ class AnomalyDataset(torch.utils.data.Dataset):
         return dict(vars(self.sample(index)))
 
 
+class _Failed(NamedTuple):
+    """An item whose file could not be read: its dataset index and its one-line error."""
+
+    index: int
+    error: CflowInputError
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """A dataset whose bad files come back as `_Failed` instead of raising: in a worker process an
+    exception would reach the user as DataLoader's multi-line traceback, not as its one line."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except CflowInputError as exc:
+            return _Failed(i, exc)
+
+
+class _Collate:
+    """Collates a batch's readable items with `collate` and keeps its `_Failed` items apart."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items: list):
+        failed = [x for x in items if isinstance(x, _Failed)]
+        good = [x for x in items if not isinstance(x, _Failed)]
+        return (self.collate(good) if good else None), failed
+
+
+def image_loader(dataset, compute, batch_size: int = 1, batch_sampler=None,
+                 collate=torch.utils.data.default_collate) -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset` in order, decoding in `compute.loader_workers` processes (kept
+    across passes), into pinned memory when the device is a GPU. Read it with `checked`. It draws
+    from its own generator, so the number of workers changes no random draw of the run."""
+    workers = compute.loader_workers
+    kw = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    return torch.utils.data.DataLoader(
+        _Guarded(dataset), num_workers=workers, persistent_workers=workers > 0, pin_memory=compute.pin_memory,
+        collate_fn=_Collate(collate), generator=torch.Generator(), **kw)
+
+
+def checked(loader: torch.utils.data.DataLoader, on_error=None):
+    """The batches of an `image_loader`. A file that cannot be read raises its one-line
+    CflowInputError, or with `on_error(index, error)` is reported there and left out of its batch
+    (a batch of only bad files is skipped)."""
+    for batch, failed in loader:
+        for f in failed:
+            if on_error is None:
+                raise f.error
+            on_error(f.index, f.error)
+        if batch is not None:
+            yield batch
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as (index, model input [3, H, W], the image at its own size [3, H0, W0]): what
+    `predict` scores, the original being where its outputs are drawn."""
+
+    def __init__(self, paths: Sequence[_PathLike], size: int | Sequence[int]):
+        self.paths, self.size = list(paths), _as_hw(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        return (i, *load_image_and_original(self.paths[i], self.size))
+
+
+def collate_files(items: list) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
+    """`ImageFiles` items as (indices, a stacked input batch, the originals, which differ in size)."""
+    index, inputs, originals = zip(*items)
+    return list(index), torch.stack(inputs), list(originals)
+
+
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 

@@ -6,7 +6,9 @@ process group (gloo on CPUs, nccl on GPUs). Each rank owns a fixed, disjoint sha
 images (DistributedSampler without shuffling, padded to equal sizes, so every rank takes the same
 number of steps), encodes only its shard, and the decoders' gradients are averaged by
 DistributedDataParallel. Everything else that needs the whole training set (the whitening moments,
-the stateless scoring constants, the epoch loss) is summed or maxed across ranks here.
+the stateless scoring constants, the epoch loss) is summed or maxed across ranks here. On GPU nodes
+each rank computes on cuda:LOCAL_RANK (`device.resolve_device`) and the collectives run on that
+device, as nccl requires; the values handed back stay where the caller's tensors were.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
+from .device import distributed_backend
+
+_DEVICE = torch.device("cpu")  # where this rank's collectives run: its own device under nccl
+
 
 def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -25,18 +31,17 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_env() -> tuple[int, int]:
-    """Join the process group that torchrun's environment describes; (0, 1) when not under torchrun."""
+def init_from_env(device: torch.device = torch.device("cpu")) -> tuple[int, int]:
+    """Join the process group that torchrun's environment describes, with nccl when this rank computes
+    on a GPU and gloo otherwise; (0, 1) when not under torchrun."""
+    global _DEVICE
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = distributed_backend(device)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    _DEVICE = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return rank_world()
-
-
-def local_threads(cores: int) -> int:
-    """Threads per rank: the cores shared by the ranks on this node (too many threads collapse throughput)."""
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def shard(n: int) -> tuple[list[int], list[bool]]:
@@ -52,7 +57,11 @@ def shard(n: int) -> tuple[list[int], list[bool]]:
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place across ranks (sum, max or min); the tensor itself in one process."""
     if rank_world()[1] > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        moved = t.to(_DEVICE)
+        dist.all_reduce(moved, op=op)
+        if moved is not t:
+            t.copy_(moved)
     return t
 
 
@@ -76,4 +85,5 @@ def decoder_steps(decoders: nn.ModuleList) -> list:
     """Per decoder, the callable that computes log p with gradients: wrapped in DDP when distributed."""
     if rank_world()[1] == 1:
         return [d.log_prob for d in decoders]
-    return [nn.parallel.DistributedDataParallel(LogProb(d)) for d in decoders]
+    ids = [_DEVICE] if _DEVICE.type == "cuda" else None
+    return [nn.parallel.DistributedDataParallel(LogProb(d), device_ids=ids) for d in decoders]

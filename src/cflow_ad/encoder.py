@@ -162,8 +162,12 @@ class Encoder(nn.Module):
     EfficientNet-Lite) happens inside, so callers and exported models take plain [0,1]
     pixels. With `border_pad` > 0 the image is mirror-padded by that many pixels before the
     CNN and the feature maps are cropped back, so border features see image content instead
-    of zero padding. The module stays in eval mode whatever `train()` asks.
+    of zero padding. The module stays in eval mode whatever `train()` asks. With `autocast_dtype`
+    (bf16 or fp16, set by `device.Compute.place`) the CNN runs under autocast and the features come
+    back as fp32, so the flows and the likelihood never see reduced precision.
     """
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, backbone: nn.Module, name: str, strides: tuple[int, ...], border_pad: int = 0):
         super().__init__()
@@ -192,11 +196,13 @@ class Encoder(nn.Module):
         p = self.border_pad
         if p:
             x = F.pad(x, (p, p, p, p), mode="reflect")
-        out = self.body(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.body(x)
         feats = []
         for tap, stride in zip(self.tap_names, self.strides):
             f, q = out[tap], p // stride
-            feats.append(f[..., q : f.shape[-2] - q, q : f.shape[-1] - q] if q else f)
+            f = f[..., q : f.shape[-2] - q, q : f.shape[-1] - q] if q else f
+            feats.append(f if f.dtype == torch.float32 else f.float())
         return feats
 
 

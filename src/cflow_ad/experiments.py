@@ -26,6 +26,7 @@ from . import api
 from .checkpoint import load_checkpoint, read_metadata
 from .config import METHODS, CFlowConfig
 from .data import mvtec_categories, mvtec_dataset
+from .device import Compute
 from .encoder import PACKAGED_WEIGHTS, packaged_weights_path
 from .errors import CflowInputError
 from .metrics import f1_optimal_threshold
@@ -77,16 +78,18 @@ def run_key(config: CFlowConfig) -> str:
 
 
 def run_once(config: CFlowConfig, data: Path, category: str, output: Path, progress: bool = False,
-             log: Callable[[str], None] = print) -> dict:
-    """Train and test one config on one category, or read the stored result of an identical run."""
+             log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
+    """Train and test one config on one category, or read the stored result of an identical run.
+    `compute` (device, precision, workers for the api) is a run setting: it is not in the run's key."""
+    compute = compute or {}
     config = config.replace(calibration_fraction=0.0)
     folder = output / "runs" / category / run_key(config)
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
     log(f"[{category}] training {config.method} seed {config.seed} -> {folder}")
-    path = api.train(config, folder, data=data, category=category, progress=progress, log=lambda m: None)
-    metrics = api.test(path, folder / "test", data=data, category=category, progress=progress)
+    path = api.train(config, folder, data=data, category=category, progress=progress, log=lambda m: None, **compute)
+    metrics = api.test(path, folder / "test", data=data, category=category, progress=progress, **compute)
     history = read_metadata(path)["extra"]["history"]
     result = {
         "category": category, "method": config.method, "seed": config.seed, "config": json.loads(config.to_json()),
@@ -126,7 +129,8 @@ def _write(output: Path, name: str, markdown: str, payload: dict) -> dict:
 
 
 def ablation(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path,
-             variants: Sequence[str] | None = None, progress: bool = False, log: Callable[[str], None] = print) -> dict:
+             variants: Sequence[str] | None = None, progress: bool = False, log: Callable[[str], None] = print,
+             compute: dict | None = None) -> dict:
     """Table 2: each variant of `base` on each category, one seed (base.seed)."""
     table = ablation_variants(base)
     chosen = list(table) if not variants else ["base", *[v for v in variants if v != "base"]]
@@ -137,7 +141,7 @@ def ablation(base: CFlowConfig, data: Path, categories: Sequence[str] | None, ou
     rows = []
     for name in chosen:
         config = base.replace(method="cflow", **table[name])
-        results = [run_once(config, data, c, output, progress, log) for c in cats]
+        results = [run_once(config, data, c, output, progress, log, compute) for c in cats]
         rows.append({"variant": name, "changes": table[name], "results": results})
     lines = [f"Base: {_describe(base)}; seed {base.seed}; categories: {', '.join(cats)} (mean over them).", "",
              "| variant | image AUROC | pixel AUROC | AUPRO | training s | test s |", "|---|---|---|---|---|---|"]
@@ -156,7 +160,7 @@ def _describe(config: CFlowConfig) -> str:
 
 def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path,
             methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2, 3), progress: bool = False,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
     """Tables 3-4: every method on every category and seed (one seed for deterministic methods)."""
     cats = _categories(data, categories)
     bad = [m for m in methods if m not in METHODS]
@@ -166,7 +170,8 @@ def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
     for m in methods:
         for c in cats:
             runs = seeds[:1] if m in DETERMINISTIC else seeds
-            results[m][c] = [run_once(base.replace(method=m, seed=s), data, c, output, progress, log) for s in runs]
+            results[m][c] = [run_once(base.replace(method=m, seed=s), data, c, output, progress, log, compute)
+                             for s in runs]
     lines = [f"Encoder and taps for every method: {_describe(base)}. Seeds {', '.join(map(str, seeds))}"
              f" (mean ± std); {', '.join(DETERMINISTIC)}: deterministic, one run.", ""]
     for metric, title in zip(METRICS, ("Image AUROC (%)", "Pixel AUROC (%)", "AUPRO (%)")):
@@ -187,7 +192,7 @@ def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
 
 
 def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path, rows: int = 6,
-            progress: bool = False, log: Callable[[str], None] = print) -> dict:
+            progress: bool = False, log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
     """Figures 3-4 for `base` (its method and seed) per category: an example grid and the pixel
     score histograms, both at the F1-optimal pixel threshold. figures.md lists every method run so far."""
     import matplotlib
@@ -198,10 +203,11 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
     previous = output / "figures.json"  # other methods' figures stay listed
     payload = json.loads(previous.read_text()) if previous.is_file() else {}
     for c in _categories(data, categories):
-        result = run_once(base, data, c, output, progress, log)
+        result = run_once(base, data, c, output, progress, log, compute)
         model = load_checkpoint(result["checkpoint"])
         dataset = mvtec_dataset(data, c, "test", base.image_size)
-        maps, scores, masks, labels, types, paths = api.score_dataset(model, dataset, model.config.normalization, progress)
+        maps, scores, masks, labels, types, paths = api.score_dataset(model, dataset, model.config.normalization, progress,
+                                                                      Compute(**(compute or {})))
         maps, masks = maps.numpy(), masks.numpy()
         threshold, f1 = f1_optimal_threshold(masks, maps)
         picks = _examples(types, scores.numpy(), rows)

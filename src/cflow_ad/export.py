@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import CFlowConfig
+from .device import onnx_providers
 from .errors import CflowInputError
 from .model import CFlowModel
 from .thresholds import Thresholds
@@ -34,7 +35,7 @@ def trace_onnx(module: torch.nn.Module, image_size: tuple[int, int], path: str |
     """Trace `module` (a [B, 3, H, W] image batch in) to ONNX with a dynamic batch size."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.rand(1, 3, *image_size)
+    dummy = torch.rand(1, 3, *image_size, device=next(module.buffers()).device)  # traced where the module is
     with torch.no_grad():
         module(dummy)  # first call: lazily built constants (the folded decoders) exist before the trace
         with warnings.catch_warnings():
@@ -77,12 +78,13 @@ class OnnxModel:
     """An exported model in onnxruntime, called like `CFlowModel`: images -> (maps, scores).
     Batches run in chunks of `chunk` images (see CHUNK)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, chunk: int = CHUNK):
+    def __init__(self, path: str | Path, threads: int | None = None, chunk: int = CHUNK,
+                 device: torch.device = torch.device("cpu")):
         import onnxruntime as ort
 
         path = Path(path)
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=onnx_providers(device))
         except Exception as exc:  # onnxruntime raises its own exception types for missing or bad files
             raise CflowInputError(f"cannot load ONNX model '{path}' ({str(exc).splitlines()[0]}): "
                                   "pass a file written by 'cflow-ad export'") from None
@@ -94,15 +96,18 @@ class OnnxModel:
         self.train_max_score = float(meta["cflow_ad_train_max_score"])
         thresholds = meta.get("cflow_ad_thresholds")
         self.thresholds = Thresholds.from_dict(json.loads(thresholds)) if thresholds else None
-        self.chunk = chunk
+        # GPU batches run whole; the CPU's in chunks (see CHUNK)
+        self.provider = self.session.get_providers()[0]
+        self.chunk = chunk if self.provider == "CPUExecutionProvider" else 1 << 30
 
     @classmethod
-    def from_model(cls, model: CFlowModel, threads: int | None = None) -> "OnnxModel":
+    def from_model(cls, model: CFlowModel, threads: int | None = None,
+                   device: torch.device = torch.device("cpu")) -> "OnnxModel":
         """Export to a temporary file and load it (the file is removed once loaded)."""
         fd, tmp = tempfile.mkstemp(suffix=".onnx")
         os.close(fd)
         try:
-            return cls(export_onnx(model, tmp), threads)
+            return cls(export_onnx(model, tmp), threads, device=device)
         finally:
             os.remove(tmp)
 

@@ -256,12 +256,13 @@ class LocationWhitening(nn.Module):
             raise ValueError("location whitening needs at least 2 training images")
         mean = total / count
         cov = (outer - count * mean.unsqueeze(2) * mean.unsqueeze(1)) / (count - 1)
-        ridge = eps * torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12) if relative else torch.full((len(cov),), eps)
-        cov = cov + ridge.to(cov.dtype)[:, None, None] * torch.eye(self.dim, dtype=cov.dtype)
+        ridge = (eps * torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12) if relative
+                 else torch.full((len(cov),), eps, device=cov.device))
+        cov = cov + ridge.to(cov.dtype)[:, None, None] * torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
         chol, info = torch.linalg.cholesky_ex(cov)
         if bool((info > 0).any()):
             raise ValueError(f"feature covariance is singular at {int((info > 0).sum())} locations: raise whitening_eps")
-        eye = torch.eye(self.dim, dtype=cov.dtype).expand_as(cov)
+        eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device).expand_as(cov)
         self.mean.copy_(mean)
         self.weight.copy_(torch.linalg.solve_triangular(chol, eye, upper=False))
         self.log_det.copy_(-torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1))

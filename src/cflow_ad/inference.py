@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import load_checkpoint
+from .device import Compute
 from .errors import CflowInputError
 from .export import OnnxModel
 from .thresholds import Thresholds
@@ -37,14 +38,23 @@ def exportable(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_runner(model: torch.nn.Module | str | Path, runtime: str = "torch") -> torch.nn.Module | OnnxModel:
-    """A model to score with: a checkpoint in PyTorch or exported to onnxruntime, or an exported .onnx file."""
+def load_runner(model: torch.nn.Module | str | Path, runtime: str = "torch",
+                compute: Compute | None = None) -> torch.nn.Module | OnnxModel:
+    """A model to score with on `compute` (default: `Compute()`): a checkpoint in PyTorch or exported
+    to onnxruntime, or an exported .onnx file. onnxruntime computes in fp32 only."""
     if runtime not in RUNTIMES:
         raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
-    if isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx":
-        return OnnxModel(model)
+    compute = compute or Compute()
+    onnx_file = isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx"
+    if (onnx_file or runtime == "onnx") and compute.precision != "fp32":
+        raise CflowInputError(f"--precision {compute.precision} applies to --runtime torch: onnxruntime runs the"
+                              " exported fp32 model")
+    if onnx_file:
+        return OnnxModel(model, device=compute.torch_device)
     model = as_model(model).eval()
-    return OnnxModel.from_model(exportable(model)) if runtime == "onnx" else model
+    if runtime == "onnx":
+        return OnnxModel.from_model(exportable(model), device=compute.torch_device)
+    return compute.place(model)
 
 
 def resolve_thresholds(stored: Thresholds | None, target_fpr: float | None = None, image: float | None = None,
@@ -82,19 +92,28 @@ class Inspector:
     """A model, its runtime and its thresholds, loaded once."""
 
     def __init__(self, model: torch.nn.Module | str | Path, runtime: str = "torch", target_fpr: float | None = None,
-                 image_threshold: float | None = None, pixel_threshold: float | None = None):
-        self.runner = load_runner(model, runtime)
+                 image_threshold: float | None = None, pixel_threshold: float | None = None,
+                 compute: Compute | None = None):
+        self.compute = compute or Compute()
+        self.runner = load_runner(model, runtime, self.compute)
         stored = getattr(self.runner, "thresholds", None)  # exports carry them too
         self.thresholds = resolve_thresholds(stored, target_fpr, image_threshold, pixel_threshold)
         self.config = self.runner.config
         self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
+        # where it computes, in words: the device and precision, or onnxruntime's execution provider
+        self.device = self.runner.provider if self.runtime == "onnx" else self.compute.describe()
         self.heat_scale = 2 * float(self.runner.train_max_score)  # colours mean the same on every image
 
     @torch.no_grad()
+    def score(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps [B, H, W], scores [B]) on the host for a host batch of model inputs [B, 3, H, W]."""
+        if self.runtime == "onnx":
+            return self.runner(inputs)
+        return self.compute.host(*self.runner(self.compute.put(inputs)))
+
     def __call__(self, inputs: torch.Tensor, originals: list[torch.Tensor]) -> list[Verdict]:
         """Score a batch of model inputs [B, 3, H, W]; `originals` are the same images at their own size."""
-        maps, scores = self.runner(inputs)
-        return self.verdicts(maps, scores, originals, self.thresholds)
+        return self.verdicts(*self.score(inputs), originals, self.thresholds)
 
     @staticmethod
     def verdicts(maps: torch.Tensor, scores: torch.Tensor, originals: list[torch.Tensor],

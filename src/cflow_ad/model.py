@@ -98,19 +98,26 @@ class CFlowModel(nn.Module):
             return fibers, None
         return self.whitenings[k](fibers)
 
+    def log_likelihood(self, k: int, fibers: torch.Tensor, log_det: torch.Tensor | None, size: tuple[int, int],
+                       log_prob=None) -> torch.Tensor:
+        """Eq. 7's log p(z|c) per dimension for scale k's [B, h*w, D] fibers of an h x w map: the flow's
+        log-density plus the whitening log-det. Training passes its differentiable `log_prob` (the
+        decoder, or its DDP wrapper); in eval mode the folded flow computes it."""
+        h, w = size
+        if log_prob is not None or self.training:
+            lp = (log_prob or self.decoders[k].log_prob)(fibers, self.condition(h, w))
+        else:
+            lp = self.folded(k, h, w)(fibers.transpose(1, 2))
+        if log_det is not None:  # constant in theta
+            lp = lp + log_det
+        return lp / fibers.shape[-1]
+
     def log_density_maps(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-dimension log-likelihood log p(z|c)/D per location, one [B, h, w] map per scale."""
         out = []
-        for k, (decoder, f) in enumerate(zip(self.decoders, features)):
-            b, d, h, w = f.shape
-            fibers, log_det = self.fibers(k, f)
-            if self.training:  # the plain flow, differentiable in its parameters
-                lp = decoder.log_prob(fibers, self.condition(h, w))
-            else:
-                lp = self.folded(k, h, w)(fibers.transpose(1, 2))
-            if log_det is not None:
-                lp = lp + log_det
-            out.append((lp / d).view(b, h, w))
+        for k, f in enumerate(features):
+            b, _, h, w = f.shape
+            out.append(self.log_likelihood(k, *self.fibers(k, f), (h, w)).view(b, h, w))
         return out
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

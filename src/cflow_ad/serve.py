@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 
 from . import __version__
 from . import data as D
+from .device import Compute, set_threads
 from .errors import CflowInputError, ImageTooLargeError
 from .inference import Inspector, png_bytes
 
@@ -139,7 +140,8 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
     async def model():
         t = inspector.thresholds
         return {"config": json.loads(inspector.config.to_json()), "runtime": inspector.runtime,
-                "thresholds": t.summary() if t else None, "heat_scale": inspector.heat_scale, "limits": asdict(limits)}
+                "device": inspector.device, "thresholds": t.summary() if t else None,
+                "heat_scale": inspector.heat_scale, "limits": asdict(limits)}
 
     @app.post("/predict")
     async def predict(request: Request, output: str = "json"):
@@ -177,8 +179,9 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "onnx",
           limits: Limits | None = None, target_fpr: float | None = None, image_threshold: float | None = None,
-          pixel_threshold: float | None = None) -> None:
-    """Load the model once and serve it until interrupted."""
+          pixel_threshold: float | None = None, device: str = "auto", precision: str = "fp32") -> None:
+    """Load the model once on `device` and serve it until interrupted (uploads are decoded in the
+    request threads, so no loader workers)."""
     import uvicorn
 
     if Path(model).suffix.lower() != ".onnx" and runtime == "onnx":
@@ -189,9 +192,10 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
     limits = limits or Limits()
     # Parallel requests with fewer threads each beat one at a time with all of them: 35 vs 23 req/s
     # on 2 cores (benchmarks/serve_load.py); more threads than cores in total collapses throughput.
-    threads = max(1, torch.get_num_threads() // limits.max_concurrency)
-    torch.set_num_threads(threads)
-    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold)
-    print(f"cflow-ad: serving {model} ({inspector.config.method}, {inspector.runtime}, {limits.max_concurrency} x "
+    threads = set_threads(max(1, torch.get_num_threads() // limits.max_concurrency))
+    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold,
+                          Compute(device, precision, workers=0))
+    print(f"cflow-ad: serving {model} ({inspector.config.method}, {inspector.runtime} on {inspector.device},"
+          f" {limits.max_concurrency} x "
           f"{threads} threads) on http://{host}:{port}", flush=True)
     uvicorn.run(create_app(inspector, limits), host=host, port=port, log_level="warning")

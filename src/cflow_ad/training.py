@@ -19,7 +19,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -28,8 +29,10 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from . import data as D
 from .baselines import DistanceModel
 from .config import CFlowConfig
+from .device import Compute
 from .distributed import all_reduce, any_rank, decoder_steps, rank_world, shard
 from .errors import CflowInputError
 from .flow_decoder import LocationWhitening
@@ -40,37 +43,75 @@ from .scoring import probability_sum
 NONFINITE_PATIENCE = 10  # skipped steps in a row before the learning rate is halved
 
 
-class _ImageOnly(Dataset):
-    """Images of a dataset as uint8, decoded once and kept in memory up to a byte budget. An image
-    with non-finite values is remembered in `nonfinite` (uint8 cannot hold NaN, and a silent cast
-    would train on garbage), and comes back as NaN from `_float_images`."""
+class _Decoded(Dataset):
+    """Image i of a dataset as (i, uint8 [3, H, W], finite), decoded where the loader runs it (a
+    worker process, or the main one). uint8 cannot hold NaN and a silent cast would train on
+    garbage, so an image with non-finite values comes back as zeros with finite=False."""
 
-    def __init__(self, dataset: Dataset, budget_bytes: int):
-        self.dataset, self.budget, self.cache, self.nonfinite = dataset, budget_bytes, {}, set()
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if i in self.cache:
-            return self.cache[i]
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, bool]:
         img = self.dataset[i]["image"]
-        if not torch.isfinite(img).all():
-            self.nonfinite.add(i)
-            img = torch.zeros_like(img)
-        img = (img * 255).round().to(torch.uint8)
-        if (len(self.cache) + 1) * img.numel() <= self.budget:
-            self.cache[i] = img
-        return img
+        finite = bool(torch.isfinite(img).all())
+        return i, (img if finite else torch.zeros_like(img)).mul(255).round().to(torch.uint8), finite
 
 
-def _float_images(images: _ImageOnly, idx: torch.Tensor) -> torch.Tensor:
-    """Images `idx` of an `_ImageOnly` set as a [0, 1] float batch (NaN for non-finite ones)."""
-    batch = torch.stack([images[int(i)] for i in idx]).float() / 255
-    for row, i in enumerate(idx.tolist()):
-        if i in images.nonfinite:
-            batch[row] = float("nan")
-    return batch
+class _Uncached:
+    """Batch sampler of `_Images`: each batch of its current order, less the images already cached."""
+
+    def __init__(self, images: "_Images"):
+        self.images = images
+
+    def __iter__(self):
+        for idx in self.images.order:
+            yield [i for i in idx.tolist() if i not in self.images.cache]
+
+    def __len__(self) -> int:
+        return len(self.images.order)
+
+
+class _Images:
+    """The training images, decoded by `compute.loader_workers` processes (persistent across epochs)
+    and kept as uint8 in memory up to a byte budget. `batches(order)` gives [0, 1] float batches on
+    the compute device, NaN for images with non-finite values (remembered in `nonfinite`)."""
+
+    def __init__(self, dataset: Dataset, budget_bytes: int, compute: Compute):
+        self.dataset, self.budget, self.compute = dataset, budget_bytes, compute
+        self.cache: dict[int, torch.Tensor] = {}
+        self.nonfinite: set[int] = set()
+        self.order: list[torch.Tensor] = []
+        self._loader = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _decoded(self):
+        if len(self.cache) == len(self.dataset):  # all in memory: no loader needed
+            return ([] for _ in self.order)
+        if self._loader is None:
+            self._loader = D.image_loader(_Decoded(self.dataset), self.compute, batch_sampler=_Uncached(self),
+                                          collate=list)
+        return D.checked(self._loader)
+
+    def batches(self, order: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        self.order = list(order)
+        for idx, decoded in zip(self.order, self._decoded()):
+            fresh = {}
+            for i, img, finite in decoded:
+                if not finite:
+                    self.nonfinite.add(i)
+                if (len(self.cache) + 1) * img.numel() <= self.budget:
+                    self.cache[i] = img
+                fresh[i] = img
+            batch = torch.stack([fresh[i] if i in fresh else self.cache[i] for i in idx.tolist()]).float() / 255
+            for row, i in enumerate(idx.tolist()):
+                if i in self.nonfinite:
+                    batch[row] = float("nan")
+            yield self.compute.put(batch)
 
 
 def learning_rate(config: CFlowConfig, epoch: float, total_epochs: int) -> float:
@@ -114,7 +155,7 @@ def location_chunks(fibers: torch.Tensor, fiber_batch: int, gen: torch.Generator
     step never depends on chance. A map larger than fiber_batch gives steps of one row.
     """
     b, locations, d = fibers.shape
-    order = torch.rand(b, locations, generator=gen).argsort(0)
+    order = torch.rand(b, locations, generator=gen).argsort(0).to(fibers.device)  # drawn on the CPU: any device
     shuffled = fibers.gather(0, order[..., None].expand(-1, -1, d))
     return shuffled.split(max(1, fiber_batch // locations))
 
@@ -122,12 +163,12 @@ def location_chunks(fibers: torch.Tensor, fiber_batch: int, gen: torch.Generator
 class _Features:
     """Encoder features of the training images, per index batch.
 
-    Without rotation the features never change, so one encoder pass fills a cache (up to a
-    byte budget) and training is decoder-only afterwards. The same pass accumulates the
-    per-location moments that fit the location whitening.
+    Without rotation the features never change, so one encoder pass fills a cache on the compute
+    device (up to a byte budget) and training is decoder-only afterwards. The same pass accumulates
+    the per-location moments that fit the location whitening.
     """
 
-    def __init__(self, model: CFlowModel, images: Dataset, config: CFlowConfig, fit_whitening: bool,
+    def __init__(self, model: CFlowModel, images: _Images, config: CFlowConfig, fit_whitening: bool,
                  progress: bool = False, budget_bytes: int = 0, log: Callable[[str], None] = print,
                  real: torch.Tensor | None = None):
         self.model, self.images, self.config = model, images, config
@@ -139,12 +180,15 @@ class _Features:
         if not keep and not fit_whitening:
             return
         moments = None
-        for idx in tqdm(_batches(len(images), config.batch_size), desc="features", disable=not progress, leave=False):
-            feats = model.features(self._images(idx))
+        order = _batches(len(images), config.batch_size)
+        for idx, x in zip(order, tqdm(images.batches(order), total=len(order), desc="features", disable=not progress,
+                                      leave=False)):
+            feats = model.features(x)
             if fit_whitening:
                 finite = _finite_rows(feats)
-                self.dropped += int((~finite & real[idx]).sum())
-                m = [LocationWhitening.moments(f[finite & real[idx]].flatten(2).transpose(1, 2)) for f in feats]
+                mine = real[idx].to(finite.device)
+                self.dropped += int((~finite & mine).sum())
+                m = [LocationWhitening.moments(f[finite & mine].flatten(2).transpose(1, 2)) for f in feats]
                 moments = m if moments is None else [(a + c, b + d) for (a, b), (c, d) in zip(moments, m)]
             if keep and self.cache is None:  # filled in place: concatenating batches would need twice the budget
                 per_image = sum(f[0].numel() * f.element_size() for f in feats)
@@ -152,7 +196,7 @@ class _Features:
                 self.cache = [f.new_empty((len(images), *f.shape[1:])) for f in feats] if keep else None
             if keep:
                 for c, f in zip(self.cache, feats):
-                    c[idx] = f
+                    c[idx.to(c.device)] = f
         if fit_whitening:
             n_real = int(all_reduce(torch.tensor(int(real.sum())), "sum"))
             self.dropped = int(all_reduce(torch.tensor(self.dropped), "sum"))
@@ -163,30 +207,29 @@ class _Features:
                 raise CflowInputError("every training image gave non-finite features: check the training images")
             for w, (total, outer) in zip(model.whitenings, moments):
                 w.fit_moments(total, outer, n_real - self.dropped, config.whitening_eps)
-        if keep and isinstance(images, _ImageOnly):
+        if keep:
             images.cache.clear()  # never read again: the features stand in for them
 
-    def _images(self, idx: torch.Tensor) -> torch.Tensor:
-        return _float_images(self.images, idx)
-
-    def __call__(self, idx: torch.Tensor, gen: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Features of images `idx`; with `gen` (training) the images are randomly rotated first."""
+    def epoch(self, order: list[torch.Tensor], gen: torch.Generator | None = None) -> Iterator[list[torch.Tensor]]:
+        """Features of each index batch of `order`, in turn; with `gen` (training) the images are randomly
+        rotated first, drawing from `gen` as each batch is asked for."""
         if self.cache is not None:
-            return [c[idx] for c in self.cache]
-        x = self._images(idx)
-        if gen is not None:
-            x = _rotate(x, self.config.rotation, gen)
-        return self.model.features(x)
+            for idx in order:
+                yield [c[idx.to(c.device)] for c in self.cache]
+            return
+        for x in self.images.batches(order):
+            if gen is not None:
+                x = _rotate(x, self.config.rotation, gen)
+            yield self.model.features(x)
 
 
 @torch.no_grad()
-def log_density_maps_of(model: CFlowModel, features: Callable[[torch.Tensor], list[torch.Tensor]], n: int,
-                        batch_size: int) -> list[torch.Tensor]:
-    """Per-scale log-density maps [N, h_k, w_k] of n images, `features(idx)` giving their features."""
+def log_density_maps_of(model: CFlowModel, features: _Features, n: int, batch_size: int) -> list[torch.Tensor]:
+    """Per-scale log-density maps [N, h_k, w_k] of the n images that `features` encodes."""
     model.eval()
     parts: list[list[torch.Tensor]] = [[] for _ in model.decoders]
-    for idx in _batches(n, batch_size):
-        for k, lm in enumerate(model.log_density_maps(features(idx))):
+    for feats in features.epoch(_batches(n, batch_size)):
+        for k, lm in enumerate(model.log_density_maps(feats)):
             parts[k].append(lm)
     return [torch.cat(p) for p in parts]
 
@@ -206,7 +249,7 @@ def calibrate(model: CFlowModel, log_batches: Callable[[], Iterable[list[torch.T
             if ok.any():
                 yield [lm[ok] for lm in logs]
 
-    refs = torch.full((len(model.decoders),), -math.inf)
+    refs = torch.full((len(model.decoders),), -math.inf, device=model.map_offset.device)
     kept: list[list[torch.Tensor]] | None = []
     size = 0
     for logs in finite_batches(log_batches()):
@@ -259,6 +302,33 @@ class _StopRequests:
             signal.signal(sig, handler)
 
 
+def _new_history() -> dict:
+    return {"epoch_loss": [], "epoch_seconds": [], "val_nll": [], "skipped_steps": 0, "dropped_images": 0,
+            "lr_scale": 1.0}
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, saved after every epoch and on SIGINT/SIGTERM; `--resume` continues from it.
+    `order` is the current epoch's batch order (None between epochs) and `batch` the next batch in it;
+    the loss sums and image count are the current epoch's so far."""
+
+    epoch: int = 0
+    batch: int = 0
+    order: list[torch.Tensor] | None = None
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    seen: int = 0
+    skipped_in_row: int = 0  # non-finite steps in a row, towards NONFINITE_PATIENCE
+    history: dict = field(default_factory=_new_history)
+    best_nll: float = math.inf
+    best: dict | None = None  # the decoders of the best meta-epoch (with a validation split)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.order = self.epoch + 1, 0, None
+        self.loss_sum, self.loss_steps, self.seen = 0.0, 0, 0
+
+
 def _save_state(path: Path, state: dict) -> None:
     """Atomically (temp file + rename): a kill mid-write leaves the previous state intact."""
     tmp = path.with_name(path.name + ".tmp")
@@ -268,18 +338,178 @@ def _save_state(path: Path, state: dict) -> None:
 
 def load_state(path: Path, config: CFlowConfig) -> dict:
     """The training state saved in `path`, if it was saved with the same options as `config`; the
-    memory budget may differ (a run stopped for lack of memory can resume with a smaller one)."""
-    state = torch.load(path, weights_only=True)  # tensors and plain containers only: nothing executes
+    memory budget may differ (a run stopped for lack of memory can resume with a smaller one), and
+    so may the device: tensors load on the CPU and move to wherever the run computes."""
+    state = torch.load(path, weights_only=True, map_location="cpu")  # tensors and plain containers only
     saved = CFlowConfig.from_dict(json.loads(state.get("config", "{}"))).replace(memory_mb=config.memory_mb)
     if saved != config:
         raise CflowInputError(f"the training state in '{path}' was saved with other options: "
                               "rerun with the same options, or without --resume to start over")
+    if any(f.name not in state for f in fields(TrainState)):
+        raise CflowInputError(f"the training state in '{path}' was saved by another version of cflow-ad: "
+                              "rerun without --resume to start over")
     return state
 
 
 def _finite_rows(features: list[torch.Tensor]) -> torch.Tensor:
     """[B] True for the images whose features are finite at every scale."""
     return torch.stack([torch.isfinite(f).flatten(1).all(1) for f in features]).all(0)
+
+
+class _Run:
+    """One training run of `fit`, in named steps: the encoder pass (in the constructor), an epoch, an
+    image batch, an optimiser step, and the state saving."""
+
+    def __init__(self, model: CFlowModel, train_set: Dataset, val_set: Dataset | None, compute: Compute,
+                 progress: bool, log: Callable[[str], None], state_path: Path | None, resume: bool,
+                 on_epoch: Callable[[int, CFlowModel], None] | None):
+        cfg = self.cfg = model.config
+        self.model, self.progress, self.log, self.state_path, self.on_epoch = model, progress, log, state_path, on_epoch
+        saved = load_state(state_path, cfg) if resume and state_path is not None and state_path.is_file() else None
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.rank, self.world = rank_world()
+        mine, real = shard(len(train_set))  # all images in one process
+        budget = cfg.memory_mb * 2**20
+        self.images = _Images(train_set if self.world == 1 else Subset(train_set, mine), budget // 3, compute)
+        self.features = _Features(model, self.images, cfg, fit_whitening=True, progress=progress,
+                                  budget_bytes=budget * 2 // 3, log=log, real=torch.tensor(real))
+        # the same global batch whatever the number of ranks
+        self.batch_size, self.fiber_batch = max(1, cfg.batch_size // self.world), max(1, cfg.fiber_batch // self.world)
+        # validation runs once a meta-epoch: its images are decoded and encoded again rather than cached
+        self.val = None if not val_set else _Features(model, _Images(val_set, 0, compute), cfg.replace(rotation=0.0),
+                                                      False)
+        self.val_size = len(val_set) if val_set else 0
+        self.params = [p for p in model.decoders.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)  # one kernel a step: unfused is a third slower
+        self.total_epochs = cfg.epochs * cfg.sub_epochs
+        self.n_batches = math.ceil(len(self.images) / self.batch_size)
+        self.steps = decoder_steps(model.decoders)  # DDP-wrapped when distributed: gradients averaged over ranks
+        self.state = TrainState()
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            self.opt.load_state_dict(saved["optimizer"])  # Adam moves its moments to the parameters' device
+            self.gen.set_state(saved["generator"])
+            torch.set_rng_state(saved["torch_rng"])
+            self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState)})
+            log(f"resuming at epoch {self.state.epoch + 1}/{self.total_epochs}, image batch {self.state.batch + 1}"
+                f"/{self.n_batches}")
+        self.history = self.state.history
+        self.history["dropped_images"] = max(self.history["dropped_images"], self.features.dropped)
+
+    def save(self) -> None:
+        if self.state_path is not None and self.rank == 0:
+            _save_state(self.state_path, {
+                "config": self.cfg.to_json(), "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                **{f.name: getattr(self.state, f.name) for f in fields(TrainState)}})
+
+    def step(self, k: int, fibers: torch.Tensor, log_det: torch.Tensor | None, size: tuple[int, int]) -> None:
+        """One optimiser step on scale k's fiber rows; skipped (and counted) when the loss or the
+        gradient is not finite, on every rank alike."""
+        s, cfg = self.state, self.cfg
+        loss = fiber_loss(self.model.log_likelihood(k, fibers, log_det, size, self.steps[k]), cfg.loss)
+        self.opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        if self.world > 1 and any_rank(not math.isfinite(value)):
+            value = math.nan  # a step is taken by all ranks or by none
+        if math.isfinite(value):
+            loss.backward()
+            grad = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if not math.isfinite(value) or not torch.isfinite(grad):
+            s.skipped_in_row += 1
+            self.history["skipped_steps"] += 1
+            if s.skipped_in_row == NONFINITE_PATIENCE:
+                self.history["lr_scale"] /= 2
+                s.skipped_in_row = 0
+                self.log(f"warning: {NONFINITE_PATIENCE} non-finite steps in a row: learning rate halved"
+                         f" (x{self.history['lr_scale']:g})")
+            return
+        s.skipped_in_row = 0
+        self.opt.step()
+        s.loss_sum += value
+        s.loss_steps += 1
+
+    def image_batch(self, feats: list[torch.Tensor]) -> None:
+        """The steps of one image batch: images with non-finite features dropped, then each scale's
+        fibers in random chunks of whole location sets."""
+        finite = _finite_rows(feats)
+        if self.world > 1 and any_rank(not finite.all()):  # ranks must take the same steps: all skip it
+            finite = torch.zeros_like(finite)
+        if not finite.all():
+            bad = int((~finite).sum())
+            self.history["dropped_images"] += bad
+            self.log(f"warning: {bad} image(s) with non-finite features left out of this batch"
+                     f" ({self.history['dropped_images']} so far)")
+            feats = [f[finite] for f in feats]
+        for k, f in enumerate(feats):
+            if f.shape[0] == 0:
+                continue
+            fibers, log_det = self.model.fibers(k, f)
+            for chunk in location_chunks(fibers, self.fiber_batch, self.gen):
+                self.step(k, chunk, log_det, tuple(f.shape[-2:]))
+
+    def epoch(self, stop: "_StopRequests") -> None:
+        """The rest of the current epoch (all of it unless resumed mid-way), then its bookkeeping."""
+        s, cfg = self.state, self.cfg
+        self.model.train()  # the encoder stays in eval mode; leaving eval later refolds the decoders
+        if s.order is None:
+            s.order = _batches(len(self.images), self.batch_size, self.gen)
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.n_batches, initial=s.batch, desc=f"epoch {s.epoch + 1}/{self.total_epochs}",
+                   disable=not self.progress, leave=False)
+        todo = s.order[s.batch:]
+        for idx, feats in zip(todo, self.features.epoch(todo, self.gen)):
+            lr = learning_rate(cfg, s.epoch + s.batch / self.n_batches, self.total_epochs) * self.history["lr_scale"]
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.image_batch(feats)
+            s.batch += 1
+            s.seen += len(idx)
+            bar.update()
+            bar.set_postfix(loss=f"{s.loss_sum / max(s.loss_steps, 1):.3f}",
+                            img_s=f"{s.seen / (time.perf_counter() - t0):.1f}")
+            if any_rank(stop.requested):
+                self.save()
+                raise TrainingInterrupted(self.state_path)
+        bar.close()
+        self.end_epoch(time.perf_counter() - t0)
+
+    def end_epoch(self, seconds: float) -> None:
+        """Epoch loss over all ranks, the log line, `on_epoch`, validation at the end of a meta-epoch."""
+        s, h, cfg = self.state, self.history, self.cfg
+        total = all_reduce(torch.tensor([s.loss_sum, float(s.loss_steps)], dtype=torch.float64))
+        loss_sum, loss_n = (float(v) for v in total)
+        if loss_n == 0:
+            raise CflowInputError("every training step of an epoch had a non-finite loss or gradient: check the"
+                                  " training images, or lower --lr")
+        h["epoch_loss"].append(loss_sum / loss_n)
+        h["epoch_seconds"].append(seconds)
+        self.log(f"epoch {s.epoch + 1}/{self.total_epochs}: loss {h['epoch_loss'][-1]:.4f}, {seconds:.1f} s"
+                 + (f", {h['skipped_steps']} non-finite steps skipped" if h["skipped_steps"] else ""))
+        if self.on_epoch is not None:
+            self.on_epoch(s.epoch + 1, self.model)
+        if self.val is not None and (s.epoch + 1) % cfg.sub_epochs == 0:
+            val_logs = log_density_maps_of(self.model, self.val, self.val_size, cfg.batch_size)
+            val_nll = -sum(lm.mean().item() for lm in val_logs) / len(val_logs)
+            h["val_nll"].append(val_nll)
+            self.log(f"meta-epoch {(s.epoch + 1) // cfg.sub_epochs}/{cfg.epochs}: validation NLL per dim {val_nll:.4f}")
+            if val_nll < s.best_nll:
+                s.best_nll, s.best = val_nll, copy.deepcopy(self.model.decoders.state_dict())
+        s.next_epoch()
+        self.save()
+
+    def finish(self) -> dict:
+        """The best meta-epoch's decoders (with validation), then the stateless constants."""
+        s, h = self.state, self.history
+        if s.best is not None:
+            self.model.decoders.load_state_dict(s.best)
+            h["selected_meta_epoch"] = h["val_nll"].index(s.best_nll) + 1
+        self.model.eval()
+        calibrate(self.model, lambda: (self.model.log_density_maps(f)
+                                       for f in self.features.epoch(_batches(len(self.images), self.batch_size))))
+        h["epochs"] = self.total_epochs
+        return h
 
 
 def fit(
@@ -291,13 +521,16 @@ def fit(
     on_epoch: Callable[[int, CFlowModel], None] | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
+    compute: Compute | None = None,
 ) -> dict:
-    """Train the decoders of `model` in place; returns a history with losses and timings.
+    """Train the decoders of `model` in place on `compute` (default: `Compute()`, the GPU when there is
+    one); returns a history with losses and timings. The model is moved to the compute device.
 
-    With `state_path`, the whole training state (model, optimiser, RNG states, epoch and position,
-    history) is written there atomically after every epoch and when SIGINT or SIGTERM arrives, and
-    `resume=True` continues from it exactly: the same seed gives the same model as a run that was
-    never stopped. The learning rate is a function of the position, so it needs no state of its own.
+    With `state_path`, the whole training state (model, optimiser, RNG states, `TrainState`) is written
+    there atomically after every epoch and when SIGINT or SIGTERM arrives, and `resume=True` continues
+    from it exactly: the same seed gives the same model as a run that was never stopped. The learning
+    rate is a function of the position, so it needs no state of its own. Every random draw comes from
+    CPU generators, so the device changes no draw.
 
     Non-finite values never reach the weights: images with non-finite features are dropped from
     their batch (and from the whitening fit), and a step whose loss or gradient is not finite is
@@ -307,156 +540,40 @@ def fit(
     `on_epoch(epoch, model)` runs after every epoch, outside the timed loop (benchmarks use it
     to trace accuracy over training; training itself never looks at its results).
     """
-    cfg = model.config
     if len(train_set) == 0:
         raise ValueError("empty training set")
-    state_path = Path(state_path) if state_path is not None else None
-    state = load_state(state_path, cfg) if resume and state_path is not None and state_path.is_file() else None
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rank, world = rank_world()
-    mine, real = shard(len(train_set))  # all images in one process
-    budget = cfg.memory_mb * 2**20
-    images = _ImageOnly(train_set if world == 1 else Subset(train_set, mine), budget // 3)
-    features = _Features(model, images, cfg, fit_whitening=True, progress=progress, budget_bytes=budget * 2 // 3,
-                         log=log, real=torch.tensor(real))
-    batch_size, fiber_batch = max(1, cfg.batch_size // world), max(1, cfg.fiber_batch // world)  # the same global batch
-    # validation runs once a meta-epoch: its images are decoded and encoded again rather than cached
-    val = None if not val_set else _Features(model, _ImageOnly(val_set, 0), cfg.replace(rotation=0.0), False)
-    params = [p for p in model.decoders.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # one kernel per step: a third of a step unfused
-    total_epochs = cfg.epochs * cfg.sub_epochs
-    n_batches = math.ceil(len(images) / batch_size)
-    steps = decoder_steps(model.decoders)  # DDP-wrapped when distributed: gradients averaged over ranks
-    history: dict = {"epoch_loss": [], "epoch_seconds": [], "val_nll": [], "skipped_steps": 0, "dropped_images": 0,
-                     "lr_scale": 1.0}
-    best: tuple[float, dict | None] = (math.inf, None)
-    position = (0, 0, None, (0.0, 0, 0))  # epoch, next batch, the epoch's batch order, (loss sum, steps, images)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, best = state["history"], (state["best_nll"], state["best"])
-        position = (state["epoch"], state["batch"], state["order"], tuple(state["partial"]))
-        log(f"resuming at epoch {state['epoch'] + 1}/{total_epochs}, image batch {state['batch'] + 1}/{n_batches}")
-    history["dropped_images"] = max(history["dropped_images"], features.dropped)
-
-    def save(epoch: int, batch: int, order, partial) -> None:
-        if state_path is not None and rank == 0:
-            _save_state(state_path, {
-                "config": cfg.to_json(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-                "best_nll": best[0], "best": best[1], "epoch": epoch, "batch": batch, "order": order,
-                "partial": list(partial)})
-
-    skipped_in_row = 0
+    compute = compute or Compute()
+    compute.place(model)
+    run = _Run(model, train_set, val_set, compute, progress, log, Path(state_path) if state_path else None, resume,
+               on_epoch)
     with _StopRequests() as stop:
-        for epoch in range(position[0], total_epochs):
-            model.train()  # the encoder stays in eval mode; leaving eval later refolds the decoders
-            resumed = epoch == position[0] and position[2] is not None
-            order = position[2] if resumed else _batches(len(images), batch_size, gen)
-            first = position[1] if resumed else 0
-            loss_sum, loss_n, seen = position[3] if resumed else (0.0, 0, 0)
-            t0 = time.perf_counter()
-            bar = tqdm(range(first, len(order)), total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{total_epochs}",
-                       disable=not progress, leave=False)
-            for b in bar:
-                idx = order[b]
-                lr = learning_rate(cfg, epoch + b / n_batches, total_epochs) * history["lr_scale"]
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                feats = features(idx, gen)
-                finite = _finite_rows(feats)
-                if world > 1 and any_rank(not finite.all()):  # ranks must take the same steps: all skip it
-                    finite = torch.zeros_like(finite)
-                if not finite.all():
-                    history["dropped_images"] += int((~finite).sum())
-                    log(f"warning: {int((~finite).sum())} image(s) with non-finite features left out of this batch"
-                        f" ({history['dropped_images']} so far)")
-                    feats = [f[finite] for f in feats]
-                for k, f in enumerate(feats):
-                    if f.shape[0] == 0:
-                        continue
-                    _, d, h, w = f.shape
-                    fibers, log_det = model.fibers(k, f)
-                    cond = model.condition(h, w)
-                    for chunk in location_chunks(fibers, fiber_batch, gen):
-                        lp = steps[k](chunk, cond)  # [rows, h*w]: the condition broadcasts
-                        if log_det is not None:  # constant in theta: reported NLL stays exact
-                            lp = lp + log_det
-                        loss = fiber_loss(lp / d, cfg.loss)
-                        opt.zero_grad(set_to_none=True)
-                        value = loss.item()
-                        if world > 1 and any_rank(not math.isfinite(value)):
-                            value = math.nan  # a step is taken by all ranks or by none
-                        if math.isfinite(value):
-                            loss.backward()
-                            grad = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                        if not math.isfinite(value) or not torch.isfinite(grad):
-                            skipped_in_row += 1
-                            history["skipped_steps"] += 1
-                            if skipped_in_row == NONFINITE_PATIENCE:
-                                history["lr_scale"] /= 2
-                                skipped_in_row = 0
-                                log(f"warning: {NONFINITE_PATIENCE} non-finite steps in a row: learning rate"
-                                    f" halved (x{history['lr_scale']:g})")
-                            continue
-                        skipped_in_row = 0
-                        opt.step()
-                        loss_sum += value
-                        loss_n += 1
-                seen += len(idx)
-                bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-                if any_rank(stop.requested):
-                    save(epoch, b + 1, order, (loss_sum, loss_n, seen))
-                    raise TrainingInterrupted(state_path)
-            seconds = time.perf_counter() - t0
-            loss_sum, loss_n = (float(v) for v in all_reduce(torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)))
-            if loss_n == 0:
-                raise CflowInputError("every training step of an epoch had a non-finite loss or gradient: check the"
-                                      " training images, or lower --lr")
-            history["epoch_loss"].append(loss_sum / loss_n)
-            history["epoch_seconds"].append(seconds)
-            log(f"epoch {epoch + 1}/{total_epochs}: loss {history['epoch_loss'][-1]:.4f}, {seconds:.1f} s"
-                + (f", {history['skipped_steps']} non-finite steps skipped" if history["skipped_steps"] else ""))
-            if on_epoch is not None:
-                on_epoch(epoch + 1, model)
-            if val is not None and (epoch + 1) % cfg.sub_epochs == 0:
-                val_logs = log_density_maps_of(model, val, len(val_set), cfg.batch_size)
-                val_nll = -sum(lm.mean().item() for lm in val_logs) / len(val_logs)
-                history["val_nll"].append(val_nll)
-                log(f"meta-epoch {(epoch + 1) // cfg.sub_epochs}/{cfg.epochs}: validation NLL per dim {val_nll:.4f}")
-                if val_nll < best[0]:
-                    best = (val_nll, copy.deepcopy(model.decoders.state_dict()))
-            save(epoch + 1, 0, None, (0.0, 0, 0))
+        while run.state.epoch < run.total_epochs:
+            run.epoch(stop)
             if any_rank(stop.requested):
-                raise TrainingInterrupted(state_path)
-    if best[1] is not None:
-        model.decoders.load_state_dict(best[1])
-        history["selected_meta_epoch"] = history["val_nll"].index(best[0]) + 1
-    model.eval()
-    calibrate(model, lambda: (model.log_density_maps(features(idx)) for idx in _batches(len(images), batch_size)))
-    model.eval()
-    history["epochs"] = total_epochs
-    return history
+                raise TrainingInterrupted(run.state_path)
+    return run.finish()
 
 
 @torch.no_grad()
-def fit_baseline(model: DistanceModel, train_set: Dataset, progress: bool = True, sample: int = 64) -> dict:
-    """Fit PaDiM or SPADE in one encoder pass over the training images, then set the heat-map scale
-    (`train_max_score`) from up to `sample` of them (each left out of its own SPADE search)."""
+def fit_baseline(model: DistanceModel, train_set: Dataset, progress: bool = True, sample: int = 64,
+                 compute: Compute | None = None) -> dict:
+    """Fit PaDiM or SPADE in one encoder pass over the training images on `compute` (default:
+    `Compute()`), then set the heat-map scale (`train_max_score`) from up to `sample` of them (each
+    left out of its own SPADE search)."""
     cfg = model.config
     if len(train_set) < 2:
         raise ValueError("a baseline needs at least 2 training images")
-    images = _ImageOnly(train_set, budget_bytes=0)  # one pass: nothing to keep
+    compute = compute or Compute()
+    compute.place(model)
+    images = _Images(train_set, 0, compute)  # one pass: nothing to keep
     batches = _batches(len(images), cfg.batch_size)
     t0 = time.perf_counter()
-    bar = tqdm(batches, desc=f"fit {cfg.method}", disable=not progress, leave=False)
-    model.fit(model.features(_float_images(images, idx)) for idx in bar)
+    bar = tqdm(images.batches(batches), total=len(batches), desc=f"fit {cfg.method}", disable=not progress, leave=False)
+    model.fit(model.features(x) for x in bar)
     seconds = time.perf_counter() - t0
     picks = torch.linspace(0, len(images) - 1, min(sample, len(images))).round().long().unique()
-    top = max(float(model.maps_from_features(model.features(_float_images(images, idx)), idx)[1].max())
-              for idx in picks.split(cfg.batch_size))
+    picks = list(picks.split(cfg.batch_size))
+    top = max(float(model.maps_from_features(model.features(x), idx)[1].max())
+              for idx, x in zip(picks, images.batches(picks)))
     model.train_max_score.fill_(max(top, 1e-6))
     return {"fit_seconds": seconds, "epochs": 0}

@@ -1,0 +1,181 @@
+"""Where a run computes: the device, the precision and the CPU threads, decided here alone.
+
+The device is a run setting, not part of the model: checkpoints hold CPU tensors and load on
+any device, and `CFlowConfig` (hence the experiments' run hashes) never sees it. No other file
+of the package calls `torch.cuda`: they ask a `Compute` for the device, an autocast context,
+the loader settings and the copies back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .errors import CflowInputError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_DEFAULT_WORKERS = 4
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def local_threads(cores: int) -> int:
+    """Threads per rank: the cores shared by the ranks on this node (too many threads collapse throughput)."""
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Torch's CPU threads: `n`, or this rank's share of the cores available; returns the count."""
+    torch.set_num_threads(max(1, n or local_threads(available_cores())))
+    return torch.get_num_threads()
+
+
+def default_workers() -> int:
+    """Image-decoding worker processes: min(4, cores - 1), so the model keeps a core."""
+    return max(0, min(MAX_DEFAULT_WORKERS, available_cores() - 1))
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` (CUDA when present, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked to exist.
+    Under torchrun `auto` and `cuda` mean this rank's GPU, cuda:LOCAL_RANK."""
+    name = str(name).strip().lower()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        name = "cuda" if cuda_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise CflowInputError("--device mps: this machine has no Apple GPU (MPS) available: use --device cpu")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        index = local if name == "cuda" else name.partition(":")[2]
+        if not str(index).isdigit():
+            raise CflowInputError(f"--device {name}: a CUDA device is cuda or cuda:N with N a number")
+        count = cuda_count()
+        if count == 0:
+            raise CflowInputError(f"--device {name}: PyTorch sees no CUDA GPU here: use --device cpu"
+                                  " (or install a CUDA build of PyTorch)")
+        if int(index) >= count:
+            raise CflowInputError(f"--device {name}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", int(index))
+    raise CflowInputError(f"unknown --device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise CflowInputError(f"unknown --precision '{precision}': use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise CflowInputError("--precision fp16 needs a GPU: on the CPU use --precision bf16 (or fp32)")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CflowInputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16: use fp16")
+    if precision == "bf16" and device.type == "mps":
+        raise CflowInputError("--precision bf16 is not supported on MPS: use fp16")
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The run settings every command takes (`--device`, `--precision`, `--workers`)."""
+
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps; a run setting, not saved"})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32, or bf16 / fp16 autocast for the encoder (the flows stay fp32); bf16 also runs on CPUs"})
+    workers: int | None = field(default=None, metadata={
+        "help": f"image-decoding worker processes (0: in the main process; default min({MAX_DEFAULT_WORKERS},"
+                " cores - 1))"})
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise CflowInputError(f"--workers must be >= 0, got {self.workers}")
+        object.__setattr__(self, "torch_device", resolve_device(self.device))
+        _check_precision(self.precision, self.torch_device)
+
+    @property
+    def type(self) -> str:
+        return self.torch_device.type
+
+    @property
+    def loader_workers(self) -> int:
+        return default_workers() if self.workers is None else self.workers
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.type == "cuda"
+
+    def autocast(self):
+        """The encoder's precision context: autocast to bf16 / fp16, or nothing for fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.type, dtype=_DTYPES[self.precision])
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` moved to the device, its encoder autocast to the precision (the flows stay fp32)."""
+        model.to(self.torch_device)
+        model.encoder.autocast_dtype = _DTYPES.get(self.precision)
+        return model
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device (non-blocking from pinned memory)."""
+        return t.to(self.torch_device, non_blocking=self.pin_memory)
+
+    def host(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Device tensors back on the host, copied together and waited for once (one sync per batch)."""
+        if self.type == "cpu":
+            return tensors
+        out = tuple(t.to("cpu", non_blocking=True) for t in tensors)
+        synchronize(self.torch_device)
+        return out
+
+    def describe(self) -> str:
+        name = str(self.torch_device)
+        if self.type == "cuda":
+            name += f" ({torch.cuda.get_device_name(self.torch_device)})"
+        return f"{name}, {self.precision}"
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (for timings and host copies); nothing on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def distributed_backend(device: torch.device) -> str:
+    """nccl for CUDA ranks, gloo otherwise (nccl refuses CPU tensors)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def onnx_providers(device: torch.device) -> list[str]:
+    """onnxruntime's execution providers for `device`: CUDA's when the device is a GPU and
+    onnxruntime-gpu is installed, else the CPU's."""
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+COMPUTE_FIELDS = tuple(f.name for f in fields(Compute))
