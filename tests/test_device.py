@@ -61,6 +61,7 @@ def test_cuda_and_fp16_refused_without_a_gpu():
 @pytest.mark.parametrize("command", [
     ["train", "--data", "ROOT", "--category", "synthetic", "--output", "OUT"],
     ["train", "--data", "ROOT", "--category", "all", "--output", "OUT"],
+    ["train", "--nproc", "2", "--data", "ROOT", "--category", "synthetic", "--output", "OUT"],
     ["test", "--model", "MODEL", "--data", "ROOT", "--category", "synthetic", "--output", "OUT"],
     ["predict", "--model", "MODEL", "ROOT", "--output", "OUT"],
     ["calibrate", "--model", "MODEL", "--data", "ROOT", "--category", "synthetic"],

@@ -218,6 +218,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.nproc > 1:
         if args.category == "all":
             raise CflowInputError("--nproc trains one category in several processes: with --category all use --jobs")
+        _compute(args)  # a device that is not there: one line here, not one per rank
         return _torchrun(argv, args.nproc)
     threads = set_threads(args.threads)  # torchrun: the node's cores shared by its ranks
     from . import api
