@@ -13,6 +13,18 @@ fitted values, so PaDiM runs with its initial Gaussians and SPADE with a random 
 --gallery training images (762: magnetic_tile's). SPADE runs in PyTorch only.
 
     python benchmarks/speed.py --json speed.json
+
+With --device it times the paper's own Table 6 configurations instead, on that device (a GPU:
+the paper used a GTX 1080): ResNet-18, Wide-ResNet-50 and MobileNetV3-L with the paper's taps and
+decoders (3 scales, 8 couplings, C = 128, no whitening), and MobileNetV2 with this project's
+default decoder, at 256 and 512 px, batch 1 and 32, fp32 and bf16 autocast of the encoder. Each
+row gives the encoder alone and the whole model from image tensor to anomaly map and score (the
+images already on the device, outputs left there; the device is synchronised before and after
+each timed repeat), the median of --repeats, beside the paper's fps. Random weights: speed does
+not depend on their values. The filters make a short run, also on the CPU:
+
+    python benchmarks/speed.py --device cuda --json speed_gpu.json
+    python benchmarks/speed.py --device cpu --encoders resnet18 --sizes 256 --precisions fp32 --repeats 1
 """
 
 from __future__ import annotations
@@ -30,12 +42,28 @@ import time
 import torch
 
 from cflow_ad.config import CFlowConfig
-from cflow_ad.cli import available_cores
+from cflow_ad.device import PRECISIONS, Compute, available_cores, set_threads, synchronize
 from cflow_ad.export import CHUNK, OnnxModel, session_options, trace_onnx
 from cflow_ad.baselines import PaDiM, SPADE
-from cflow_ad.model import build_model
+from cflow_ad.encoder import encoder_for
+from cflow_ad.model import CFlowModel, build_model
 
 PARTS = ("encoder", "cflow", "padim", "spade")
+
+# Table 6 of the paper, by encoder: its label, the config of its Table 3 model (pooling layers as
+# PaDiM for the ResNets, layers 1-3; the authors' MobileNetV3-L blocks, our strides 8/16/32; the
+# paper's decoder, without location whitening) and its GTX 1080 fps at 256 / 512 px, encoder alone
+# and CFLOW-AD. MobileNetV2 is not in the paper: this project's default configuration.
+PAPER_DECODER = {"pool_layers": 3, "coupling_layers": 8, "condition_dim": 128, "whitening": "none"}
+TABLE6 = {
+    "resnet18": ("R18", {"last_stride": 16, **PAPER_DECODER}, {"encoder": (80, 62), "cflow": (34, 12)}),
+    "wide_resnet50_2": ("WRN50", {"last_stride": 16, **PAPER_DECODER}, {"encoder": (62, 30), "cflow": (27, 9)}),
+    "mobilenet_v3_large": ("MNetV3L", {"last_stride": 32, **PAPER_DECODER}, {"encoder": (82, 61), "cflow": (35, 12)}),
+    "mobilenet_v2": ("MNetV2 (default decoder)", {}, {}),
+}
+PAPER_SIZES = (256, 512)
+# Table 6's model sizes (MB): the whole encoder network, and CFLOW-AD (encoder and decoders).
+PAPER_MB = {"resnet18": (45, 96), "wide_resnet50_2": (268, 947), "mobilenet_v3_large": (12, 25)}
 RUNTIMES = ("torch", "onnx")
 TORCH_ONLY = ("spade",)
 
@@ -119,6 +147,79 @@ def _sizes(condition_dim: int, gallery: int) -> dict:
             "spade_gallery_mb": mb(spade), "spade_gallery_images": gallery}
 
 
+def _timed_parts(runs: dict, x: torch.Tensor, calls: int, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per image of each part on `x`'s device: warm-up calls first (allocations,
+    cuDNN's algorithm choice, the folded flows), then timed repeats that alternate the parts,
+    each repeat between two synchronisations so that only finished work counts."""
+    times: dict[str, list[float]] = {part: [] for part in runs}
+    with torch.inference_mode():
+        for run in runs.values():
+            for _ in range(warmup):
+                run(x)
+        for _ in range(repeats):
+            for part, run in runs.items():
+                synchronize(x.device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    run(x)
+                synchronize(x.device)
+                times[part].append((time.perf_counter() - t0) / (calls * len(x)))
+    return {part: statistics.median(t) for part, t in times.items()}
+
+
+def _megabytes(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def table6(args: argparse.Namespace) -> dict:
+    """Times every selected configuration on `args.device`; prints the tables and returns the figures."""
+    set_threads(args.threads)
+    where = Compute(args.device).describe().rsplit(", ", 1)[0]
+    gen = torch.Generator().manual_seed(0)
+    rows, sizes = [], []
+    for encoder in args.encoders:
+        label, changes, paper = TABLE6[encoder]
+        shared = encoder_for(CFlowConfig(encoder=encoder, **changes), pretrained=False)  # the same at every size
+        for size in args.sizes:
+            model = CFlowModel(CFlowConfig(encoder=encoder, image_size=size, **changes), shared).eval()
+            stored = [*model.decoders.parameters(), *(model.whitenings.buffers() if model.whitenings else [])]
+            sizes.append({"encoder": encoder, "image_size": size, "encoder_mb": _megabytes(shared.parameters()),
+                          "decoders_mb": _megabytes(stored), "paper_mb": PAPER_MB.get(encoder)})
+            runs = {"encoder": model.encoder, "cflow": model}
+            at = PAPER_SIZES.index(size) if paper and size in PAPER_SIZES else None
+            for precision in args.precisions:
+                compute = Compute(args.device, precision, workers=0)
+                compute.place(model)
+                for batch in args.batches:
+                    x = compute.put(torch.rand(batch, 3, size, size, generator=gen))
+                    sec = _timed_parts(runs, x, args.b1_calls if batch == 1 else 1, args.repeats, args.warmup)
+                    rows.append({"encoder": encoder, "image_size": size, "precision": precision, "batch": batch,
+                                 "encoder_ips": 1 / sec["encoder"], "cflow_ips": 1 / sec["cflow"],
+                                 "paper_encoder_fps": None if at is None else paper["encoder"][at],
+                                 "paper_cflow_fps": None if at is None else paper["cflow"][at]})
+                    print(f"{label} {size} px {precision} batch {batch}: done", file=sys.stderr, flush=True)
+            del model, runs
+        del shared
+    na = lambda v: "n/a" if v is None else f"{v:g}"  # noqa: E731
+    print(f"\nTable 6 configurations on {where}: img/s, median of {args.repeats} repeats (batch 1: {args.b1_calls}"
+          " calls each), inputs on the device, random weights. Paper: GTX 1080 fps, batch not stated.")
+    print("| encoder | px | precision | batch | encoder img/s | CFLOW-AD img/s | CFLOW-AD / encoder"
+          " | paper encoder fps | paper CFLOW-AD fps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {TABLE6[r['encoder']][0]} | {r['image_size']} | {r['precision']} | {r['batch']}"
+              f" | {r['encoder_ips']:.1f} | {r['cflow_ips']:.1f} | {r['cflow_ips'] / r['encoder_ips']:.2f}"
+              f" | {na(r['paper_encoder_fps'])} | {na(r['paper_cflow_fps'])} |")
+    print("\n| encoder | px | encoder MB (up to its last tap) | decoders MB (and whitening) | paper: encoder MB"
+          " (whole network) | paper: CFLOW-AD MB |\n|---|---|---|---|---|---|")
+    for m in sizes:
+        paper = m["paper_mb"] or (None, None)
+        print(f"| {TABLE6[m['encoder']][0]} | {m['image_size']} | {m['encoder_mb']:.1f} | {m['decoders_mb']:.1f}"
+              f" | {na(paper[0])} | {na(paper[1])} |")
+    return {"device": where, "threads": torch.get_num_threads(), "repeats": args.repeats, "b1_calls": args.b1_calls,
+            "warmup": args.warmup, "rows": rows, "model_mb": sizes}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=available_cores(), help="torch and onnxruntime threads (default: the cores)")
@@ -130,7 +231,21 @@ def main() -> None:
     p.add_argument("--gallery", type=int, default=762, help="SPADE's gallery size in training images (magnetic_tile: 762)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--row", metavar="RUNTIME", help=argparse.SUPPRESS)
+    t6 = p.add_argument_group("the paper's Table 6 configurations on one device (--device)")
+    t6.add_argument("--device", help="cuda, cuda:N, cpu or mps: time the Table 6 configurations there")
+    t6.add_argument("--encoders", nargs="+", default=list(TABLE6), choices=list(TABLE6))
+    t6.add_argument("--sizes", nargs="+", type=int, default=list(PAPER_SIZES), help="input sizes in pixels")
+    t6.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS,
+                    help="encoder autocast precision (the flows stay fp32)")
+    t6.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    t6.add_argument("--warmup", type=int, default=3, help="untimed calls per part before the timed repeats")
     args = p.parse_args()
+    if args.device:
+        figures = table6(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=2)
+        return
     if args.row:
         print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, args.condition_dim, args.gallery)))
         return
