@@ -10,6 +10,7 @@ import torch
 from cflow_ad import api
 from cflow_ad.config import CFlowConfig
 from cflow_ad.data import make_synthetic_mvtec
+from cflow_ad.source import DataSource
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 
@@ -31,7 +32,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(synthetic_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model")
-    return api.train(TINY, out, data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)
+    return api.train(TINY, out, source=DataSource(synthetic_root, "synthetic"), progress=False, log=lambda m: None)
 
 
 @pytest.fixture(scope="session")
@@ -39,4 +40,4 @@ def padim_checkpoint(synthetic_root, tmp_path_factory) -> Path:
     """PaDiM separates the synthetic defects cleanly and trains in seconds: a model whose verdicts mean
     something, with thresholds calibrated on a quarter of the training images."""
     return api.train(TINY.replace(method="padim", calibration_fraction=0.25), tmp_path_factory.mktemp("padim"),
-                     data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)
+                     source=DataSource(synthetic_root, "synthetic"), progress=False, log=lambda m: None)

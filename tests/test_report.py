@@ -16,6 +16,7 @@ from PIL import Image
 from cflow_ad import api, cli
 from cflow_ad.errors import CflowInputError
 from cflow_ad.report import GT_OUTLINE, write_report
+from cflow_ad.source import DataSource
 
 from .browser import chromium_page
 
@@ -24,7 +25,7 @@ from .browser import chromium_page
 def results(padim_checkpoint, synthetic_root, tmp_path_factory):
     """A test run of a model with calibrated thresholds, so the decision parts are filled in."""
     out = tmp_path_factory.mktemp("test_out")
-    api.test(padim_checkpoint, out, data=synthetic_root, category="synthetic", progress=False)
+    api.test(padim_checkpoint, out, source=DataSource(synthetic_root, "synthetic"), progress=False)
     return out
 
 
