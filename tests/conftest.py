@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,26 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magneti
 # Small but real: pretrained MobileNetV2, taps at strides 8 and 16, 2 couplings, 128 px.
 TINY = CFlowConfig(image_size=128, border_pad=16, pool_layers=2, last_stride=16, coupling_layers=2, condition_dim=16, epochs=1, sub_epochs=2,
                    batch_size=8, fiber_batch=256, calibration_fraction=0.0, seed=0)
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity: Python's json writes them by default, but JSON has neither."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def without_masks(root: Path, dest: Path, drop: list[str] | None = None) -> Path:
+    """A copy of the synthetic root at `dest` without its ground_truth folder, or without only the masks
+    named in `drop` ('spot/000_mask.png'): a test set labelled per image, wholly or in part."""
+    shutil.copytree(root, dest)
+    truth = dest / "synthetic" / "ground_truth"
+    if drop is None:
+        shutil.rmtree(truth)
+    for name in drop or []:
+        (truth / name).unlink()
+    return dest
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,6 +19,8 @@ from cflow_ad.metrics import (
     value_bins,
 )
 
+from .conftest import strict_json
+
 
 def reference_aupro(masks, maps, fpr_limit=0.3):
     """Slow, literal AUPRO: one pass over the data per distinct threshold."""
@@ -394,13 +396,6 @@ def test_evaluation_is_exact_within_its_budget_and_binned_past_it():
     assert results[2 * per_batch]["per_type"] == results[0]["per_type"]
 
 
-def _strict_json(text: str):
-    """json.loads that refuses NaN and Infinity, which Python's json writes by default but JSON lacks."""
-    def refuse(name):
-        raise ValueError(f"{name} is not JSON")
-    return json.loads(text, parse_constant=refuse)
-
-
 def test_evaluation_leaves_images_without_masks_out_of_the_pixel_metrics():
     labels, scores, masks, maps, types = _typed_case()
     n = len(labels)
@@ -430,7 +425,7 @@ def test_evaluation_leaves_images_without_masks_out_of_the_pixel_metrics():
         for key, value in rates.items():
             assert r["at_threshold"][key] == pytest.approx(value), (budget, key)
         assert r["at_threshold"]["good_images"] == labels.count(0)
-        _strict_json(json.dumps(r))
+        strict_json(json.dumps(r))
     assert results[10**12]["pixel_metrics"] == "exact"
     assert {k: results[10**12][k] for k in ("pixel_auroc", "aupro")} == {k: exact[k] for k in ("pixel_auroc", "aupro")}
     for t in ("spot", "crack"):
@@ -460,14 +455,14 @@ def test_evaluation_without_any_mask_gives_null_pixel_metrics():
     assert np.isnan(ev.f1_optimal_threshold()[0])
     curves = ev.curves()
     assert curves["image_roc"]["fpr"] and not curves["pixel_roc"]["fpr"] and not curves["pro"]["fpr"]
-    assert "NaN" not in json.dumps(r) and _strict_json(json.dumps(r)) == r
+    assert "NaN" not in json.dumps(r) and strict_json(json.dumps(r)) == r
     with pytest.raises(ValueError, match="has_mask"):
         ev.add(labels[:2], scores[:2], masks[:2], maps[:2], types[:2], [True])
 
 
 def test_to_json_writes_null_for_undefined_metrics():
     text = to_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": "x"}})
-    assert _strict_json(text) == {"a": None, "b": [1.0, None], "c": {"d": None, "e": "x"}}
+    assert strict_json(text) == {"a": None, "b": [1.0, None], "c": {"d": None, "e": "x"}}
 
 
 def test_bins_centred_on_the_maps_upper_bound_resolve_values_piled_up_there():

@@ -19,6 +19,7 @@ from cflow_ad.report import GT_OUTLINE, write_report
 from cflow_ad.source import DataSource
 
 from .browser import chromium_page
+from .conftest import strict_json, without_masks
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,16 @@ def test_worst_cases_kept_batch_by_batch_are_those_of_a_stable_sort():
     fp = sorted((j for j in range(40) if labels[j] == 0), key=lambda j: -scores[j])[:4]
     fn = sorted((j for j in range(40) if labels[j] == 1), key=lambda j: scores[j])[:4]
     assert [int(r[4]) for r in cases.worst("fp")] == fp and [int(r[4]) for r in cases.worst("fn")] == fn
+
+
+def test_report_of_a_set_without_masks_says_n_a(padim_checkpoint, synthetic_root, tmp_path):
+    root = without_masks(synthetic_root, tmp_path / "root")
+    out = tmp_path / "t"
+    api.test(padim_checkpoint, out, DataSource(root, "synthetic"), progress=False)
+    for name in ("metrics.json", "curves.json", "cases/cases.json"):
+        strict_json((out / name).read_text())
+    page = write_report(out).read_text()
+    metrics = page.split("<h2>Metrics</h2>")[1].split("<h3>")[0]
+    assert metrics.count("n/a") == 2 and "pixel metrics on the 6 of them with a mask" in metrics
+    per_type = page.split("<h3>Per defect type")[1].split("</table>")[0]
+    assert per_type.count("n/a") == 2  # scratch and spot: pixel AUROC
