@@ -43,9 +43,9 @@ def _add_data_flags(parser: argparse.ArgumentParser, test: bool) -> None:
         g.add_argument("--abnormal-dir", type=Path, help="folder of defective images (with --normal-dir)")
         g.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir: <stem>.png or <stem>_mask.png")
     g.add_argument("--frame-step", type=int, default=1, help="STC roots: use every N-th frame of each video")
+    rule = "a defect test image without a mask is an error; without this flag the pixel metrics leave it out"
     g.add_argument("--require-masks", action="store_true",
-                   help="a defect test image without a mask is an error (default: only the pixel metrics leave it"
-                   " out)" + ("" if test else "; with --category all, whose categories are tested"))
+                   help=rule if test else f"with --category all, which also tests each category: {rule}")
 
 
 def _source_from(args: argparse.Namespace):
@@ -177,8 +177,7 @@ def _print_metrics(metrics: dict) -> None:
     if used.get("pixel_metrics") != used.get("image_metrics"):
         print(f"pixel metrics on the {used['pixel_metrics']} of {used['image_metrics']} images that have masks")
     for name, m in metrics.get("per_type", {}).items():
-        extra = f"  pixel AUROC {_pc(m['pixel_auroc'])}" if "pixel_auroc" in m else ""
-        print(f"  {name:<12} image AUROC {_pc(m['image_auroc'])}{extra}")
+        print(f"  {name:<12} image AUROC {_pc(m['image_auroc'])}  pixel AUROC {_pc(m['pixel_auroc'])}")
 
 
 def _print_predictions(rows: list[dict]) -> None:
