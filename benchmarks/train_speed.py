@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Subset
 
 from cflow_ad.config import CFlowConfig
-from cflow_ad.data import mvtec_dataset
 from cflow_ad.model import CFlowModel
+from cflow_ad.source import DataSource
 from cflow_ad.training import fit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
@@ -35,7 +35,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    full = mvtec_dataset(args.data, args.category, "train", CFlowConfig().image_size)
+    full = DataSource(args.data, args.category).open("train", CFlowConfig().image_size)
     subset = Subset(full, range(min(args.images, len(full))))
     times: dict[int, list[float]] = {n: [] for n in args.fiber_batches}
     for rep in range(args.repeats + 1):  # the first round warms caches and is discarded
