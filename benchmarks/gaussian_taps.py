@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from cflow_ad.data import mvtec_dataset
 from cflow_ad.encoder import IMAGENET_MEAN, IMAGENET_STD, load_backbone
 from cflow_ad.flow_decoder import LocationWhitening
 from cflow_ad.metrics import evaluate
 from cflow_ad.scoring import score_set
+from cflow_ad.source import DataSource
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 TAPS = ["features.3", "features.6", "features.13", "features.14", "features.16", "features.17"]
@@ -38,7 +38,7 @@ def main() -> None:
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def encode(split):
-        ds = mvtec_dataset(args.data, args.category, split, args.image_size)
+        ds = DataSource(args.data, args.category).open(split, args.image_size)
         feats, labels, masks, kinds = {t: [] for t in TAPS}, [], [], []
         for b in torch.utils.data.DataLoader(ds, batch_size=16):
             with torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 from cflow_ad import api
 from cflow_ad.checkpoint import read_metadata
 from cflow_ad.config import CFlowConfig
+from cflow_ad.source import DataSource
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 
@@ -75,10 +76,10 @@ def main() -> None:
         cfg = CFlowConfig(**{**common, **VARIANTS[name]})
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            ckpt = api.train(cfg, tmp, data=args.data, category=args.category, progress=False, log=lambda m: None)
+            ckpt = api.train(cfg, tmp, source=DataSource(args.data, args.category), progress=False, log=lambda m: None)
             train_s = time.perf_counter() - t0
             history = read_metadata(ckpt)["extra"]["history"]
-            m = api.test(ckpt, None, data=args.data, category=args.category, progress=False)
+            m = api.test(ckpt, None, source=DataSource(args.data, args.category), progress=False)
         row = {
             "variant": name,
             "changes": {**common, **VARIANTS[name]},

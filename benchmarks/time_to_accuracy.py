@@ -21,6 +21,7 @@ import torch
 from cflow_ad import api
 from cflow_ad.config import CFlowConfig
 from cflow_ad.model import CFlowModel
+from cflow_ad.source import DataSource
 from cflow_ad.training import fit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
@@ -36,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = CFlowConfig()
-    train_set = api.open_dataset("train", cfg.image_size, args.data, args.category)
+    train_set = DataSource(args.data, args.category).open("train", cfg.image_size)
     model = CFlowModel(cfg)
     rows, paused = [], 0.0
     t0 = time.perf_counter()
@@ -44,7 +45,7 @@ def main() -> None:
     def on_epoch(epoch: int, m: CFlowModel) -> None:
         nonlocal paused
         start = time.perf_counter()
-        metrics = api.test(m, None, data=args.data, category=args.category, normalization="paper", progress=False)
+        metrics = api.test(m, None, source=DataSource(args.data, args.category), normalization="paper", progress=False)
         rows.append({"epoch": epoch, "train_s": round(start - t0 - paused, 1), "image_auroc": metrics["image_auroc"],
                      "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"]})
         print(json.dumps(rows[-1]), flush=True)

@@ -30,10 +30,10 @@ import torch
 from torch.utils.data import Subset
 
 from cflow_ad.config import CFlowConfig
-from cflow_ad.data import mvtec_dataset
 from cflow_ad.device import PRECISIONS, Compute, set_threads, synchronize
 from cflow_ad.encoder import packaged_weights_path
 from cflow_ad.model import CFlowModel
+from cflow_ad.source import DataSource
 from cflow_ad.training import fit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
@@ -67,7 +67,7 @@ def epochs(args: argparse.Namespace, root: Path) -> None:
     for name in args.configs:
         cfg = CONFIGS[name].replace(epochs=1, sub_epochs=args.epochs)
         pretrained = packaged_weights_path(cfg.encoder) is not None
-        full = mvtec_dataset(root, args.category, "train", cfg.image_size)
+        full = DataSource(root, args.category).open("train", cfg.image_size)
         subset = Subset(full, range(min(args.images, len(full))))
         for precision in args.precisions:
             compute = Compute(args.device, precision, args.workers)
@@ -113,7 +113,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads or 2)
     args.fiber_batches = args.fiber_batches or [256, 1024, 8192]
-    full = mvtec_dataset(args.data, args.category, "train", CFlowConfig().image_size)
+    full = DataSource(args.data, args.category).open("train", CFlowConfig().image_size)
     fiber_batches(args, Subset(full, range(min(args.images or 64, len(full)))))
 
 

@@ -14,6 +14,7 @@ from cflow_ad.baselines import PADIM_RIDGE, PaDiM, SPADE, embedding, gaussian_bl
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.errors import CflowInputError
 from cflow_ad.inference import load_runner
+from cflow_ad.source import DataSource
 
 from .conftest import TINY
 
@@ -21,13 +22,14 @@ from .conftest import TINY
 @pytest.fixture(scope="module", params=["padim", "spade"])
 def baseline(request, synthetic_root, tmp_path_factory):
     cfg = TINY.replace(method=request.param, knn_images=5)
-    path = api.train(cfg, tmp_path_factory.mktemp(request.param), data=synthetic_root, category="synthetic", progress=False)
+    source = DataSource(synthetic_root, "synthetic")
+    path = api.train(cfg, tmp_path_factory.mktemp(request.param), source, progress=False)
     return request.param, path
 
 
 def test_baseline_finds_the_synthetic_defects(baseline, synthetic_root, tmp_path):
     method, path = baseline
-    metrics = api.test(path, tmp_path, data=synthetic_root, category="synthetic", progress=False)
+    metrics = api.test(path, tmp_path, source=DataSource(synthetic_root, "synthetic"), progress=False)
     assert metrics["image_auroc"] >= 0.9, metrics
     assert metrics["pixel_auroc"] >= 0.9 and metrics["aupro"] >= 0.8, metrics
     assert (tmp_path / "scores.csv").is_file()
@@ -53,7 +55,7 @@ def test_baseline_checkpoint_round_trip_and_predict(baseline, synthetic_root, tm
 def test_baselines_refuse_paper_normalisation(baseline, synthetic_root, tmp_path):
     _, path = baseline
     with pytest.raises(CflowInputError, match="cflow"):
-        api.test(path, tmp_path, data=synthetic_root, category="synthetic", normalization="paper", progress=False)
+        api.test(path, tmp_path, source=DataSource(synthetic_root, "synthetic"), normalization="paper", progress=False)
 
 
 @pytest.mark.parametrize("sigma", [4.0, 1.5])

@@ -9,6 +9,7 @@ import pytest
 from cflow_ad.categories import train_all
 from cflow_ad.cli import run
 from cflow_ad.data import make_synthetic_mvtec
+from cflow_ad.source import DataSource
 
 from .conftest import TINY
 
@@ -45,8 +46,8 @@ def test_all_categories_train_and_a_broken_one_is_reported(plant, tmp_path, caps
 
 
 def test_parallel_jobs_give_the_same_models(plant, tmp_path):
-    serial = train_all(FAST, plant, tmp_path / "serial", jobs=1, log=lambda m: None)
-    parallel = train_all(FAST, plant, tmp_path / "parallel", jobs=2, threads=2, log=lambda m: None)
+    serial = train_all(FAST, DataSource(plant), tmp_path / "serial", jobs=1, log=lambda m: None)
+    parallel = train_all(FAST, DataSource(plant), tmp_path / "parallel", jobs=2, threads=2, log=lambda m: None)
     assert [r["category"] for r in parallel] == ["bottle", "broken", "cable"]
     for a, b in zip(serial, parallel):
         assert a["status"] == b["status"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cflow_ad import api
+from cflow_ad import DataSource, api
 from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.device import Compute, cuda_available, cuda_count
 
@@ -37,7 +37,7 @@ def gpu(test):
 
 @gpu
 def test_cuda_maps_and_scores_match_the_cpu(tiny_checkpoint, synthetic_root):
-    dataset = api.open_dataset("test", TINY.image_size, synthetic_root, "synthetic")
+    dataset = DataSource(synthetic_root, "synthetic").open("test", TINY.image_size)
     cpu, cuda = (api.score_dataset(load_checkpoint(tiny_checkpoint), dataset, "stateless",
                                    compute=Compute(device, workers=0))[:2] for device in ("cpu", "cuda"))
     for got, want in zip(cuda, cpu):  # relative to the values' scale: map values cross zero
@@ -46,11 +46,10 @@ def test_cuda_maps_and_scores_match_the_cpu(tiny_checkpoint, synthetic_root):
 
 @gpu
 def test_training_on_cuda_reaches_the_cpu_metrics(synthetic_root, tmp_path):
-    metrics = {}
+    metrics, source = {}, DataSource(synthetic_root, "synthetic")
     for device in ("cpu", "cuda"):
-        path = api.train(TINY, tmp_path / device, data=synthetic_root, category="synthetic", progress=False,
-                         log=lambda m: None, device=device)
-        metrics[device] = api.test(path, None, data=synthetic_root, category="synthetic", progress=False, device=device)
+        path = api.train(TINY, tmp_path / device, source, progress=False, log=lambda m: None, device=device)
+        metrics[device] = api.test(path, None, source, progress=False, device=device)
     for key in METRICS:
         assert metrics["cuda"][key] == pytest.approx(metrics["cpu"][key], abs=0.005), key  # 0.5 points
 
@@ -64,7 +63,7 @@ def uninterrupted_cuda(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda-whole")
     subprocess.run(_cuda_cmd(synthetic_root, out), check=True, capture_output=True, timeout=600)
     ckpt = out / "model.safetensors"
-    return ckpt, api.test(ckpt, None, data=synthetic_root, category="synthetic", progress=False, device="cuda")
+    return ckpt, api.test(ckpt, None, source=DataSource(synthetic_root, "synthetic"), progress=False, device="cuda")
 
 
 @gpu
@@ -91,7 +90,7 @@ def test_a_run_stopped_on_cuda_resumes_to_the_same_model(sig, uninterrupted_cuda
     a, b = load_checkpoint(ckpt).state_dict(), load_checkpoint(tmp_path / "model.safetensors").state_dict()
     for key in a:  # the same kernels on the same inputs: any resume error would show far above this
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
-    got = api.test(tmp_path / "model.safetensors", None, data=synthetic_root, category="synthetic", progress=False,
+    got = api.test(tmp_path / "model.safetensors", None, source=DataSource(synthetic_root, "synthetic"), progress=False,
                    device="cuda")
     for key in METRICS:
         assert got[key] == pytest.approx(metrics[key], abs=1e-4), key
@@ -108,7 +107,7 @@ def test_two_gpus_train_the_model_of_one(synthetic_root, tmp_path):
     h1, h2 = (read_metadata(tmp_path / name / "model.safetensors")["extra"]["history"] for name in ("one", "two"))
     assert h1["processes"] == 1 and h2["processes"] == 2
     np.testing.assert_allclose(h2["epoch_loss"], h1["epoch_loss"], rtol=1e-3)
-    m1, m2 = (api.test(tmp_path / name / "model.safetensors", None, data=synthetic_root, category="synthetic",
+    m1, m2 = (api.test(tmp_path / name / "model.safetensors", None, source=DataSource(synthetic_root, "synthetic"),
                        progress=False, device="cuda") for name in ("one", "two"))
     for key in METRICS:
         assert m2[key] == pytest.approx(m1[key], abs=0.02), key

@@ -149,18 +149,22 @@ def test_dataset_masks_and_size_mismatch(tmp_path):
     img = _save(np.zeros((20, 30, 3), np.uint8), tmp_path / "img.png")
     ok_mask = _save(np.full((20, 30), 255, np.uint8), tmp_path / "ok_mask.png")
     bad_mask = _save(np.zeros((21, 30), np.uint8), tmp_path / "bad_mask.png")
-    ds = AnomalyDataset([(img, 0, "good", None), (img, 1, "x", ok_mask), (img, 1, "x", bad_mask)], (8, 12))
-    assert ds.size == (8, 12) and len(ds.records) == 3
+    ds = AnomalyDataset([(img, 0, "good", None), (img, 1, "x", ok_mask), (img, 1, "x", bad_mask), (img, 1, "x", None)],
+                        (8, 12))
+    assert ds.size == (8, 12) and len(ds.records) == 4
     good = ds[0]
-    assert set(good) == {"image", "mask", "label", "defect_type", "path"}
-    assert good["mask"].shape == (1, 8, 12) and good["mask"].sum() == 0 and good["label"] == 0
-    assert ds[1]["mask"].min() == 1 and ds[1]["label"] == 1
+    assert set(good) == {"image", "mask", "label", "defect_type", "path", "has_mask"}
+    assert good["mask"].shape == (1, 8, 12) and good["mask"].sum() == 0 and good["label"] == 0 and good["has_mask"]
+    assert ds[1]["mask"].min() == 1 and ds[1]["label"] == 1 and ds[1]["has_mask"]
+    unmasked = ds[3]  # a defect image labelled per image only: its zero mask means nothing
+    assert unmasked["label"] == 1 and not unmasked["has_mask"] and unmasked["mask"].sum() == 0
+    assert [r.has_mask for r in ds.records] == [True, True, True, False]
     with pytest.raises(CflowInputError) as info:
         ds[2]
     assert "bad_mask.png" in str(info.value) and "img.png" in str(info.value)
-    batch = next(iter(torch.utils.data.DataLoader(AnomalyDataset(ds.records[:2], 8), batch_size=2)))
-    assert batch["image"].shape == (2, 3, 8, 8) and batch["label"].tolist() == [0, 1]
-    assert batch["defect_type"] == ["good", "x"]
+    batch = next(iter(torch.utils.data.DataLoader(AnomalyDataset([ds.records[i] for i in (0, 1, 3)], 8), batch_size=3)))
+    assert batch["image"].shape == (3, 3, 8, 8) and batch["label"].tolist() == [0, 1, 1]
+    assert batch["defect_type"] == ["good", "x", "x"] and batch["has_mask"].tolist() == [True, True, False]
 
 
 def test_list_images_expands_folders(tmp_path):
@@ -192,8 +196,11 @@ def test_mvtec_layout_errors(tmp_path):
     with pytest.raises(CflowInputError, match="test"):
         mvtec_dataset(tmp_path, "bottle", "test", 32)
     _save(np.zeros((8, 8), np.uint8), tmp_path / "bottle" / "test" / "crack" / "007.png")
-    with pytest.raises(CflowInputError, match="007_mask.png"):
-        mvtec_dataset(tmp_path, "bottle", "test", 32)
+    assert [r.has_mask for r in mvtec_dataset(tmp_path, "bottle", "test", 32).records] == [False]  # labelled only
+    msg = _raises_naming(tmp_path, mvtec_dataset, "bottle", "test", 32, True)
+    mask = tmp_path / "bottle" / "ground_truth" / "crack" / "007_mask.png"
+    assert msg == (f"missing mask '{mask}' for test image '{tmp_path / 'bottle' / 'test' / 'crack' / '007.png'}': "
+                   "add the mask or move the image out of test/")
 
 
 def test_folder_dataset(tmp_path):
@@ -206,9 +213,15 @@ def test_folder_dataset(tmp_path):
     assert [(r.label, r.defect_type) for r in ds.records] == [(0, "good"), (1, "abnormal"), (1, "abnormal")]
     assert ds[2]["mask"].min() == 1 and ds[0]["mask"].max() == 0
     assert folder_dataset(tmp_path / "normal", 8, tmp_path / "bad")[1]["mask"].max() == 0
+    labelled_only = folder_dataset(tmp_path / "normal", 8, tmp_path / "bad")
+    assert [r.has_mask for r in labelled_only.records] == [True, False, False]
+    with pytest.raises(CflowInputError, match="d1.*--mask-dir"):
+        folder_dataset(tmp_path / "normal", 8, tmp_path / "bad", require_masks=True)
     (tmp_path / "masks" / "d2_mask.png").unlink()
+    ds = folder_dataset(tmp_path / "normal", 8, tmp_path / "bad", tmp_path / "masks")
+    assert [r.has_mask for r in ds.records] == [True, True, False] and not ds[2]["has_mask"]
     with pytest.raises(CflowInputError, match="d2"):
-        folder_dataset(tmp_path / "normal", 8, tmp_path / "bad", tmp_path / "masks")
+        folder_dataset(tmp_path / "normal", 8, tmp_path / "bad", tmp_path / "masks", require_masks=True)
 
 
 def test_split_train_val_deterministic_and_disjoint(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cflow_ad import api
+from cflow_ad import DataSource, api
 from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.cli import main
 from cflow_ad.device import Compute, available_cores, cuda_available, default_workers, resolve_device
@@ -122,12 +122,13 @@ def test_workers_give_identical_results(synthetic_root, tiny_checkpoint, tmp_pat
     """Decoding in 0 or 2 worker processes: the same model (images decoded every epoch, no caches), the
     same test metrics and scores, the same predictions."""
     cfg = TINY.replace(memory_mb=0, sub_epochs=1)
-    models = [api.train(cfg, tmp_path / f"m{w}", data=synthetic_root, category="synthetic", progress=False,
-                        log=lambda m: None, device="cpu", workers=w) for w in (0, 2)]
+    source = DataSource(synthetic_root, "synthetic")
+    models = [api.train(cfg, tmp_path / f"m{w}", source, progress=False, log=lambda m: None, device="cpu", workers=w)
+              for w in (0, 2)]
     a, b = (load_file(str(m)) for m in models)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    tests = [api.test(tiny_checkpoint, tmp_path / f"t{w}", data=synthetic_root, category="synthetic", progress=False,
-                      device="cpu", workers=w) for w in (0, 2)]
+    tests = [api.test(tiny_checkpoint, tmp_path / f"t{w}", source, progress=False, device="cpu", workers=w)
+             for w in (0, 2)]
     for key in ("image_auroc", "pixel_auroc", "aupro", "per_type"):
         assert tests[0][key] == tests[1][key]
     assert (tmp_path / "t0" / "scores.csv").read_text() == (tmp_path / "t2" / "scores.csv").read_text()
@@ -147,7 +148,7 @@ def test_a_bad_file_in_a_worker(synthetic_root, tiny_checkpoint, tmp_path):
     bad = root / "synthetic" / "test" / "good" / "001.png"
     bad.write_bytes(bad.read_bytes()[:80])
     with pytest.raises(CflowInputError) as caught:
-        api.test(tiny_checkpoint, None, data=root, category="synthetic", progress=False, device="cpu", workers=2)
+        api.test(tiny_checkpoint, None, DataSource(root, "synthetic"), progress=False, device="cpu", workers=2)
     message = str(caught.value)
     assert str(bad) in message and "\n" not in message and "Traceback" not in message
     warnings = []
@@ -158,3 +159,17 @@ def test_a_bad_file_in_a_worker(synthetic_root, tiny_checkpoint, tmp_path):
     assert sum(1 for r in rows if r["score"] is not None) == len(rows) - 1
     assert len(warnings) == 2 and str(bad) in warnings[1]  # the missing-thresholds note, then the skipped file
     assert np.isfinite([r["score"] for r in rows if not r["error"]]).all()
+
+
+def test_onnxruntime_provider_follows_the_device(monkeypatch):
+    import onnxruntime as ort
+
+    from cflow_ad.device import onnx_providers
+
+    assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_providers(torch.device("cuda", 1)) == ["CPUExecutionProvider"]  # no onnxruntime-gpu: the CPU's
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers(torch.device("cuda", 1)) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                       "CPUExecutionProvider"]
+    assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]

@@ -11,6 +11,7 @@ import pytest
 
 from cflow_ad import api
 from cflow_ad.checkpoint import read_metadata
+from cflow_ad.source import DataSource
 
 from .test_resume import _flags
 from .conftest import TINY
@@ -37,7 +38,7 @@ def test_two_processes_match_one(synthetic_root, tmp_path):
     assert h1["processes"] == 1 and h2["processes"] == 2
     assert len(h1["epoch_loss"]) == len(h2["epoch_loss"]) == 4
     np.testing.assert_allclose(h2["epoch_loss"], h1["epoch_loss"], rtol=1e-3)  # the same curve, not just its shape
-    m1, m2 = (api.test(tmp_path / name / "model.safetensors", None, data=synthetic_root, category="synthetic",
+    m1, m2 = (api.test(tmp_path / name / "model.safetensors", None, source=DataSource(synthetic_root, "synthetic"),
                        progress=False) for name in ("one", "two"))
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert m2[key] == pytest.approx(m1[key], abs=0.02), key

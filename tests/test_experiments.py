@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -11,7 +12,7 @@ from cflow_ad import experiments
 from cflow_ad.cli import run
 from cflow_ad.errors import CflowInputError
 
-from .conftest import TINY
+from .conftest import TINY, strict_json, without_masks
 
 # Smaller than TINY: 64 px, one coupling, one epoch (each run a few seconds).
 SMALL = TINY.replace(image_size=64, coupling_layers=1, sub_epochs=1)
@@ -98,3 +99,32 @@ def test_compare_averages_categories_per_seed(tmp_path):
     table = (tmp_path / "out" / "compare.md").read_text()
     pixel = table.split("### Pixel AUROC")[1]
     assert f"| **average** | {expected} |" in pixel
+
+
+def test_tables_and_figures_of_sets_without_masks(synthetic_root, tmp_path):
+    assert experiments._pct([None, float("nan")]) == "n/a" and experiments._pct([0.5, None]) == "50.0"
+    assert experiments._mean([None, 0.5, 0.7]) == pytest.approx(0.6) and experiments._mean([None]) is None
+    root, out = without_masks(synthetic_root, tmp_path / "root"), tmp_path / "out"
+    payload = experiments.compare(SMALL, root, None, out, methods=["padim"], seeds=[0, 1], log=lambda m: None)
+    runs = payload["results"]["padim"]["synthetic"]
+    assert all(r["image_auroc"] > 0.8 and r["pixel_auroc"] is None and r["aupro"] is None for r in runs)
+    strict_json((out / "compare.json").read_text())
+    for result in out.glob("runs/*/*/result.json"):
+        strict_json(result.read_text())
+    table = (out / "compare.md").read_text()
+    image, pixel, pro = (table.split(f"### {title}")[1].split("###")[0] for title in ("Image", "Pixel", "AUPRO"))
+    assert "±" in image and "| synthetic | n/a |" in pixel and "| synthetic | n/a |" in pro
+    experiments.ablation(SMALL, root, None, out, ["base"], log=lambda m: None)
+    assert "| base | " in (out / "ablation.md").read_text() and " | n/a | n/a | " in (out / "ablation.md").read_text()
+
+    figures = experiments.figures(SMALL.replace(method="padim"), root, None, out, log=lambda m: None)
+    entry = figures["synthetic/padim"]
+    assert entry["grid"] is None and entry["f1"] is None and "no defect image has a mask" in entry["note"]
+    assert "| synthetic | padim | n/a | n/a | no defect image has a mask" in (out / "figures.md").read_text()
+    assert not list(out.glob("figure*.png"))
+
+    partial = without_masks(synthetic_root, tmp_path / "partial", ["spot/000_mask.png", "spot/001_mask.png"])
+    entry = experiments.figures(SMALL.replace(method="padim"), partial, None, tmp_path / "p",
+                                log=lambda m: None)["synthetic/padim"]
+    assert 0 < entry["f1"] <= 1 and Path(entry["grid"]).is_file() and Path(entry["histogram"]).is_file()
+    assert not {str(partial / "synthetic" / "test" / "spot" / f"00{i}.png") for i in (0, 1)} & set(entry["examples"])

@@ -27,6 +27,7 @@ from cflow_ad import api
 from cflow_ad.data import (IMAGE_EXTENSIONS, AnomalyDataset, list_images, load_image, load_image_and_original,
                            load_mask)
 from cflow_ad.errors import CflowInputError
+from cflow_ad.source import DataSource
 
 from . import fuzz_files as F
 
@@ -321,8 +322,8 @@ def test_training_set_with_bad_files(fuzz, synthetic_root, tmp_path):
     truncated.write_bytes((train / "005.png").read_bytes()[:300])
     from .conftest import TINY
     with pytest.raises(CflowInputError) as info:
-        api.train(TINY.replace(method="padim", calibration_fraction=0.0), tmp_path / "model", data=data,
-                  category="synthetic", progress=False, log=lambda m: None)
+        api.train(TINY.replace(method="padim", calibration_fraction=0.0), tmp_path / "model",
+                  DataSource(data, "synthetic"), progress=False, log=lambda m: None)
     assert truncated.name in str(info.value) and "\n" not in str(info.value)
 
 

@@ -15,8 +15,11 @@ from cflow_ad.metrics import (
     image_auroc,
     pixel_auroc,
     pro_curve,
+    to_json,
     value_bins,
 )
+
+from .conftest import strict_json
 
 
 def reference_aupro(masks, maps, fpr_limit=0.3):
@@ -391,6 +394,75 @@ def test_evaluation_is_exact_within_its_budget_and_binned_past_it():
     # switching to bins part-way counts the kept batches too: the same figures as binning from the start
     assert results[2 * per_batch]["pixel_auroc"] == results[0]["pixel_auroc"]
     assert results[2 * per_batch]["per_type"] == results[0]["per_type"]
+
+
+def test_evaluation_leaves_images_without_masks_out_of_the_pixel_metrics():
+    labels, scores, masks, maps, types = _typed_case()
+    n = len(labels)
+    has_mask = np.array([not (t == "crack" and i % 2 == 0) for i, t in enumerate(types)])
+    has_mask[18:27] = False  # a whole batch without masks, good images too
+    masks = np.where(has_mask[:, None, None], masks, ~masks)  # what unmasked images carry must not matter
+    sub = np.flatnonzero(has_mask)
+    sub_types = [types[i] for i in sub]
+    exact = evaluate(np.array(labels)[sub], scores[sub], masks[sub], maps[sub], sub_types)
+    images = evaluate(labels, scores, None, None, types)
+    thresholds = (float(np.median(scores)), 1.5)
+    hot, good = maps[sub] > thresholds[1], np.array(labels)[sub] == 0
+    rates = {"pixel_fpr": hot[good].mean(), "pixel_recall": (hot & masks[sub]).sum() / masks[sub].sum()}
+    per_batch = masks[:9].nbytes + maps[:9].nbytes
+    results, f1 = {}, {}
+    for budget in (10**12, 0, 2 * per_batch):  # exact, binned from the start, binned part-way
+        ev = Evaluation(budget, thresholds)
+        for i in range(0, n, 9):
+            ev.add(labels[i : i + 9], scores[i : i + 9], masks[i : i + 9], maps[i : i + 9], types[i : i + 9],
+                   has_mask[i : i + 9])
+        results[budget], f1[budget] = ev.result(), ev.f1_optimal_threshold()
+        r = results[budget]
+        assert r["images_used"] == {"image_metrics": n, "pixel_metrics": len(sub)}
+        assert r["image_auroc"] == images["image_auroc"]  # every image, masked or not
+        for t in ("spot", "crack"):
+            assert r["per_type"][t]["image_auroc"] == images["per_type"][t]["image_auroc"]
+        for key, value in rates.items():
+            assert r["at_threshold"][key] == pytest.approx(value), (budget, key)
+        assert r["at_threshold"]["good_images"] == labels.count(0)
+        strict_json(json.dumps(r))
+    assert results[10**12]["pixel_metrics"] == "exact"
+    assert {k: results[10**12][k] for k in ("pixel_auroc", "aupro")} == {k: exact[k] for k in ("pixel_auroc", "aupro")}
+    for t in ("spot", "crack"):
+        assert results[10**12]["per_type"][t]["pixel_auroc"] == exact["per_type"][t]["pixel_auroc"]
+    assert f1[10**12] == f1_optimal_threshold(masks[sub], maps[sub])
+    for budget in (0, 2 * per_batch):
+        assert results[budget]["pixel_metrics"].startswith("binned")
+        for key in ("pixel_auroc", "aupro"):
+            assert results[budget][key] == pytest.approx(exact[key], abs=1e-4), (budget, key)
+        for t in ("spot", "crack"):
+            assert results[budget]["per_type"][t]["pixel_auroc"] == pytest.approx(
+                exact["per_type"][t]["pixel_auroc"], abs=1e-4)
+        assert f1[budget][1] == pytest.approx(f1[10**12][1], abs=1e-3)
+    assert results[2 * per_batch] == results[0]  # the kept batches were binned with their has-mask flags
+
+
+def test_evaluation_without_any_mask_gives_null_pixel_metrics():
+    labels, scores, masks, maps, types = _typed_case(n=12)
+    ev = Evaluation(10**12, (float(np.median(scores)), 1.5))
+    ev.add(labels, scores, masks, maps, types, [False] * len(labels))
+    r = ev.result()
+    assert r["image_auroc"] == image_auroc(labels, scores)
+    assert r["pixel_auroc"] is None and r["aupro"] is None and r["pixel_metrics"] is None
+    assert all(v["pixel_auroc"] is None for v in r["per_type"].values())
+    assert r["at_threshold"]["pixel_fpr"] is None and r["at_threshold"]["pixel_recall"] is None
+    assert r["images_used"] == {"image_metrics": 12, "pixel_metrics": 0}
+    assert np.isnan(ev.f1_optimal_threshold()[0])
+    curves = ev.curves()
+    assert curves["image_roc"]["fpr"] and not curves["pixel_roc"]["fpr"] and not curves["pro"]["fpr"]
+    assert "NaN" not in json.dumps(r) and strict_json(json.dumps(r)) == r
+    with pytest.raises(ValueError, match="has_mask"):
+        ev.add(labels[:2], scores[:2], masks[:2], maps[:2], types[:2], [True])
+
+
+def test_to_json_writes_null_for_undefined_metrics():
+    text = to_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": "x"}})
+    assert strict_json(text) == {"a": None, "b": [1.0, None], "c": {"d": None, "e": "x"}}
 
 
 def test_bins_centred_on_the_maps_upper_bound_resolve_values_piled_up_there():

@@ -16,15 +16,17 @@ from PIL import Image
 from cflow_ad import api, cli
 from cflow_ad.errors import CflowInputError
 from cflow_ad.report import GT_OUTLINE, write_report
+from cflow_ad.source import DataSource
 
 from .browser import chromium_page
+from .conftest import strict_json, without_masks
 
 
 @pytest.fixture(scope="module")
 def results(padim_checkpoint, synthetic_root, tmp_path_factory):
     """A test run of a model with calibrated thresholds, so the decision parts are filled in."""
     out = tmp_path_factory.mktemp("test_out")
-    api.test(padim_checkpoint, out, data=synthetic_root, category="synthetic", progress=False)
+    api.test(padim_checkpoint, out, source=DataSource(synthetic_root, "synthetic"), progress=False)
     return out
 
 
@@ -156,3 +158,16 @@ def test_worst_cases_kept_batch_by_batch_are_those_of_a_stable_sort():
     fp = sorted((j for j in range(40) if labels[j] == 0), key=lambda j: -scores[j])[:4]
     fn = sorted((j for j in range(40) if labels[j] == 1), key=lambda j: scores[j])[:4]
     assert [int(r[4]) for r in cases.worst("fp")] == fp and [int(r[4]) for r in cases.worst("fn")] == fn
+
+
+def test_report_of_a_set_without_masks_says_n_a(padim_checkpoint, synthetic_root, tmp_path):
+    root = without_masks(synthetic_root, tmp_path / "root")
+    out = tmp_path / "t"
+    api.test(padim_checkpoint, out, DataSource(root, "synthetic"), progress=False)
+    for name in ("metrics.json", "curves.json", "cases/cases.json"):
+        strict_json((out / name).read_text())
+    page = write_report(out).read_text()
+    metrics = page.split("<h2>Metrics</h2>")[1].split("<h3>")[0]
+    assert metrics.count("n/a") == 2 and "pixel metrics on the 6 of them with a mask" in metrics
+    per_type = page.split("<h3>Per defect type")[1].split("</table>")[0]
+    assert per_type.count("n/a") == 2  # scratch and spot: pixel AUROC

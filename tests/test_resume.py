@@ -18,6 +18,7 @@ from cflow_ad.checkpoint import load_checkpoint, save_checkpoint
 from cflow_ad.config import CFlowConfig
 from cflow_ad.errors import CflowInputError
 from cflow_ad.model import CFlowModel
+from cflow_ad.source import DataSource
 from cflow_ad.training import fit, load_state
 
 from .conftest import TINY
@@ -61,7 +62,7 @@ def uninterrupted(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
     subprocess.run(_train_cmd(synthetic_root, out), check=True, capture_output=True, timeout=600)
     ckpt = out / "model.safetensors"
-    return ckpt, api.test(ckpt, None, data=synthetic_root, category="synthetic", progress=False)
+    return ckpt, api.test(ckpt, None, source=DataSource(synthetic_root, "synthetic"), progress=False)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
@@ -83,7 +84,7 @@ def test_a_stopped_run_resumes_to_the_same_model_and_metrics(sig, uninterrupted,
     ckpt, metrics = uninterrupted
     a, b = load_checkpoint(ckpt).state_dict(), load_checkpoint(tmp_path / "model.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    got = api.test(tmp_path / "model.safetensors", None, data=synthetic_root, category="synthetic", progress=False)
+    got = api.test(tmp_path / "model.safetensors", None, source=DataSource(synthetic_root, "synthetic"), progress=False)
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert got[key] == pytest.approx(metrics[key], abs=1e-9)
 
@@ -97,7 +98,7 @@ def test_resume_refuses_a_state_saved_with_other_options(synthetic_root, tmp_pat
     done = tmp_path / "done"
     done.mkdir()
     (done / "model.safetensors").write_bytes(b"x")
-    assert api.train(LONG, done, data=synthetic_root, category="synthetic", resume=True, log=lambda m: None) == \
+    assert api.train(LONG, done, source=DataSource(synthetic_root, "synthetic"), resume=True, log=lambda m: None) == \
         done / "model.safetensors"
 
 
@@ -118,7 +119,7 @@ class _WithNaN(torch.utils.data.Dataset):
 
 
 def test_nan_inputs_are_left_out_and_never_reach_the_weights(synthetic_root):
-    train = api.open_dataset("train", TINY.image_size, synthetic_root, "synthetic")
+    train = DataSource(synthetic_root, "synthetic").open("train", TINY.image_size)
     model = CFlowModel(TINY)
     logs: list[str] = []
     history = fit(model, _WithNaN(train, {0, 5, 17}), progress=False, log=logs.append)
@@ -142,7 +143,7 @@ def test_non_finite_steps_are_skipped_and_the_learning_rate_lowered(synthetic_ro
 
     monkeypatch.setattr(training, "fiber_loss", flaky)
     model = CFlowModel(TINY)
-    history = fit(model, api.open_dataset("train", TINY.image_size, synthetic_root, "synthetic"), progress=False,
+    history = fit(model, DataSource(synthetic_root, "synthetic").open("train", TINY.image_size), progress=False,
                   log=lambda m: None)
     assert history["skipped_steps"] == 25 and history["lr_scale"] == 0.25
     assert all(torch.isfinite(p).all() for p in model.decoders.parameters())

@@ -46,7 +46,7 @@ def server(padim_checkpoint):
     """`cflow-ad serve` as users start it, in its own process, with small limits to test against."""
     port = _free_port()
     cmd = [sys.executable, "-m", "cflow_ad", "--threads", "2", "serve", "--model", str(padim_checkpoint),
-           "--port", str(port), "--max-upload-mb", "0.2", "--max-pixels", "1000000"]
+           "--port", str(port), "--max-upload-mb", "0.2", "--max-pixels", "1000000", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -71,6 +71,7 @@ def test_health_and_model_report_the_loaded_model(server, padim_checkpoint):
     info = requests.get(server + "/model", timeout=10).json()
     stored = load_checkpoint(padim_checkpoint).thresholds
     assert info["config"]["method"] == "padim" and info["runtime"] == "onnx"
+    assert info["device"] == "CPUExecutionProvider"  # onnxruntime-gpu is not installed here
     assert info["thresholds"]["image"] == pytest.approx(stored.image)
     assert info["thresholds"]["pixel"] == pytest.approx(stored.pixel)
     assert info["limits"]["max_pixels"] == 1_000_000

@@ -15,6 +15,7 @@ from PIL import Image
 from cflow_ad import api, stc
 from cflow_ad.data import load_mask
 from cflow_ad.errors import CflowInputError
+from cflow_ad.source import DataSource, layout
 from cflow_ad.stc import make_synthetic_stc, stc_dataset, stc_scenes
 
 from .conftest import TINY
@@ -43,7 +44,7 @@ def _error(fn, *args, **kw) -> str:
 
 def test_scenes_and_layout(stc_root, own_root, tmp_path):
     assert stc_scenes(stc_root) == ["01", "02"]
-    assert stc.is_stc_root(stc_root) and not stc.is_stc_root(tmp_path)
+    assert layout(stc_root) == "stc" and layout(tmp_path) == "mvtec" and layout(None) == "folders"
     (own_root / "training" / "frames" / ".cache").mkdir()  # hidden folders are no scene
     (own_root / "training" / "frames" / "10_001").mkdir()
     assert stc_scenes(own_root) == ["01", "02", "10"]
@@ -189,23 +190,25 @@ def test_masks_are_mapped_never_read_whole(own_root, monkeypatch):
     assert build_peak < 5e6 and sample_peak < 10e6, (build_peak, sample_peak)  # the mask is 40e6 bytes
 
 
-def test_open_dataset_detects_stc(stc_root, tmp_path):
-    assert isinstance(api.open_dataset("train", 32, stc_root, "01"), stc.STCDataset)
-    assert "01, 02" in _error(api.open_dataset, "test", 32, stc_root, "13")
-    assert "01, 02" in _error(api.open_dataset, "train", 32, stc_root, None)
+def test_data_source_detects_stc(stc_root, tmp_path):
+    assert layout(stc_root) == "stc" and DataSource(stc_root).layout == "stc"
+    assert isinstance(DataSource(stc_root, "01").open("train", 32), stc.STCDataset)
+    assert DataSource(stc_root).categories() == ["01", "02"]
+    assert "01, 02" in _error(DataSource(stc_root, "13").open, "test", 32)
+    assert "01, 02" in _error(DataSource(stc_root).open, "train", 32)
 
 
 def test_train_and_test_one_scene(stc_root, tmp_path):
-    ckpt = api.train(TINY.replace(epochs=1, sub_epochs=1), tmp_path / "m", data=stc_root, category="01",
+    ckpt = api.train(TINY.replace(epochs=1, sub_epochs=1), tmp_path / "m", source=DataSource(stc_root, "01"),
                      progress=False, log=lambda m: None)
-    metrics = api.test(ckpt, tmp_path / "t", data=stc_root, category="01", progress=False)
+    metrics = api.test(ckpt, tmp_path / "t", source=DataSource(stc_root, "01"), progress=False)
     assert metrics["images"] == 12 and metrics["pixel_metrics"] == "exact"
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert math.isfinite(metrics[key]), key
     assert set(metrics["per_type"]) >= {"anomalous"}
 
     # no room for maps: the same set evaluated from histograms, the same scores and cases
-    binned = api.test(ckpt, tmp_path / "b", data=stc_root, category="01", progress=False, memory_mb=0)
+    binned = api.test(ckpt, tmp_path / "b", source=DataSource(stc_root, "01"), progress=False, memory_mb=0)
     assert binned["pixel_metrics"].startswith("binned")
     assert binned["image_auroc"] == metrics["image_auroc"]
     for key in ("pixel_auroc", "aupro"):
@@ -222,9 +225,9 @@ def test_train_and_test_one_scene(stc_root, tmp_path):
 
 
 def test_frame_step_needs_an_stc_root(stc_root, tmp_path):
-    every = len(api.open_dataset("train", 32, stc_root, "01"))
-    assert len(api.open_dataset("train", 32, stc_root, "01", frame_step=3)) == every // 3
+    every = len(DataSource(stc_root, "01").open("train", 32))
+    assert len(DataSource(stc_root, "01", frame_step=3).open("train", 32)) == every // 3
     for bad in (0, -1):
-        assert "--frame-step" in _error(api.open_dataset, "train", 32, stc_root, "01", frame_step=bad)
+        assert "--frame-step" in _error(DataSource(stc_root, "01", frame_step=bad).open, "train", 32)
     (tmp_path / "good").mkdir()
-    assert "STC root" in _error(api.open_dataset, "train", 32, None, None, tmp_path / "good", frame_step=2)
+    assert "STC root" in _error(DataSource(normal_dir=tmp_path / "good", frame_step=2).open, "train", 32)

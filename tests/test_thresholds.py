@@ -15,6 +15,7 @@ from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.cli import run
 from cflow_ad.errors import CflowInputError
 from cflow_ad.export import OnnxModel
+from cflow_ad.source import DataSource
 from cflow_ad.thresholds import Thresholds
 
 
@@ -86,7 +87,7 @@ def test_thresholds_travel_in_checkpoints_and_onnx_exports(padim_checkpoint, tmp
 
 
 def test_test_reports_the_rates_the_thresholds_reach(padim_checkpoint, synthetic_root, tmp_path):
-    metrics = api.test(padim_checkpoint, tmp_path, data=synthetic_root, category="synthetic", progress=False)
+    metrics = api.test(padim_checkpoint, tmp_path, source=DataSource(synthetic_root, "synthetic"), progress=False)
     t, at = metrics["thresholds"], metrics["at_threshold"]
     with open(tmp_path / "scores.csv") as f:
         rows = list(csv.DictReader(f))
@@ -108,16 +109,15 @@ def test_calibrate_then_predict_at_other_thresholds(padim_checkpoint, synthetic_
 
     # without room for the maps the F1 search runs on binned values: the same thresholds, to the bin width
     model = load_checkpoint(padim_checkpoint)
-    exact = api.calibrate_thresholds(model, api.open_dataset("test", model.config.image_size, synthetic_root,
-                                                             "synthetic"), f1=True)
+    test_set = DataSource(synthetic_root, "synthetic").open("test", model.config.image_size)
+    exact = api.calibrate_thresholds(model, test_set, f1=True)
     model.config = model.config.replace(memory_mb=0)
-    binned = api.calibrate_thresholds(model, api.open_dataset("test", model.config.image_size, synthetic_root,
-                                                              "synthetic"), f1=True)
+    binned = api.calibrate_thresholds(model, test_set, f1=True)
     assert binned.image == exact.image and binned.pixel == pytest.approx(exact.pixel, rel=1e-3)
 
     good_dir = synthetic_root / "synthetic" / "test" / "good"
     refit = tmp_path / "good.safetensors"
-    api.calibrate(padim_checkpoint, refit, normal_dir=good_dir, target_fpr=0.2, progress=False)
+    api.calibrate(padim_checkpoint, refit, DataSource(normal_dir=good_dir), target_fpr=0.2, progress=False)
     t = load_checkpoint(refit).thresholds
     assert t.source == f"6 good images of {good_dir}" and t.target_fpr == 0.2
 

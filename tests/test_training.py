@@ -11,6 +11,7 @@ from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.config import CFlowConfig
 from cflow_ad.model import CFlowModel
+from cflow_ad.source import DataSource
 from cflow_ad.training import fiber_loss, learning_rate, location_chunks
 
 from .conftest import TINY
@@ -33,7 +34,7 @@ def test_losses():
 
 
 def test_trained_model_finds_synthetic_defects(tiny_checkpoint, synthetic_root, tmp_path):
-    metrics = api.test(tiny_checkpoint, tmp_path, data=synthetic_root, category="synthetic", progress=False)
+    metrics = api.test(tiny_checkpoint, tmp_path, source=DataSource(synthetic_root, "synthetic"), progress=False)
     assert metrics["image_auroc"] > 0.8
     assert metrics["pixel_auroc"] > 0.95
     assert metrics["aupro"] > 0.85
@@ -44,9 +45,9 @@ def test_trained_model_finds_synthetic_defects(tiny_checkpoint, synthetic_root, 
 
 
 def test_same_seed_same_model_and_metrics(tiny_checkpoint, synthetic_root, tmp_path):
-    again = api.train(TINY, tmp_path, data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)
-    a = api.test(tiny_checkpoint, None, data=synthetic_root, category="synthetic", progress=False)
-    b = api.test(again, None, data=synthetic_root, category="synthetic", progress=False)
+    again = api.train(TINY, tmp_path, DataSource(synthetic_root, "synthetic"), progress=False, log=lambda m: None)
+    a = api.test(tiny_checkpoint, None, source=DataSource(synthetic_root, "synthetic"), progress=False)
+    b = api.test(again, None, source=DataSource(synthetic_root, "synthetic"), progress=False)
     # Threaded CPU kernels may round differently run to run, which can flip the order of a few
     # near-tied pixel scores; that moves a metric by ~1e-9, while another seed moves it by ~1e-4 here.
     for key in ("image_auroc", "pixel_auroc", "aupro"):
@@ -58,7 +59,7 @@ def test_same_seed_same_model_and_metrics(tiny_checkpoint, synthetic_root, tmp_p
 
 def test_validation_split_selects_a_meta_epoch(synthetic_root, tmp_path):
     cfg = TINY.replace(epochs=2, sub_epochs=1, val_fraction=0.25, coupling_layers=1)
-    path = api.train(cfg, tmp_path, data=synthetic_root, category="synthetic", progress=False, log=lambda m: None)
+    path = api.train(cfg, tmp_path, source=DataSource(synthetic_root, "synthetic"), progress=False, log=lambda m: None)
     history = read_metadata(path)["extra"]["history"]
     assert len(history["val_nll"]) == 2
     assert history["selected_meta_epoch"] == 1 + history["val_nll"].index(min(history["val_nll"]))
@@ -69,8 +70,8 @@ def test_whitening_is_fitted_on_unrotated_images_with_or_without_the_feature_cac
     cfg = TINY.replace(epochs=1, sub_epochs=1, coupling_layers=1)
     models = []
     for rotation in (0.0, 5.0):  # 0: features cached once; 5: recomputed per batch, rotated
-        path = api.train(cfg.replace(rotation=rotation), tmp_path / str(rotation), data=synthetic_root,
-                         category="synthetic", progress=False, log=lambda m: None)
+        path = api.train(cfg.replace(rotation=rotation), tmp_path / str(rotation),
+                         DataSource(synthetic_root, "synthetic"), progress=False, log=lambda m: None)
         models.append(load_checkpoint(path))
     for a, b in zip(models[0].whitenings, models[1].whitenings):
         assert a.mean.abs().sum() > 0 and torch.isfinite(a.weight).all()
@@ -95,7 +96,7 @@ def test_location_chunks_use_every_fiber_once_and_every_location_per_step():
 def test_folded_decoders_follow_training_with_the_fused_optimiser(synthetic_root):
     from cflow_ad.training import fit
 
-    ds = api.open_dataset("train", TINY.image_size, synthetic_root, "synthetic")
+    ds = DataSource(synthetic_root, "synthetic").open("train", TINY.image_size)
     model = CFlowModel(TINY.replace(epochs=1, sub_epochs=2))
     feats = model.features(torch.stack([ds[i]["image"] for i in range(3)]))
     seen = []

@@ -3,6 +3,7 @@
 from .config import CFlowConfig
 from .errors import CflowInputError
 from .model import CFlowModel
+from .source import DataSource
 
-__all__ = ["CFlowConfig", "CFlowModel", "CflowInputError"]
+__all__ = ["CFlowConfig", "CFlowModel", "CflowInputError", "DataSource"]
 __version__ = "0.1.0"

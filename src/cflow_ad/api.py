@@ -24,11 +24,11 @@ from .distributed import init_from_env
 from .errors import CflowInputError
 from .export import export_onnx
 from .inference import Inspector, as_model, exportable
-from .metrics import Evaluation
+from .metrics import Evaluation, to_json
 from .model import CFlowModel, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
 from .scoring import anomaly_maps, paper_constants
-from .stc import is_stc_root, stc_dataset, stc_scenes
+from .source import DataSource
 from .thresholds import PIXEL_SAMPLE, Thresholds
 from .training import fit, fit_baseline
 from .visualize import save_png
@@ -36,52 +36,18 @@ from .visualize import save_png
 STATE_FILE = "training_state.pt"  # CFLOW-AD's resumable training state, beside model.safetensors
 
 
-def open_dataset(
-    split: str,
-    size: int,
-    data: str | Path | None = None,
-    category: str | None = None,
-    normal_dir: str | Path | None = None,
-    abnormal_dir: str | Path | None = None,
-    mask_dir: str | Path | None = None,
-    frame_step: int = 1,
-) -> D.AnomalyDataset:
-    """An MVTec-layout split (data + category), an STC video-frame split (data with training/frames/,
-    category = scene; every `frame_step`-th frame) or a plain folder layout (normal/abnormal/mask dirs)."""
-    if frame_step < 1:
-        raise CflowInputError(f"--frame-step must be >= 1, got {frame_step}")
-    stc = data is not None and is_stc_root(data)
-    if frame_step > 1 and not stc:
-        raise CflowInputError(
-            "--frame-step picks frames of videos: it needs --data with an STC root (training/frames/)")
-    if data is not None:
-        if stc:
-            if not category:
-                raise CflowInputError(f"no scene given for '{data}': pass --category, one of {', '.join(stc_scenes(data))}")
-            return stc_dataset(data, category, split, size, frame_step)
-        if not category:
-            raise CflowInputError(f"no category given for '{data}': pass --category (one of the folders under it)")
-        return D.mvtec_dataset(data, category, split, size)
-    if normal_dir is None:
-        raise CflowInputError("no data given: pass --data ROOT --category NAME, or --normal-dir DIR")
-    return D.folder_dataset(normal_dir, size, abnormal_dir if split == "test" else None, mask_dir if split == "test" else None)
-
-
 def train(
     config: CFlowConfig,
     output: str | Path,
-    data: str | Path | None = None,
-    category: str | None = None,
-    normal_dir: str | Path | None = None,
+    source: DataSource = DataSource(),
     progress: bool = True,
     log: Callable[[str], None] = print,
     resume: bool = False,
-    frame_step: int = 1,
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
 ) -> Path:
-    """Train on defect-free images and write `output/model.safetensors`; returns its path.
+    """Train on the defect-free images of `source` and write `output/model.safetensors`; returns its path.
     `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE). CFLOW-AD's training state is kept
     in `output/training_state.pt` after every epoch and on SIGINT/SIGTERM until the model is written;
     `resume=True` continues from it (and returns a finished run's model as it is). `device`,
@@ -98,7 +64,7 @@ def train(
     if resume and final.is_file() and not state.is_file():
         log(f"nothing to resume: training already finished ({final})")
         return final
-    dataset = open_dataset("train", config.image_size, data, category, normal_dir, frame_step=frame_step)
+    dataset = source.open("train", config.image_size)
     held_out = None
     if config.calibration_fraction > 0:
         dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
@@ -135,8 +101,9 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
     compute.place(model).eval()
     if f1:  # streamed as `test` is: exact within the memory budget, binned past it
         evaluation = _evaluation(model, "stateless")
-        for maps, scores, masks, labels, types, _ in scored_batches(model, dataset, "stateless", progress, compute):
-            evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
+        for maps, scores, masks, has_mask, labels, types, _ in scored_batches(model, dataset, "stateless", progress,
+                                                                             compute):
+            evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types, has_mask)
         return Thresholds.f1_with_pixel(evaluation.labels, evaluation.scores, evaluation.f1_optimal_threshold()[0])
     # Streamed, so memory does not grow with the set: the image scores, and per image a fixed-size
     # random sample of its map values (all of them while the set has fewer than PIXEL_SAMPLE pixels),
@@ -166,29 +133,23 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
 def calibrate(
     model: torch.nn.Module | str | Path,
     output: str | Path | None = None,
-    data: str | Path | None = None,
-    category: str | None = None,
-    normal_dir: str | Path | None = None,
-    abnormal_dir: str | Path | None = None,
-    mask_dir: str | Path | None = None,
+    source: DataSource = DataSource(),
     target_fpr: float | None = None,
     f1: bool = False,
     progress: bool = True,
-    frame_step: int = 1,
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
 ) -> Thresholds:
-    """Set a checkpoint's thresholds on new images and write it to `output` (default: in place).
-    Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
-    with `f1` the set must hold defect images with masks (its test split, or the folders)."""
+    """Set a checkpoint's thresholds on the test split of `source` and write it to `output` (default: in
+    place). Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
+    with `f1` the set must hold defect images with masks (the pixel threshold uses those with one)."""
     path = Path(model) if isinstance(model, (str, Path)) else None
     compute = Compute(device, precision, workers)
     model = as_model(model).eval()
-    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir,
-                           frame_step)
-    model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress,
-                                            f"good images of {Path(data) / category if data else normal_dir}", compute)
+    dataset = source.open("test", model.config.image_size)
+    model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress, f"good images of {source}",
+                                            compute)
     target = output or path
     if target is not None:
         extra = read_metadata(path)["extra"] if path is not None else {}
@@ -213,19 +174,20 @@ def _evaluation(model: torch.nn.Module, mode: str, memory_mb: int | None = None,
 
 
 def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
-    """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, labels, defect types,
-    paths) per batch of a labelled set, scored on `compute` (default: `Compute()`); maps and scores
-    come back to the host once per batch. A file that cannot be read stops it with its one-line error.
-    Stateless scoring keeps nothing between batches; paper normalisation needs the set's constants
-    first, so it keeps the per-scale log maps on the device and the masks (5 + 64 KB an image at
-    256 px), then makes the maps a batch at a time."""
+    """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, whether each image has a
+    mask [B] as bool, labels, defect types, paths) per batch of a labelled set, scored on `compute`
+    (default: `Compute()`); maps and scores come back to the host once per batch. A file that cannot be
+    read stops it with its one-line error. Stateless scoring keeps nothing between batches; paper
+    normalisation needs the set's constants first, so it keeps the per-scale log maps on the device and
+    the masks (5 + 64 KB an image at 256 px), then makes the maps a batch at a time."""
     compute = compute or Compute()
     compute.place(model).eval()
     loader = D.image_loader(dataset, compute, model.config.batch_size)
 
     def meta(batch):
         labels = [int(v) for v in batch["label"]]
-        return batch["mask"][:, 0] > 0.5, labels, list(batch["defect_type"]), list(batch["path"])
+        return (batch["mask"][:, 0] > 0.5, batch["has_mask"].numpy(), labels, list(batch["defect_type"]),
+                list(batch["path"]))
 
     batches = tqdm(D.checked(loader), total=len(loader), desc="test", disable=not progress, leave=False)
     with torch.no_grad():
@@ -244,48 +206,44 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
 
 
 def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
-    """(anomaly maps [N, H, W], scores [N], masks [N, H, W], labels, defect types, paths) of a whole
-    labelled set, held in memory: for the experiments' figures of MVTec-size sets."""
+    """(anomaly maps [N, H, W], scores [N], masks [N, H, W], has-mask flags [N], labels, defect types, paths)
+    of a whole labelled set, held in memory: for the experiments' figures of MVTec-size sets."""
     parts = list(zip(*scored_batches(model, dataset, mode, progress, compute)))
     if not parts:
         raise CflowInputError("the test set is empty")
-    return (torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]),
-            *([v for b in p for v in b] for p in parts[3:]))
+    return (torch.cat(parts[0]), torch.cat(parts[1]), torch.cat(parts[2]), np.concatenate(parts[3]),
+            *([v for b in p for v in b] for p in parts[4:]))
 
 
 def test(
     model: torch.nn.Module | str | Path,
     output: str | Path | None = None,
-    data: str | Path | None = None,
-    category: str | None = None,
-    normal_dir: str | Path | None = None,
-    abnormal_dir: str | Path | None = None,
-    mask_dir: str | Path | None = None,
+    source: DataSource = DataSource(),
     normalization: str | None = None,
     progress: bool = True,
-    frame_step: int = 1,
     memory_mb: int | None = None,
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
 ) -> dict:
-    """Score a labelled test set; writes metrics.json and scores.csv to `output` when given. With
-    calibrated thresholds, metrics also give the false-positive rate and recall they reach. Memory
-    is bounded: pixel metrics are exact while the set's maps and masks fit in an eighth of
-    `memory_mb` (default: the config's), else binned (metrics.json says which)."""
+    """Score the labelled test split of `source`; writes metrics.json and scores.csv to `output` when
+    given. Image metrics use every image, pixel metrics the images with masks (metrics.json counts
+    both); a metric that cannot be computed is None. With calibrated thresholds, metrics also give
+    the false-positive rate and recall they reach. Memory is bounded: pixel metrics are exact while
+    the set's maps and masks fit in an eighth of `memory_mb` (default: the config's), else binned."""
     model_path = model if isinstance(model, (str, Path)) else None
     compute = Compute(device, precision, workers)
     model = as_model(model).eval()
     mode = normalization or model.config.normalization
-    dataset = open_dataset("test", model.config.image_size, data, category, normal_dir, abnormal_dir, mask_dir,
-                           frame_step)
+    dataset = source.open("test", model.config.image_size)
     thresholds = getattr(model, "thresholds", None) if mode == "stateless" else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)
     cases = WorstCases()
     paths = []
     t0 = time.perf_counter()
-    for maps, scores, masks, labels, types, batch_paths in scored_batches(model, dataset, mode, progress, compute):
-        evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types)
+    for maps, scores, masks, has_mask, labels, types, batch_paths in scored_batches(model, dataset, mode, progress,
+                                                                                   compute):
+        evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types, has_mask)
         if output is not None:
             cases.add(maps, scores, masks, labels, types, batch_paths)
         paths += batch_paths
@@ -298,7 +256,7 @@ def test(
     if output is not None:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / "metrics.json").write_text(to_json(metrics))
         with open(out / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "defect_type", "label", "score", "verdict"])

@@ -8,7 +8,7 @@ The summary (summary.md, summary.json) names every category with its outcome.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import multiprocessing
 import time
 import traceback
@@ -18,42 +18,41 @@ from pathlib import Path
 
 from .config import CFlowConfig
 from .errors import CflowInputError
+from .metrics import to_json
 from .report import percent
+from .source import DataSource
 
 
-def categories_of(data: str | Path) -> list[str]:
+def categories_of(source: DataSource) -> list[str]:
     """The categories under an MVTec-layout root, or the scenes of an STC root."""
-    from .data import mvtec_categories
-    from .stc import is_stc_root, stc_scenes
-
-    if data is None:
+    if source.data is None:
         raise CflowInputError("--category all needs --data ROOT: an MVTec-layout or STC root")
-    found = stc_scenes(data) if is_stc_root(data) else mvtec_categories(data)
+    found = source.categories()
     if not found:
-        raise CflowInputError(f"no categories in '{data}': expected <root>/<category>/train/good, or training/frames/")
+        raise CflowInputError(
+            f"no categories in '{source.data}': expected <root>/<category>/train/good, or training/frames/")
     return found
 
 
-def _one(config: CFlowConfig, data: str, category: str, output: str, threads: int | None, resume: bool,
-         frame_step: int = 1, compute: dict | None = None) -> dict:
-    """Train (and test, where there is a test split) one category; never raises. `compute`: the
-    api's device / precision / workers keywords."""
-    compute = compute or {}
+def _one(config: CFlowConfig, source: DataSource, output: str, threads: int | None, resume: bool,
+         compute: dict | None = None) -> dict:
+    """Train (and test, where there is a test split) the category of `source`; never raises. `compute`:
+    the api's device / precision / workers keywords."""
     from . import api
     from .device import set_threads
 
+    compute = compute or {}
     if threads:
         set_threads(threads)
+    category = source.category
     folder = Path(output) / category
     row = {"category": category, "status": "ok", "error": "", "checkpoint": str(folder / "model.safetensors")}
     t0 = time.perf_counter()
     try:
-        path = api.train(config, folder, data, category, progress=False, log=lambda m: None, resume=resume,
-                         frame_step=frame_step, **compute)
+        path = api.train(config, folder, source, progress=False, log=lambda m: None, resume=resume, **compute)
         row["train_seconds"] = round(time.perf_counter() - t0, 1)
-        has_test = (Path(data) / category / "test").is_dir() or (Path(data) / "testing" / "frames").is_dir()
-        if has_test:
-            m = api.test(path, folder / "test", data, category, progress=False, frame_step=frame_step, **compute)
+        if source.has_test():
+            m = api.test(path, folder / "test", source, progress=False, **compute)
             row.update({k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
             row.update(image_fpr=m.get("at_threshold", {}).get("image_fpr"),
                        image_recall=m.get("at_threshold", {}).get("image_recall"))
@@ -76,17 +75,16 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + f"\n\n{len(rows) - failed} of {len(rows)} categories trained, {failed} failed.\n"
 
 
-def train_all(config: CFlowConfig, data: str | Path, output: str | Path, jobs: int = 1, threads: int | None = None,
-              resume: bool = False, log: Callable[[str], None] = print, frame_step: int = 1,
-              **compute) -> list[dict]:
-    """Train every category of `data` into `output/<category>/`; returns one summary row per category
-    (`frame_step`: every N-th frame of each STC video; `compute`: device, precision, workers as for
-    `api.train`)."""
-    names = categories_of(data)
+def train_all(config: CFlowConfig, source: DataSource, output: str | Path, jobs: int = 1, threads: int | None = None,
+              resume: bool = False, log: Callable[[str], None] = print, **compute) -> list[dict]:
+    """Train every category of the root of `source` (its category is ignored) into `output/<category>/`
+    and test each on its test split; returns one summary row per category. `compute`: device,
+    precision, workers as for `api.train`."""
+    names = categories_of(source)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     per_job = max(1, (threads or 1) // jobs) if threads else None
-    args = [(config, str(data), name, str(out), per_job, resume, frame_step, compute) for name in names]
+    args = [(config, dataclasses.replace(source, category=name), str(out), per_job, resume, compute) for name in names]
     rows: list[dict] = []
 
     def done(row: dict) -> None:
@@ -102,6 +100,6 @@ def train_all(config: CFlowConfig, data: str | Path, output: str | Path, jobs: i
             for future in as_completed([pool.submit(_one, *a) for a in args]):
                 done(future.result())
     rows.sort(key=lambda r: names.index(r["category"]))
-    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "summary.json").write_text(to_json(rows))
     (out / "summary.md").write_text(summary_markdown(rows))
     return rows

@@ -44,6 +44,17 @@ def _add_data_flags(parser: argparse.ArgumentParser, test: bool) -> None:
         g.add_argument("--abnormal-dir", type=Path, help="folder of defective images (with --normal-dir)")
         g.add_argument("--mask-dir", type=Path, help="masks for --abnormal-dir: <stem>.png or <stem>_mask.png")
     g.add_argument("--frame-step", type=int, default=1, help="STC roots: use every N-th frame of each video")
+    rule = "a defect test image without a mask is an error; without this flag the pixel metrics leave it out"
+    g.add_argument("--require-masks", action="store_true",
+                   help=rule if test else f"with --category all, which also tests each category: {rule}")
+
+
+def _source_from(args: argparse.Namespace):
+    """The data flags as one `DataSource`; train has no --abnormal-dir or --mask-dir."""
+    from .source import DataSource
+
+    return DataSource(args.data, args.category, args.normal_dir, getattr(args, "abnormal_dir", None),
+                      getattr(args, "mask_dir", None), args.frame_step, args.require_masks)
 
 
 def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
@@ -166,11 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pc(value: float | None) -> str:
+    """A metric in percent, 'n/a' where it could not be computed (e.g. no masks)."""
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
 def _print_metrics(metrics: dict) -> None:
-    print(f"image AUROC {100 * metrics['image_auroc']:.2f}  pixel AUROC {100 * metrics['pixel_auroc']:.2f}  AUPRO {100 * metrics['aupro']:.2f}")
+    print(f"image AUROC {_pc(metrics['image_auroc'])}  pixel AUROC {_pc(metrics['pixel_auroc'])}"
+          f"  AUPRO {_pc(metrics['aupro'])}")
+    used = metrics.get("images_used", {})
+    if used.get("pixel_metrics") != used.get("image_metrics"):
+        print(f"pixel metrics on the {used['pixel_metrics']} of {used['image_metrics']} images that have masks")
     for name, m in metrics.get("per_type", {}).items():
-        extra = f"  pixel AUROC {100 * m['pixel_auroc']:.2f}" if "pixel_auroc" in m else ""
-        print(f"  {name:<12} image AUROC {100 * m['image_auroc']:.2f}{extra}")
+        print(f"  {name:<12} image AUROC {_pc(m['image_auroc'])}  pixel AUROC {_pc(m['pixel_auroc'])}")
 
 
 def _print_predictions(rows: list[dict]) -> None:
@@ -229,21 +248,20 @@ def run(argv: list[str] | None = None) -> int:
         if args.category == "all":
             from .categories import summary_markdown, train_all
 
-            rows = train_all(config, args.data, args.output, args.jobs, threads, args.resume,
-                             log=lambda m: print(m, file=sys.stderr), frame_step=args.frame_step, **_compute(args))
+            rows = train_all(config, _source_from(args), args.output, args.jobs, threads, args.resume,
+                             log=lambda m: print(m, file=sys.stderr), **_compute(args))
             print(summary_markdown(rows), end="")
             return 1 if any(r["status"] != "ok" for r in rows) else 0
-        path = api.train(config, args.output, args.data, args.category, args.normal_dir, progress=progress,
-                         resume=args.resume, frame_step=args.frame_step, **_compute(args))
+        path = api.train(config, args.output, _source_from(args), progress=progress, resume=args.resume,
+                         **_compute(args))
         from .distributed import rank_world
 
         if rank_world()[0] == 0:
             print(path)
     elif args.command == "test":
         metrics = api.test(
-            args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir, args.mask_dir,
-            normalization=args.normalization, progress=progress, frame_step=args.frame_step, memory_mb=args.memory_mb,
-            **_compute(args),
+            args.model, args.output, _source_from(args),
+            normalization=args.normalization, progress=progress, memory_mb=args.memory_mb, **_compute(args),
         )
         _print_metrics(metrics)
         print(args.output / "metrics.json")
@@ -260,9 +278,8 @@ def run(argv: list[str] | None = None) -> int:
         _print_predictions(rows)
         print(f"-> {args.output}")
     elif args.command == "calibrate":
-        t = api.calibrate(args.model, args.output, args.data, args.category, args.normal_dir, args.abnormal_dir,
-                          args.mask_dir, target_fpr=args.target_fpr, f1=args.f1, progress=progress,
-                          frame_step=args.frame_step, **_compute(args))
+        t = api.calibrate(args.model, args.output, _source_from(args), target_fpr=args.target_fpr, f1=args.f1,
+                          progress=progress, **_compute(args))
         print(f"image threshold {t.image:.6g}, pixel threshold {t.pixel:.6g} ({t.source}) -> {args.output or args.model}")
     elif args.command == "serve":
         from .serve import Limits, serve

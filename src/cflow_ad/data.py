@@ -236,16 +236,24 @@ class Record(NamedTuple):
     defect_type: str
     mask_path: Path | None
 
+    @property
+    def has_mask(self) -> bool:
+        """Whether pixel metrics can use this image: a good image's mask is all zero, a defect image
+        needs its mask file (sets labelled per image only have none)."""
+        return self.label == 0 or self.mask_path is not None
+
 
 @dataclass
 class Sample:
-    """One loaded item: image [3,H,W], mask [1,H,W], label 0 good / 1 anomalous."""
+    """One loaded item: image [3,H,W], mask [1,H,W], label 0 good / 1 anomalous; `has_mask` False for a
+    defect image without a mask file, whose all-zero `mask` then means nothing (see `Record.has_mask`)."""
 
     image: torch.Tensor
     mask: torch.Tensor
     label: int
     defect_type: str
     path: str
+    has_mask: bool
 
 
 class AnomalyDataset(torch.utils.data.Dataset):
@@ -271,7 +279,8 @@ class AnomalyDataset(torch.utils.data.Dataset):
                 raise CflowInputError(
                     f"mask '{rec.mask_path}' is {mask_size[0]}x{mask_size[1]} but its image '{rec.path}' is "
                     f"{image_size[0]}x{image_size[1]}: a mask must have the same size as its image")
-        return Sample(image=image, mask=mask, label=rec.label, defect_type=rec.defect_type, path=str(rec.path))
+        return Sample(image=image, mask=mask, label=rec.label, defect_type=rec.defect_type, path=str(rec.path),
+                      has_mask=rec.has_mask)
 
     def __getitem__(self, index: int) -> dict:
         return dict(vars(self.sample(index)))
@@ -371,8 +380,11 @@ def mvtec_categories(root: _PathLike) -> list[str]:
     return [p.name for p in _subfolders(root) if (p / "train" / "good").is_dir()]
 
 
-def mvtec_dataset(root: _PathLike, category: str, split: str, size: int | Sequence[int]) -> AnomalyDataset:
-    """Dataset for one category of an MVTec AD style folder tree."""
+def mvtec_dataset(root: _PathLike, category: str, split: str, size: int | Sequence[int],
+                  require_masks: bool = False) -> AnomalyDataset:
+    """Dataset for one category of an MVTec AD style folder tree. A defect image without its
+    ground_truth/<type>/<name>_mask.png has no mask (pixel metrics leave it out), or with
+    `require_masks` is an error: many inspection sets are labelled per image only."""
     root = Path(root)
     categories = mvtec_categories(root)
     base = root / category
@@ -403,8 +415,10 @@ def mvtec_dataset(root: _PathLike, category: str, split: str, size: int | Sequen
                 continue
             mask = base / "ground_truth" / kind / f"{p.stem}_mask.png"
             if not mask.is_file():
-                raise CflowInputError(
-                    f"missing mask '{mask}' for test image '{p}': add the mask or move the image out of test/")
+                if require_masks:
+                    raise CflowInputError(
+                        f"missing mask '{mask}' for test image '{p}': add the mask or move the image out of test/")
+                mask = None
             records.append((p, 1, kind, mask))
     if not records:
         raise CflowInputError(f"no test images in '{test_dir}': put them in test/good and test/<defect type>")
@@ -412,8 +426,10 @@ def mvtec_dataset(root: _PathLike, category: str, split: str, size: int | Sequen
 
 
 def folder_dataset(normal_dir: _PathLike, size: int | Sequence[int], abnormal_dir: _PathLike | None = None,
-                   mask_dir: _PathLike | None = None) -> AnomalyDataset:
-    """Dataset from plain folders: normal images, optional anomalous images and their masks."""
+                   mask_dir: _PathLike | None = None, require_masks: bool = False) -> AnomalyDataset:
+    """Dataset from plain folders: normal images, optional anomalous images and their masks. An
+    anomalous image without a mask in `mask_dir` (or without `mask_dir`) has none, or with
+    `require_masks` is an error."""
     records = [(p, 0, "good", None) for p in list_images([normal_dir])]
     if mask_dir is not None:
         mask_dir = Path(mask_dir)
@@ -427,9 +443,12 @@ def folder_dataset(normal_dir: _PathLike, size: int | Sequence[int], abnormal_di
             if mask_dir is not None:
                 candidates = [mask_dir / f"{p.stem}.png", mask_dir / f"{p.stem}_mask.png"]
                 mask = next((c for c in candidates if c.is_file()), None)
-                if mask is None:
+                if mask is None and require_masks:
                     raise CflowInputError(
                         f"no mask for abnormal image '{p}': expected '{candidates[0]}' or '{candidates[1]}'")
+            elif require_masks:
+                raise CflowInputError(
+                    f"no mask for abnormal image '{p}': masks are required, pass --mask-dir with <stem>.png masks")
             records.append((p, 1, "abnormal", mask))
     return AnomalyDataset(records, size)
 

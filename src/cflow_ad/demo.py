@@ -13,6 +13,7 @@ from . import api
 from .config import CFlowConfig
 from .data import make_synthetic_mvtec
 from .report import write_report
+from .source import DataSource
 
 # 128 px synthetic images: taps at strides 4/8/16 keep the feature maps fine enough.
 DEMO_CONFIG = CFlowConfig(image_size=128, last_stride=16, border_pad=16, epochs=2, sub_epochs=2, batch_size=8)
@@ -25,9 +26,10 @@ def run_demo(output: str | Path = "runs/demo", progress: bool = True) -> dict:
         shutil.rmtree(out / "data")
     root = make_synthetic_mvtec(out / "data", n_train=60, n_test_good=12, n_test_defect=12, size=128, seed=0)
     print(f"synthetic data: {root / 'synthetic'}")
-    model_path = api.train(DEMO_CONFIG, out / "model", data=root, category="synthetic", progress=progress)
+    source = DataSource(root, "synthetic")
+    model_path = api.train(DEMO_CONFIG, out / "model", source, progress=progress)
     print(f"model: {model_path}")
-    metrics = api.test(model_path, out / "test", data=root, category="synthetic", progress=progress)
+    metrics = api.test(model_path, out / "test", source, progress=progress)
     report = write_report(out / "test")
     rows = api.predict(model_path, [root / "synthetic" / "test"], out / "predict", progress=progress)
     print(f"metrics: {out / 'test' / 'metrics.json'}; report: {report}")

@@ -133,6 +133,8 @@ class Compute:
         """`model` moved to the device, its encoder autocast to the precision (the flows stay fp32)."""
         model.to(self.torch_device)
         model.encoder.autocast_dtype = _DTYPES.get(self.precision)
+        if self.type == "cuda":  # fp32 means fp32: cuDNN would otherwise run convolutions in TF32 (10 bits)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         return model
 
     def put(self, t: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,11 @@ import numpy as np
 from . import api
 from .checkpoint import load_checkpoint, read_metadata
 from .config import METHODS, CFlowConfig
-from .data import mvtec_categories, mvtec_dataset
 from .device import Compute
 from .encoder import PACKAGED_WEIGHTS, packaged_weights_path
 from .errors import CflowInputError
-from .metrics import f1_optimal_threshold
+from .metrics import f1_optimal_threshold, to_json
+from .source import DataSource
 
 EXPERIMENTS = ("ablation", "compare", "figures")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -88,8 +88,9 @@ def run_once(config: CFlowConfig, data: Path, category: str, output: Path, progr
     if result_file.is_file():
         return json.loads(result_file.read_text())
     log(f"[{category}] training {config.method} seed {config.seed} -> {folder}")
-    path = api.train(config, folder, data=data, category=category, progress=progress, log=lambda m: None, **compute)
-    metrics = api.test(path, folder / "test", data=data, category=category, progress=progress, **compute)
+    source = DataSource(data, category)
+    path = api.train(config, folder, source, progress=progress, log=lambda m: None, **compute)
+    metrics = api.test(path, folder / "test", source, progress=progress, **compute)
     history = read_metadata(path)["extra"]["history"]
     result = {
         "category": category, "method": config.method, "seed": config.seed, "config": json.loads(config.to_json()),
@@ -97,16 +98,17 @@ def run_once(config: CFlowConfig, data: Path, category: str, output: Path, progr
         "train_seconds": round(history["train_seconds"], 1), "test_seconds": metrics["seconds"],
         "test_images": metrics["images"], "checkpoint": str(path),
     }
-    result_file.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"[{category}] {config.method} seed {config.seed}: " + " / ".join(f"{100 * result[k]:.1f}" for k in METRICS))
+    result_file.write_text(to_json(result))
+    log(f"[{category}] {config.method} seed {config.seed}: " + " / ".join(_pct([result[k]]) for k in METRICS))
     return result
 
 
 def _categories(data: Path, categories: Sequence[str] | None) -> list[str]:
-    found = mvtec_categories(data)
+    found = DataSource(data).categories()
     if not categories:
         if not found:
-            raise CflowInputError(f"no categories under '{data}': pass an MVTec-layout root (ROOT/CATEGORY/train/good)")
+            raise CflowInputError(f"no categories under '{data}': pass an MVTec-layout root (ROOT/CATEGORY/train/good)"
+                                  " or an STC root (training/frames/)")
         return found
     missing = [c for c in categories if c not in found]
     if missing:
@@ -114,17 +116,28 @@ def _categories(data: Path, categories: Sequence[str] | None) -> list[str]:
     return list(categories)
 
 
-def _pct(values: Sequence[float]) -> str:
-    vals = [100 * v for v in values if not math.isnan(v)]
+def _known(values: Sequence[float | None]) -> list[float]:
+    """The values that were computed: a metric without masks is None (or nan from older runs)."""
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def _pct(values: Sequence[float | None]) -> str:
+    vals = [100 * v for v in _known(values)]
     if not vals:
         return "n/a"
     return f"{vals[0]:.1f}" if len(vals) == 1 else f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the computed values, None if there is none: categories without masks have no pixel metrics."""
+    vals = _known(values)
+    return statistics.mean(vals) if vals else None
+
+
 def _write(output: Path, name: str, markdown: str, payload: dict) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{name}.md").write_text(markdown)
-    (output / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (output / f"{name}.json").write_text(to_json(payload))
     return payload
 
 
@@ -143,11 +156,12 @@ def ablation(base: CFlowConfig, data: Path, categories: Sequence[str] | None, ou
         config = base.replace(method="cflow", **table[name])
         results = [run_once(config, data, c, output, progress, log, compute) for c in cats]
         rows.append({"variant": name, "changes": table[name], "results": results})
-    lines = [f"Base: {_describe(base)}; seed {base.seed}; categories: {', '.join(cats)} (mean over them).", "",
+    lines = [f"Base: {_describe(base)}; seed {base.seed}; categories: {', '.join(cats)} (mean over them; pixel"
+             " metrics over those with masks).", "",
              "| variant | image AUROC | pixel AUROC | AUPRO | training s | test s |", "|---|---|---|---|---|---|"]
     for row in rows:
         rs = row["results"]
-        cells = [_pct([statistics.mean(r[k] for r in rs)]) for k in METRICS]
+        cells = [_pct([_mean([r[k] for r in rs])]) for k in METRICS]
         lines.append(f"| {row['variant']} | {' | '.join(cells)} | {sum(r['train_seconds'] for r in rs):.0f}"
                      f" | {sum(r['test_seconds'] for r in rs):.0f} |")
     return _write(output, "ablation", "\n".join(lines) + "\n", {"base": json.loads(base.to_json()), "rows": rows})
@@ -179,7 +193,7 @@ def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
         for c in cats:
             lines.append(f"| {c} | " + " | ".join(_pct([r[metric] for r in results[m][c]]) for m in methods) + " |")
         if len(cats) > 1:  # the average over categories, per seed, then mean +/- std over seeds
-            avg = {m: [statistics.mean(results[m][c][i][metric] for c in cats) for i in range(len(results[m][cats[0]]))]
+            avg = {m: [_mean([results[m][c][i][metric] for c in cats]) for i in range(len(results[m][cats[0]]))]
                    for m in methods}
             lines.append("| **average** | " + " | ".join(_pct(avg[m]) for m in methods) + " |")
         lines.append("")
@@ -194,7 +208,9 @@ def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
 def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path, rows: int = 6,
             progress: bool = False, log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
     """Figures 3-4 for `base` (its method and seed) per category: an example grid and the pixel
-    score histograms, both at the F1-optimal pixel threshold. figures.md lists every method run so far."""
+    score histograms, both at the F1-optimal pixel threshold, from the test images with masks; a
+    category whose defect images have no masks gets a note instead. figures.md lists every method
+    run so far."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,16 +221,25 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
     for c in _categories(data, categories):
         result = run_once(base, data, c, output, progress, log, compute)
         model = load_checkpoint(result["checkpoint"])
-        dataset = mvtec_dataset(data, c, "test", base.image_size)
-        maps, scores, masks, labels, types, paths = api.score_dataset(model, dataset, model.config.normalization, progress,
-                                                                      Compute(**(compute or {})))
-        maps, masks = maps.numpy(), masks.numpy()
+        dataset = DataSource(data, c).open("test", base.image_size)
+        maps, scores, masks, has_mask, labels, types, paths = api.score_dataset(
+            model, dataset, model.config.normalization, progress, Compute(**(compute or {})))
+        metrics = {k: result[k] for k in METRICS}
+        if not has_mask[np.asarray(labels) == 1].any():
+            log(f"[{c}] no defect image has a mask: pixel figures skipped")
+            payload[f"{c}/{base.method}"] = {"category": c, "method": base.method, "threshold": None, "f1": None,
+                                             "grid": None, "histogram": None, "examples": [], **metrics,
+                                             "note": "no defect image has a mask: pixel figures skipped"}
+            continue
+        chosen = np.flatnonzero(has_mask)  # the figures need ground truth: the images with masks
+        maps, masks, scores = maps.numpy()[chosen], masks.numpy()[chosen], scores.numpy()[chosen]
+        types = [types[i] for i in chosen]
         threshold, f1 = f1_optimal_threshold(masks, maps)
-        picks = _examples(types, scores.numpy(), rows)
+        picks = _examples(types, scores, rows)
         fig, axes = plt.subplots(len(picks), 4, figsize=(8, 2 * len(picks)), squeeze=False)
         top = float(np.quantile(maps, 0.999))
         for r, i in enumerate(picks):
-            image = dataset[i]["image"].permute(1, 2, 0).numpy()
+            image = dataset[int(chosen[i])]["image"].permute(1, 2, 0).numpy()
             panels = [(image, None, f"{types[i]}"), (masks[i], "gray", "ground truth"),
                       (maps[i], "jet", f"map (score {float(scores[i]):.3g})"), (maps[i] >= threshold, "gray", "predicted mask")]
             for ax, (img, cmap, title) in zip(axes[r], panels):
@@ -242,11 +267,16 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
         hist = output / f"figure4_{c}_{base.method}.png"
         fig.savefig(hist, dpi=80)
         plt.close(fig)
-        payload[f"{c}/{base.method}"] = {"category": c, "method": base.method, "threshold": threshold, "f1": f1, "grid": str(grid), "histogram": str(hist),
-                      "examples": [paths[i] for i in picks], **{k: result[k] for k in METRICS}}
+        payload[f"{c}/{base.method}"] = {"category": c, "method": base.method, "threshold": threshold, "f1": f1,
+                                         "grid": str(grid), "histogram": str(hist),
+                                         "examples": [paths[int(chosen[i])] for i in picks], **metrics}
     lines = ["| category | method | pixel threshold (max F1) | F1 | grid | histogram |", "|---|---|---|---|---|---|"]
-    lines += [f"| {p['category']} | {p['method']} | {p['threshold']:.4g} | {p['f1']:.3f} | {Path(p['grid']).name}"
-              f" | {Path(p['histogram']).name} |" for p in payload.values()]
+    for p in payload.values():
+        if p["grid"] is None:
+            lines.append(f"| {p['category']} | {p['method']} | n/a | n/a | {p['note']} | |")
+        else:
+            lines.append(f"| {p['category']} | {p['method']} | {p['threshold']:.4g} | {p['f1']:.3f}"
+                         f" | {Path(p['grid']).name} | {Path(p['histogram']).name} |")
     return _write(output, "figures", "\n".join(lines) + "\n", payload)
 
 

@@ -1,11 +1,14 @@
 """Anomaly-detection metrics: image AUROC, pixel AUROC and AUPRO (numpy in, floats out).
 
-Every figure is a plain Python float in [0, 1] so results can go straight into JSON;
-``nan`` marks a metric that is undefined for the data (e.g. only one class present).
+Every figure is a plain Python float in [0, 1]; ``nan`` marks a metric that is undefined for
+the data (e.g. only one class present). `Evaluation.result` and `to_json` turn it into None
+(JSON null), because NaN is not JSON.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -416,13 +419,31 @@ class PixelHistograms:
         return float(np.trapezoid(pro, fpr)) / fpr_limit if fpr.size else float("nan")
 
 
+def json_safe(value):
+    """`value` with every non-finite float replaced by None, through dicts and lists: a metric that
+    cannot be computed is null in JSON, never NaN (which strict parsers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value, indent: int | None = 2) -> str:
+    """Strict JSON text of metrics or a summary (non-finite floats as null), newline-terminated."""
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False) + "\n"
+
+
 class Evaluation:
     """`evaluate` for a set seen one batch at a time. The maps are kept, for exact pixel metrics,
     while they and their masks take at most `budget_bytes`; past that they are counted into
     `PixelHistograms` and dropped, so memory stays bounded however many images there are (the
     result's "pixel_metrics" says which). Image metrics are always exact: one score per image.
-    With `thresholds` (image, pixel) it also counts what they flag (`at_threshold`). `centre` is
-    where the histograms' bins are finest (see `value_bins`): the maps' upper bound if known."""
+    Images without a mask (`add`'s `has_mask`) count in the image metrics only. With `thresholds`
+    (image, pixel) it also counts what they flag (`at_threshold`). `centre` is where the
+    histograms' bins are finest (see `value_bins`): the maps' upper bound if known."""
 
     def __init__(self, budget_bytes: int, thresholds: tuple[float, float] | None = None, fpr_limit: float = 0.3,
                  centre: float | None = None):
@@ -430,38 +451,50 @@ class Evaluation:
         self.labels: list[int] = []
         self.scores: list[float] = []
         self.types: list[str] = []
+        self.has_mask: list[bool] = []
+        self.pixel_types: list[str] = []  # the defect types of the images with masks, in order
         self.kept: list[tuple[np.ndarray, np.ndarray]] | None = []
         self.kept_bytes = 0
         self.binned: PixelHistograms | None = None
-        self.hot = np.zeros(3, dtype=np.int64)  # flagged pixels: on good images, and defect pixels found; defect pixels
-        self.pixels_per_image = 0
+        # flagged pixels of good images, pixels of good images, defect pixels flagged, defect pixels
+        self.hot = np.zeros(4, dtype=np.int64)
 
-    def add(self, labels, scores, masks, maps, defect_types: Sequence[str]) -> None:
-        """One batch: labels [B], scores [B], masks [B, H, W], maps [B, H, W], a defect type per image."""
+    def add(self, labels, scores, masks, maps, defect_types: Sequence[str], has_mask=None) -> None:
+        """One batch: labels [B], scores [B], masks [B, H, W], maps [B, H, W], a defect type per image, and
+        whether each image has a mask [B] (default: all); the masks of those without are ignored."""
         y, s = _image_arrays(labels, scores)
         gt, m = _pixel_arrays(masks, maps)
+        keep = np.ones(y.size, dtype=bool) if has_mask is None else np.asarray(has_mask, dtype=bool).ravel()
+        if keep.size != y.size:
+            raise ValueError(f"has_mask ({keep.size}) and labels ({y.size}) differ in length")
         self.labels += y.astype(int).tolist()
         self.scores += s.tolist()
         self.types += [str(t) for t in defect_types]
-        self.pixels_per_image = gt[0].size if len(gt) else self.pixels_per_image
+        self.has_mask += keep.tolist()
+        if not keep.any():
+            return
+        if not keep.all():
+            gt, m, y = gt[keep], m[keep], y[keep]
+        types = [t for t, k in zip(self.types[-keep.size:], keep) if k]
+        self.pixel_types += types
         if self.thresholds is not None:
             hot = m > self.thresholds[1]
-            self.hot += (int(hot[~y].sum()), int((hot & gt).sum()), int(gt.sum()))
+            self.hot += (int(hot[~y].sum()), int(hot[~y].size), int((hot & gt).sum()), int(gt.sum()))
         if self.kept is not None and self.kept_bytes + gt.nbytes + m.nbytes <= self.budget:
             self.kept.append((gt.copy(), m.copy()))
             self.kept_bytes += gt.nbytes + m.nbytes
             return
         if self.binned is None:
             self.binned = PixelHistograms(self.centre)
-            for (g, mm), types in zip(self.kept or [], self._kept_types()):
-                self.binned.add(g, mm, types)
+            for (g, mm), kept_types in zip(self.kept or [], self._kept_types()):
+                self.binned.add(g, mm, kept_types)
             self.kept = None
-        self.binned.add(gt, m, self.types[-len(y):])
+        self.binned.add(gt, m, types)
 
     def _kept_types(self):
         start = 0
         for g, _ in self.kept or []:
-            yield self.types[start : start + len(g)]
+            yield self.pixel_types[start : start + len(g)]
             start += len(g)
 
     def _exact(self) -> tuple[np.ndarray, np.ndarray]:
@@ -470,34 +503,42 @@ class Evaluation:
         return self.kept[0]
 
     def result(self) -> dict:
-        """The figures of `evaluate`, plus pixel_metrics ("exact" or how they were binned) and, with
-        thresholds, at_threshold: the image and pixel false-positive rates (on good images) and recalls."""
+        """The figures of `evaluate`, the pixel ones over the images with masks only, None where undefined;
+        plus pixel_metrics ("exact", how they were binned, or None without a mask), images_used (how many
+        images the image and the pixel metrics used) and, with thresholds, at_threshold: the image and
+        pixel false-positive rates (on good images) and recalls."""
+        out = evaluate(self.labels, self.scores, None, None, self.types, self.fpr_limit)
+        per_type: dict[str, float] = {}
         if self.kept is not None and self.kept:
-            out = evaluate(self.labels, self.scores, *self._exact(), self.types, self.fpr_limit)
-            out["pixel_metrics"] = "exact"
+            chosen = np.flatnonzero(self.has_mask)
+            pixel = evaluate(np.asarray(self.labels)[chosen], np.asarray(self.scores)[chosen], *self._exact(),
+                             self.pixel_types, self.fpr_limit)
+            out.update(pixel_auroc=pixel["pixel_auroc"], aupro=pixel["aupro"], pixel_metrics="exact")
+            per_type = {t: v["pixel_auroc"] for t, v in pixel["per_type"].items()}
+        elif self.binned is not None:
+            h = self.binned
+            out.update(pixel_auroc=h.pixel_auroc(), aupro=h.aupro(self.fpr_limit), pixel_metrics=BINNED)
+            per_type = h.pixel_auroc_per_type()
         else:
-            out = evaluate(self.labels, self.scores, None, None, self.types, self.fpr_limit)
-            if self.binned is not None:
-                h = self.binned
-                out.update(pixel_auroc=h.pixel_auroc(), aupro=h.aupro(self.fpr_limit), pixel_metrics=BINNED)
-                for t, v in h.pixel_auroc_per_type().items():
-                    out["per_type"][t]["pixel_auroc"] = v
+            out["pixel_metrics"] = None
+        for t, entry in out["per_type"].items():
+            entry["pixel_auroc"] = per_type.get(t, float("nan"))
+        out["images_used"] = {"image_metrics": len(self.labels), "pixel_metrics": sum(self.has_mask)}
         if self.thresholds is not None:
             out["at_threshold"] = self._rates()
-        return out
+        return json_safe(out)
 
     def _rates(self) -> dict:
         y, s = _image_arrays(self.labels, self.scores)
         flagged = s > self.thresholds[0]
-        n_good = int((~y).sum()) * self.pixels_per_image
         return {"good_images": int((~y).sum()), "defect_images": int(y.sum()),
                 "image_fpr": float(flagged[~y].mean()) if (~y).any() else None,
                 "image_recall": float(flagged[y].mean()) if y.any() else None,
-                "pixel_fpr": int(self.hot[0]) / n_good if n_good else None,
-                "pixel_recall": int(self.hot[1]) / int(self.hot[2]) if self.hot[2] else None}
+                "pixel_fpr": int(self.hot[0]) / int(self.hot[1]) if self.hot[1] else None,
+                "pixel_recall": int(self.hot[2]) / int(self.hot[3]) if self.hot[3] else None}
 
     def f1_optimal_threshold(self) -> tuple[float, float]:
-        """(pixel threshold, F1) maximising pixel F1 over the set: exact or binned, as `result`."""
+        """(pixel threshold, F1) maximising pixel F1 over the images with masks: exact or binned, as `result`."""
         if self.kept is not None and self.kept:
             return f1_optimal_threshold(*self._exact())
         if self.binned is not None:
@@ -505,7 +546,8 @@ class Evaluation:
         return float("nan"), float("nan")
 
     def curves(self) -> dict:
-        """Image and pixel ROC points and the PRO curve, as plain lists for JSON."""
+        """Image ROC points (every image), pixel ROC points and the PRO curve (the images with masks), as
+        plain lists for JSON."""
         curves = {}
         x, y = roc_points(self.labels, self.scores)
         curves["image_roc"] = {"fpr": x.tolist(), "tpr": y.tolist()}

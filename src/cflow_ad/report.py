@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from .data import load_image
 from .errors import CflowInputError
+from .metrics import to_json
 from .visualize import heat_rgb, outline, overlay_rgb, save_png
 
 FPR_LIMIT = 0.3
@@ -59,7 +60,7 @@ def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_si
                          image_threshold: float | None) -> None:
     """curves.json (from `metrics.Evaluation.curves`) and cases/ (overlays of the worst cases)."""
     out = Path(output)
-    (out / "curves.json").write_text(json.dumps(curves) + "\n")
+    (out / "curves.json").write_text(to_json(curves, indent=None))
     (out / "cases").mkdir(parents=True, exist_ok=True)
     rows = []
     for kind, tag in (("false positive", "fp"), ("false negative", "fn")):
@@ -71,7 +72,7 @@ def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_si
             flagged = None if image_threshold is None else score > image_threshold  # api.test's verdict rule
             rows.append({"file": name, "path": path, "defect_type": dtype, "label": label, "score": score, "kind": kind,
                          "wrong": None if flagged is None else flagged == (kind == "false positive")})
-    (out / "cases" / "cases.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "cases" / "cases.json").write_text(to_json(rows))
 
 
 def _need(results: Path, name: str) -> Path:
@@ -108,6 +109,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _curves_figure(curves: dict, metrics: dict) -> str:
+    no_masks = metrics.get("images_used", {}).get("pixel_metrics") == 0
     fig = Figure(figsize=(13.5, 4.2))
     panels = (("Image ROC", curves["image_roc"], "tpr", f"AUROC {percent(metrics.get('image_auroc'))}"),
               ("Pixel ROC", curves["pixel_roc"], "tpr", f"AUROC {percent(metrics.get('pixel_auroc'))}"),
@@ -117,7 +119,8 @@ def _curves_figure(curves: dict, metrics: dict) -> str:
         if c["fpr"]:
             ax.plot(c["fpr"], c[key], lw=2, label=label)
         else:
-            ax.text(0.5, 0.5, "undefined: one class only", ha="center", transform=ax.transAxes)
+            why = "n/a: no image has a mask" if no_masks and title != "Image ROC" else "undefined: one class only"
+            ax.text(0.5, 0.5, why, ha="center", transform=ax.transAxes)
         if key == "tpr":
             ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
             ax.set_xlim(0, 1)
@@ -183,6 +186,9 @@ def write_report(results: Path, output: Path | None = None) -> Path:
     per_type = _table(["defect type", "image AUROC", "pixel AUROC"],
                       [[escape(t), percent(m.get("image_auroc")), percent(m.get("pixel_auroc"))]
                        for t, m in metrics.get("per_type", {}).items()])
+    used = metrics.get("images_used")
+    coverage = "" if not used else (f"<p class=info>image metrics on {used['image_metrics']} images, pixel metrics on"
+                                    f" the {used['pixel_metrics']} of them with a mask</p>")
     thresholds, rates = metrics.get("thresholds"), metrics.get("at_threshold")
     decision = ""
     if thresholds and rates:
@@ -200,6 +206,7 @@ def write_report(results: Path, output: Path | None = None) -> Path:
 <h2>Metrics</h2>
 {_table(["image AUROC", "pixel AUROC", "AUPRO (FPR ≤ 0.3)"],
         [[percent(metrics.get("image_auroc")), percent(metrics.get("pixel_auroc")), percent(metrics.get("aupro"))]])}
+{coverage}
 <h3>Per defect type (against all good images)</h3>
 {per_type}
 {decision}

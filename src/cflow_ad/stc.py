@@ -33,11 +33,6 @@ from .errors import CflowInputError
 _MASK_CHUNK_BYTES = 8 << 20  # label scan of a pixel mask: this much mapped at a time
 
 
-def is_stc_root(root: D._PathLike) -> bool:
-    """True when root looks like an STC tree (it has training/frames/)."""
-    return (Path(root) / "training" / "frames").is_dir()
-
-
 def _frames_dir(root: Path, split: str) -> Path:
     folder = root / ("training" if split == "train" else "testing") / "frames"
     if not folder.is_dir():
@@ -138,7 +133,8 @@ class STCDataset(D.AnomalyDataset):
         im = Image.fromarray(np.where(frame > 0, 255, 0).astype(np.uint8))
         im = im.resize((self.size[1], self.size[0]), Image.Resampling.NEAREST)
         mask = torch.from_numpy((np.asarray(im) > 0).astype(np.float32)[None].copy())
-        return D.Sample(image=image, mask=mask, label=rec.label, defect_type=rec.defect_type, path=str(rec.path))
+        return D.Sample(image=image, mask=mask, label=rec.label, defect_type=rec.defect_type, path=str(rec.path),
+                        has_mask=True)
 
 
 def stc_dataset(root: D._PathLike, scene: str, split: str, size: int | Sequence[int],
