@@ -45,7 +45,8 @@ def test_resolve_device_names():
     with pytest.raises(CflowInputError, match="precision"):
         Compute("cpu", precision="int8")
     assert Compute("cpu", workers=0).loader_workers == 0
-    assert Compute("cpu").loader_workers == default_workers() == min(4, max(0, available_cores() - 1))
+    cores = available_cores()
+    assert Compute("cpu").loader_workers == default_workers() == (min(4, cores - 1) if cores > 2 else 0)
 
 
 @no_cuda

@@ -38,8 +38,10 @@ def set_threads(n: int | None = None) -> int:
 
 
 def default_workers() -> int:
-    """Image-decoding worker processes: min(4, cores - 1), so the model keeps a core."""
-    return max(0, min(MAX_DEFAULT_WORKERS, available_cores() - 1))
+    """Image-decoding worker processes: min(4, cores - 1), so the model keeps a core; none on 2 cores or
+    fewer, where a worker beside the model's threads made `test` 0.75x as fast (benchmarks/RESULTS.md)."""
+    cores = available_cores()
+    return min(MAX_DEFAULT_WORKERS, cores - 1) if cores > 2 else 0
 
 
 def cuda_available() -> bool:
@@ -103,7 +105,7 @@ class Compute:
         "help": "fp32, or bf16 / fp16 autocast for the encoder (the flows stay fp32); bf16 also runs on CPUs"})
     workers: int | None = field(default=None, metadata={
         "help": f"image-decoding worker processes (0: in the main process; default min({MAX_DEFAULT_WORKERS},"
-                " cores - 1))"})
+                " cores - 1), 0 on 2 cores or fewer)"})
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 0:
