@@ -8,7 +8,8 @@ and prints the median of several repeats (the two parts alternate within each re
 machine noise hits both alike), the ratio full/encoder, and the peak RSS of a fresh process
 per runtime. It also prints the decoders' size (the paper's
 Table 6 "model size") next to the location whitening's Gaussians, PaDiM's Gaussian bank and
-SPADE's gallery for the same encoder and taps. The baselines' timings do not depend on their
+SPADE's gallery for the same encoder and taps. `cflow` is the default (the map in log space);
+`cflow_eq8` the same model with the paper's Eq. 8 map (`--normalization stateless`). The baselines' timings do not depend on their
 fitted values, so PaDiM runs with its initial Gaussians and SPADE with a random gallery of
 --gallery training images (762: magnetic_tile's). SPADE runs in PyTorch only.
 
@@ -48,7 +49,7 @@ from cflow_ad.baselines import PaDiM, SPADE
 from cflow_ad.encoder import encoder_for
 from cflow_ad.model import CFlowModel, build_model
 
-PARTS = ("encoder", "cflow", "padim", "spade")
+PARTS = ("encoder", "cflow", "cflow_eq8", "padim", "spade")
 
 # Table 6 of the paper, by encoder: its label, the config of its Table 3 model (pooling layers as
 # PaDiM for the ResNets, layers 1-3; the authors' MobileNetV3-L blocks, our strides 8/16/32; the
@@ -72,7 +73,10 @@ def _models(condition_dim: int, gallery: int) -> dict:
     """CFLOW-AD and the baselines on one shared encoder (MobileNetV2, taps 8/16/32, 256 px)."""
     cfg = CFlowConfig(condition_dim=condition_dim)
     cflow = build_model(cfg).eval()
-    models = {"encoder": cflow.encoder, "cflow": cflow}
+    # the same weights (seeded decoders, shared encoder) with the paper's Eq. 8 map: what the log-space map costs
+    eq8 = CFlowModel(cfg.replace(normalization="stateless"), cflow.encoder).eval()
+    assert all(torch.equal(a, b) for a, b in zip(cflow.state_dict().values(), eq8.state_dict().values()))
+    models = {"encoder": cflow.encoder, "cflow": cflow, "cflow_eq8": eq8}
     for method, kind in (("padim", PaDiM), ("spade", SPADE)):
         models[method] = kind(cfg.replace(method=method), encoder=cflow.encoder).eval()
     spade = models["spade"]

@@ -116,24 +116,28 @@ def test_folded_decoders_follow_training_with_the_fused_optimiser(synthetic_root
     assert len(seen) == 2 and not torch.allclose(seen[0], seen[1], atol=1e-4)  # epoch 2 moved the folds too
 
 
+@pytest.mark.parametrize("mode", ["log", "stateless"])
 @pytest.mark.parametrize("budget", [0, 1 << 30], ids=["two-passes", "kept"])
-def test_calibration_constants_streamed_equal_the_whole_set(budget):
-    """The stateless constants from batches (kept, or made twice when over budget) equal those computed
-    on all maps at once; a non-finite image is left out."""
-    from cflow_ad.scoring import score_set
-    from cflow_ad.training import calibrate
+def test_fitted_constants_streamed_equal_the_whole_set(budget, mode):
+    """The constants fitted from batches (kept, or made twice when over budget) equal those computed
+    on all maps at once, in either fixed mode; a non-finite image is left out."""
+    from dataclasses import replace
 
-    model = CFlowModel(TINY, pretrained=False)
+    from cflow_ad.scoring import fit_constants, score_set
+
+    model = CFlowModel(replace(TINY, normalization=mode), pretrained=False)
     gen = torch.Generator().manual_seed(0)
     batches = [[torch.randn(5, 16, 16, generator=gen) - 2, torch.randn(5, 8, 8, generator=gen) - 3] for _ in range(4)]
     batches[1][0][2, 3, 3] = float("nan")
-    calibrate(model, lambda: iter(batches), chunk=3, budget_bytes=budget)
+    fit_constants(model, lambda: iter(batches), chunk=3, budget_bytes=budget)
     whole = [torch.cat([b[k] for b in batches]) for k in range(2)]
     keep = torch.ones(20, dtype=torch.bool)
     keep[7] = False
     whole = [w[keep] for w in whole]
     refs = torch.stack([w.max() for w in whole])
-    neg, _ = score_set(whole, model.image_size, "stateless", refs, 0.0)
+    neg, _ = score_set(whole, model.image_size, "stateless", refs, 0.0)  # -S
     assert torch.allclose(model.ref_log_density, refs)
     assert model.map_offset.item() == pytest.approx(-neg.min().item(), rel=1e-6)
-    assert model.train_max_score.item() == pytest.approx((neg - neg.min()).max().item(), rel=1e-5)
+    maps, _ = score_set(whole, model.image_size, mode, refs, model.map_offset)
+    assert maps.min().item() == pytest.approx(0.0, abs=1e-5)  # training maps start at 0
+    assert model.train_max_score.item() == pytest.approx(maps.max().item(), rel=1e-5)

@@ -27,7 +27,7 @@ from .inference import Inspector, as_model, exportable
 from .metrics import Evaluation, to_json
 from .model import CFlowModel, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
-from .scoring import anomaly_maps, paper_constants
+from .scoring import fixed_mode, paper_stream
 from .source import DataSource
 from .thresholds import PIXEL_SAMPLE, Thresholds
 from .training import fit, fit_baseline
@@ -95,14 +95,14 @@ def train(
 def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | None = None, f1: bool = False,
                          progress: bool = False, source: str = "held-out good images",
                          compute: Compute | None = None) -> Thresholds:
-    """Thresholds from a set's stateless scores: at `target_fpr` on its good images, or F1-optimal
+    """Thresholds from a set's scores in the model's fixed mode: at `target_fpr` on its good images, or F1-optimal
     over its labelled images and masks (`f1=True`). Scored on `compute` (default: `Compute()`)."""
     compute = compute or Compute()
     compute.place(model).eval()
     if f1:  # streamed as `test` is: exact within the memory budget, binned past it
-        evaluation = _evaluation(model, "stateless")
-        for maps, scores, masks, has_mask, labels, types, _ in scored_batches(model, dataset, "stateless", progress,
-                                                                             compute):
+        mode = fixed_mode(model.config)
+        evaluation = _evaluation(model, mode)
+        for maps, scores, masks, has_mask, labels, types, _ in scored_batches(model, dataset, mode, progress, compute):
             evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types, has_mask)
         return Thresholds.f1_with_pixel(evaluation.labels, evaluation.scores, evaluation.f1_optimal_threshold()[0])
     # Streamed, so memory does not grow with the set: the image scores, and per image a fixed-size
@@ -157,8 +157,10 @@ def calibrate(
     return model.thresholds
 
 
-def _paper_only_for_cflow(model) -> None:
-    if not isinstance(model, CFlowModel):
+def _check_mode(model, mode: str) -> None:
+    """Paper mode needs CFLOW's per-scale maps, which only a PyTorch model has (a baseline's maps are the
+    same in every other mode)."""
+    if mode == "paper" and not isinstance(model, CFlowModel):
         raise CflowInputError(
             "paper normalisation needs CFLOW's per-scale maps: use a cflow .safetensors checkpoint with --runtime torch")
 
@@ -166,8 +168,8 @@ def _paper_only_for_cflow(model) -> None:
 def _evaluation(model: torch.nn.Module, mode: str, memory_mb: int | None = None,
                 thresholds: Thresholds | None = None) -> Evaluation:
     """An `Evaluation` of a labelled set within an eighth of the memory budget (default: the config's).
-    Its histograms are centred where CFLOW's stateless maps pile up: their upper bound, the map offset,
-    just under which strong anomalies sit."""
+    Its histograms are centred where CFLOW's Eq. 8 maps pile up: their upper bound, the map offset,
+    just under which strong anomalies sit (log maps have no bound, and no such pile)."""
     budget = (model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8
     centre = float(model.map_offset) if isinstance(model, CFlowModel) and mode == "stateless" else None
     return Evaluation(budget, None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT, centre)
@@ -177,9 +179,9 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
     """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, whether each image has a
     mask [B] as bool, labels, defect types, paths) per batch of a labelled set, scored on `compute`
     (default: `Compute()`); maps and scores come back to the host once per batch. A file that cannot be
-    read stops it with its one-line error. Stateless scoring keeps nothing between batches; paper
-    normalisation needs the set's constants first, so it keeps the per-scale log maps on the device and
-    the masks (5 + 64 KB an image at 256 px), then makes the maps a batch at a time."""
+    read stops it with its one-line error. `log` and `stateless` scoring keep nothing between batches;
+    `paper` keeps the per-scale log maps and the masks (5 + 64 KB an image at 256 px; `scoring.paper_stream`)."""
+    _check_mode(model, mode)
     compute = compute or Compute()
     compute.place(model).eval()
     loader = D.image_loader(dataset, compute, model.config.batch_size)
@@ -191,18 +193,15 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
 
     batches = tqdm(D.checked(loader), total=len(loader), desc="test", disable=not progress, leave=False)
     with torch.no_grad():
-        if mode != "paper":
-            for batch in batches:
-                yield (*compute.host(*model(compute.put(batch["image"]))), *meta(batch))
+        if mode == "paper":
+            logs = ((model.log_density_maps(model.features(compute.put(b["image"]))), meta(b)) for b in batches)
+            for maps, scores, m in paper_stream(logs, model.image_size, compute.host):
+                yield maps, scores, *m
             return
-        _paper_only_for_cflow(model)
-        logs, metas = [], []
+        own = mode == fixed_mode(model.config) or not isinstance(model, CFlowModel)
         for batch in batches:
-            logs.append(model.log_density_maps(model.features(compute.put(batch["image"]))))
-            metas.append(meta(batch))
-        refs, offset = paper_constants([torch.cat(p) for p in zip(*logs)], model.image_size)
-        for lg, m in zip(logs, metas):
-            yield (*compute.host(*anomaly_maps(lg, refs, offset, model.image_size)), *m)
+            x = compute.put(batch["image"])
+            yield (*compute.host(*(model(x) if own else model(x, mode))), *meta(batch))
 
 
 def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
@@ -236,7 +235,7 @@ def test(
     model = as_model(model).eval()
     mode = normalization or model.config.normalization
     dataset = source.open("test", model.config.image_size)
-    thresholds = getattr(model, "thresholds", None) if mode == "stateless" else None
+    thresholds = getattr(model, "thresholds", None) if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)
     cases = WorstCases()
     paths = []
@@ -278,7 +277,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-PREDICTION_FIELDS = ["path", "score", "label", "image_threshold", "pixel_threshold", "defect_area_px",
+PREDICTION_FIELDS = ["path", "score", "good_share", "label", "image_threshold", "pixel_threshold", "defect_area_px",
                      "defect_fraction", "width", "height", "error", "heatmap", "overlay", "mask"]
 
 
@@ -337,8 +336,11 @@ def predict(
     runner = inspector.runner
     mode = normalization or runner.config.normalization
     thresholds = inspector.thresholds
+    if mode not in ("paper", fixed_mode(runner.config)):
+        raise CflowInputError(f"predict scores in the model's own mode, {fixed_mode(runner.config)}, or in paper mode:"
+                              f" --normalization {mode} needs 'cflow-ad test'")
     if mode == "paper":
-        _paper_only_for_cflow(runner)
+        _check_mode(runner, mode)
         if thresholds is not None:
             warn("paper normalisation rescales scores per set, so the thresholds do not apply: no labels or masks")
         thresholds = None
@@ -356,7 +358,7 @@ def predict(
             stem = _unique_stem(p, used)
             row = {"path": str(p), **inspector.describe(v), "error": ""}
             if thresholds is None:
-                row.update(image_threshold=None, pixel_threshold=None)
+                row.update(image_threshold=None, pixel_threshold=None, good_share=None)
             heat = inspector.heat(v) if heatmaps or overlays else None  # drawn once for both
             if heatmaps:
                 row["heatmap"] = str(save_png(heat, out / f"{stem}_heatmap.png"))
@@ -370,24 +372,16 @@ def predict(
         warn(f"skipped: {exc}")
         rows.append({"path": str(files[i]), "score": None, "label": None, "error": str(exc)})
 
-    readable: list[Path] = []
-    kept_logs: list[list[torch.Tensor]] = []
     loader = D.image_loader(D.ImageFiles(files, size), compute, bs, collate=D.collate_files)
-    for index, inputs, originals in tqdm(D.checked(loader, skipped), total=len(loader), desc="predict",
-                                         disable=not progress):
-        batch_paths = [files[i] for i in index]
-        if mode == "paper":
-            readable += batch_paths
-            kept_logs.append(runner.log_density_maps(runner.features(compute.put(inputs))))
-        else:
-            write(batch_paths, originals, *inspector.score(inputs))
-    if kept_logs:
-        all_logs = [torch.cat(parts) for parts in zip(*kept_logs)]
-        refs, offset = paper_constants(all_logs, runner.image_size)
-        for i in range(0, len(readable), bs):
-            originals = [D.load_image_and_original(p, size)[1] for p in readable[i : i + bs]]
-            write(readable[i : i + bs], originals,
-                  *compute.host(*anomaly_maps([lm[i : i + bs] for lm in all_logs], refs, offset, runner.image_size)))
+    batches = tqdm(D.checked(loader, skipped), total=len(loader), desc="predict", disable=not progress)
+    if mode == "paper":  # the originals are read again in the second pass, not kept
+        logs = ((runner.log_density_maps(runner.features(compute.put(inputs))), [files[i] for i in index])
+                for index, inputs, _ in batches)
+        for maps, scores, batch_paths in paper_stream(logs, runner.image_size, compute.host):
+            write(batch_paths, [D.load_image_and_original(p, size)[1] for p in batch_paths], maps, scores)
+    else:
+        for index, inputs, originals in batches:
+            write([files[i] for i in index], originals, *inspector.score(inputs))
     if csv_summary:
         with open(out / "predictions.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CFlowConfig
+from .config import NORMALIZATIONS, CFlowConfig
 from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
 
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
     _add_data_flags(e, test=True)
     e.add_argument("--output", type=Path, required=True, help="folder for metrics.json and scores.csv")
-    e.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
+    e.add_argument("--normalization", choices=NORMALIZATIONS, help="score in another mode than the checkpoint's"
+                   " (its thresholds then do not apply)")
     e.add_argument("--memory-mb", type=int, help="override the checkpoint's memory_mb: exact pixel metrics while the"
                    " maps fit in an eighth of it, else binned")
     _add_compute_flags(e)
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train', or a .onnx file written by 'export'")
     r.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     r.add_argument("--output", type=Path, required=True, help="folder for predictions.csv/.json and the PNGs")
-    r.add_argument("--normalization", choices=("stateless", "paper"), help="override the checkpoint's scoring mode")
+    r.add_argument("--normalization", choices=("paper",), help="normalise over the images given instead of the"
+                   " checkpoint's constants (no labels: the thresholds do not apply)")
     r.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="score in PyTorch or export to onnxruntime first (faster on CPUs; a .onnx --model always uses it)")
     _add_threshold_flags(r)

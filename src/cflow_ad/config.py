@@ -16,7 +16,7 @@ ENCODERS = (
     "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
 )
 LOSSES = ("nll", "logsigmoid")
-NORMALIZATIONS = ("stateless", "paper")
+NORMALIZATIONS = ("log", "stateless", "paper")
 PERMUTATIONS = ("soft", "hard")
 WHITENINGS = ("location", "none")
 METHODS = ("cflow", "padim", "spade")
@@ -98,7 +98,9 @@ class CFlowConfig:
     seed: int = _opt(0, "Random seed: the same seed gives the same model and metrics.")
     # scoring (Eq. 8)
     normalization: str = _opt(
-        "stateless", "stateless: constants fixed from training data; paper: normalise over the evaluated set.", NORMALIZATIONS
+        "log", "log: Eq. 8 in log space with constants fixed from training data (never saturates); stateless: Eq. 8"
+        " with those constants (saturates at the offset for strong anomalies); paper: Eq. 8 normalised over the"
+        " evaluated set.", NORMALIZATIONS
     )
 
     def __post_init__(self) -> None:

@@ -149,7 +149,7 @@ class Inspector:
         """The JSON-ready facts of a verdict, with the thresholds that made it."""
         t = self.thresholds
         return {
-            "score": v.score, "label": v.label,
+            "score": v.score, "good_share": t.good_share(v.score) if t else None, "label": v.label,
             "image_threshold": t.image if t else None, "pixel_threshold": t.pixel if t else None,
             "defect_area_px": v.defect_area_px,
             "defect_fraction": None if v.defect_area_px is None else v.defect_area_px / (v.width * v.height),

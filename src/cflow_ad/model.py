@@ -16,7 +16,7 @@ from .encoder import Encoder, encoder_for
 from .errors import CflowInputError
 from .flow_decoder import ConditionalFlow, FoldedFlow, LocationWhitening
 from .positional_encoding import PositionalCondition
-from .scoring import anomaly_maps
+from .scoring import anomaly_maps, fixed_mode
 
 
 # Location whitening keeps H*W*D^2 floats per scale; refuse more than 1 GiB of them.
@@ -120,10 +120,12 @@ class CFlowModel(nn.Module):
             out.append(self.log_likelihood(k, *self.fibers(k, f), (h, w)).view(b, h, w))
         return out
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anomaly map [B, H, W] (higher = more anomalous) and image score [B]."""
+    def forward(self, images: torch.Tensor, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly map [B, H, W] (higher = more anomalous) and image score [B], scored in `mode`
+        (`log` or `stateless`; default: the checkpoint's, `fixed_mode`)."""
         logs = self.log_density_maps(self.features(images))
-        return anomaly_maps(logs, self.ref_log_density, self.map_offset, tuple(images.shape[-2:]))
+        return anomaly_maps(logs, self.ref_log_density, self.map_offset, tuple(images.shape[-2:]),
+                            mode or fixed_mode(self.config))
 
 
 def build_model(config: CFlowConfig, pretrained: bool = True) -> nn.Module:

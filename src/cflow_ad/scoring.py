@@ -1,26 +1,40 @@
-"""Eq. 8 onwards: per-scale log-likelihood maps -> anomaly map and image score.
+"""Eq. 8 onwards: per-scale log-likelihood maps -> anomaly map and image score, in one place.
 
 Per scale k the per-dimension log-likelihood l_k is turned into a probability
 P_k = exp(l_k - ref_k) in (0, 1], upsampled bilinearly to the input size and summed
-over scales; the anomaly map is offset - sum_k P_k, so higher means more anomalous,
-and the image score is its maximum.
+over scales into S. The image score is the map's maximum. Three modes:
 
-`stateless` fixes ref_k and offset from training data when training ends, so a score
-never depends on the other images scored with it. `paper` takes them from the
-evaluated set itself, as the authors' code does (ref_k = max of l_k over the set,
-offset = max of the summed map).
+- `log` (default): log(offset) - log S, computed in log space. It orders pixels exactly as
+  Eq. 8 does, but never saturates: far from the training data every P_k underflows and
+  offset - S pins at the offset, while log S keeps falling.
+- `stateless`: Eq. 8, offset - S, with ref_k and offset fixed from training data.
+- `paper`: Eq. 8 with ref_k and offset taken from the evaluated set itself, as the authors'
+  code does (ref_k = max of l_k over the set, offset = max of S).
+
+The first two never depend on the other images scored with them; their constants are fitted
+by `fit_constants` when training ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .distributed import all_reduce
+from .errors import CflowInputError
+
+
+def fixed_mode(config) -> str:
+    """The mode of a checkpoint's constants, thresholds and heat-map scale: `log`, or `stateless` for
+    a model configured for either Eq. 8 mode (`paper` calibrates its thresholds with `stateless`)."""
+    return "log" if config.normalization == "log" else "stateless"
+
 
 def probability_sum(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """sum_k upsample(exp(l_k - ref_k)) as [B, H, W]; `log_maps` are [B, h_k, w_k]."""
+    """Eq. 8's S = sum_k upsample(exp(l_k - ref_k)) as [B, H, W]; `log_maps` are [B, h_k, w_k]."""
     total = None
     for k, lm in enumerate(log_maps):
         p = torch.exp(lm - refs[k]).unsqueeze(1)
@@ -29,15 +43,51 @@ def probability_sum(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, size: 
     return total
 
 
-def anomaly_maps(
-    log_maps: Sequence[torch.Tensor], refs: torch.Tensor, offset: torch.Tensor | float, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anomaly map [B, H, W], image score [B]) for fixed normalisation constants."""
-    amap = offset - probability_sum(log_maps, refs, size)
+def _corners(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear upsampling (align_corners=True) of n_in samples to n_out along one axis: for each
+    output, its two source indices and the logs of their weights (-inf for a weight of 0)."""
+    src = torch.arange(n_out, device=device, dtype=torch.float32) * ((n_in - 1) / max(n_out - 1, 1))
+    lo = src.floor().clamp(0, n_in - 1)
+    frac = src - lo
+    lo = lo.long()
+    hi = (lo + 1).clamp(max=n_in - 1)
+    return lo, hi, torch.log1p(-frac), torch.log(frac)
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(exp(a) + exp(b)) from ops that ONNX has (torch.logaddexp does not export); -inf terms are fine."""
+    gap = torch.where(a == b, torch.zeros_like(a), (a - b).abs())  # 0, not NaN, where both are -inf
+    return torch.maximum(a, b) + torch.log1p(torch.exp(-gap))
+
+
+def log_probability_sum(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """log S as [B, H, W] without under- or overflow. Bilinear upsampling is separable and each output
+    is a weighted sum of two inputs per axis, so log S is built from log-add-exps of log(weight) +
+    l_k - ref_k: along rows at the map's width, then along columns, then over the scales."""
+    total = None
+    for k, lm in enumerate(log_maps):
+        r0, r1, wr0, wr1 = _corners(lm.shape[-2], size[0], lm.device)
+        c0, c1, wc0, wc1 = _corners(lm.shape[-1], size[1], lm.device)
+        x = lm.float() - refs[k]
+        rows = _logaddexp(x[:, r0] + wr0[:, None], x[:, r1] + wr1[:, None])  # [B, H, w]
+        up = _logaddexp(rows[:, :, c0] + wc0, rows[:, :, c1] + wc1)  # [B, H, W]
+        total = up if total is None else _logaddexp(total, up)
+    return total
+
+
+def anomaly_maps(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, offset: torch.Tensor | float,
+                 size: tuple[int, int], mode: str = "log") -> tuple[torch.Tensor, torch.Tensor]:
+    """(anomaly map [B, H, W], image score [B]) for fixed constants: log(offset) - log S in `log`
+    mode, offset - S otherwise."""
+    if mode == "log":
+        amap = torch.log(torch.as_tensor(offset, dtype=torch.float32)) - log_probability_sum(log_maps, refs, size)
+    else:
+        amap = offset - probability_sum(log_maps, refs, size)
     return amap, amap.flatten(1).amax(1)
 
 
-def paper_constants(log_maps: Sequence[torch.Tensor], size: tuple[int, int], chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def paper_constants(log_maps: Sequence[torch.Tensor], size: tuple[int, int],
+                    chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' constants taken over a whole evaluated set: (refs [K], offset)."""
     refs = torch.stack([lm.max() for lm in log_maps])
     n = log_maps[0].shape[0]
@@ -59,10 +109,63 @@ def score_set(
     if mode == "paper":
         refs, offset = paper_constants(log_maps, size, chunk)
     elif refs is None or offset is None:
-        raise ValueError("stateless scoring needs the constants fixed at training time")
+        raise ValueError(f"{mode} scoring needs the constants fixed at training time")
     maps, scores = [], []
     for i in range(0, log_maps[0].shape[0], chunk):
-        m, s = anomaly_maps([lm[i : i + chunk] for lm in log_maps], refs, offset, size)
+        m, s = anomaly_maps([lm[i : i + chunk] for lm in log_maps], refs, offset, size, mode)
         maps.append(m)
         scores.append(s)
     return torch.cat(maps), torch.cat(scores)
+
+
+def paper_stream(batches: Iterable[tuple[list[torch.Tensor], object]], size: tuple[int, int], host: Callable):
+    """`paper` mode over a stream of (per-scale log maps, payload) batches: the set's constants need
+    every batch first, so the log maps (small: 5 KB an image at 256 px) are kept on their device, then
+    (maps, scores, payload) come back through `host` a batch at a time."""
+    kept = list(batches)
+    if not kept:
+        return
+    refs, offset = paper_constants([torch.cat(p) for p in zip(*(logs for logs, _ in kept))], size)
+    for logs, payload in kept:
+        yield (*host(*anomaly_maps(logs, refs, offset, size, "paper")), payload)
+
+
+@torch.no_grad()
+def fit_constants(model, log_batches: Callable[[], Iterable[list[torch.Tensor]]], chunk: int = 64,
+                  budget_bytes: int = 256 << 20) -> None:
+    """Fix the constants of `model` from its training images' log maps: per-scale max log-density
+    (ref_k), the largest S (the map offset, so training maps are >= 0) and the largest training map
+    value in the model's mode (the heat-map scale). `log_batches()` yields each image batch's per-scale
+    log maps. Memory stays bounded however many images there are: the batches are kept between the two
+    passes while they fit in `budget_bytes`, else made again (one more decoder pass). Images with a
+    non-finite map are left out. Under torchrun the ranks agree on every constant."""
+
+    def finite_batches(batches):
+        for logs in batches:
+            ok = torch.stack([torch.isfinite(lm).flatten(1).all(1) for lm in logs]).all(0)
+            if ok.any():
+                yield [lm[ok] for lm in logs]
+
+    refs = torch.full((len(model.decoders),), -math.inf, device=model.map_offset.device)
+    kept: list[list[torch.Tensor]] | None = []
+    size = 0
+    for logs in finite_batches(log_batches()):
+        refs = torch.maximum(refs, torch.stack([lm.max() for lm in logs]))
+        size += sum(lm.numel() * lm.element_size() for lm in logs)
+        kept = kept if kept is not None and size <= budget_bytes else None
+        if kept is not None:
+            kept.append(logs)
+    refs = all_reduce(refs, "max")
+    if not torch.isfinite(refs).all():
+        raise CflowInputError("the trained model gives no finite likelihood on any training image: it cannot be used")
+    model.ref_log_density.copy_(refs)
+    high, low = -math.inf, math.inf  # of log S
+    for logs in kept if kept is not None else finite_batches(log_batches()):
+        for i in range(0, logs[0].shape[0], chunk):  # full-size maps only a chunk at a time
+            log_s = log_probability_sum([lm[i : i + chunk] for lm in logs], refs, model.image_size)
+            high, low = max(high, log_s.max().item()), min(low, log_s.min().item())
+    high = all_reduce(torch.tensor(high), "max").item()
+    low = all_reduce(torch.tensor(low), "min").item()
+    model.map_offset.fill_(math.exp(high))
+    top = high - low if model.config.normalization == "log" else math.exp(high) - math.exp(low)
+    model.train_max_score.fill_(max(top, 1e-6))

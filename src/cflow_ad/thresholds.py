@@ -98,6 +98,13 @@ class Thresholds:
         return cls(float(np.nextafter(image, -np.inf)), float(np.nextafter(pixel, -np.inf)),
                    f"F1 on {labels.size} labelled images", None, int(labels.size))
 
+    def good_share(self, score: float) -> float | None:
+        """The share of the calibration's good images that score lower than `score`: a score in [0, 1]
+        that reads the same for every model (None without their scores, e.g. F1 or manual thresholds)."""
+        if not self.good_image_scores:
+            return None
+        return int(np.searchsorted(self.good_image_scores, score, side="left")) / len(self.good_image_scores)
+
     def with_overrides(self, image: float | None = None, pixel: float | None = None) -> "Thresholds":
         if image is None and pixel is None:
             return self

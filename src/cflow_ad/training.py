@@ -37,7 +37,7 @@ from .distributed import all_reduce, any_rank, decoder_steps, rank_world, shard
 from .errors import CflowInputError
 from .flow_decoder import LocationWhitening
 from .model import CFlowModel
-from .scoring import probability_sum
+from .scoring import fit_constants
 
 
 NONFINITE_PATIENCE = 10  # skipped steps in a row before the learning rate is halved
@@ -232,45 +232,6 @@ def log_density_maps_of(model: CFlowModel, features: _Features, n: int, batch_si
         for k, lm in enumerate(model.log_density_maps(feats)):
             parts[k].append(lm)
     return [torch.cat(p) for p in parts]
-
-
-@torch.no_grad()
-def calibrate(model: CFlowModel, log_batches: Callable[[], Iterable[list[torch.Tensor]]], chunk: int = 64,
-              budget_bytes: int = 256 << 20) -> None:
-    """Fix the stateless constants from the training images' log maps: per-scale max log-density, then
-    the largest summed probability (the map offset) and the largest training map value (the heat-map
-    scale). `log_batches()` yields each image batch's per-scale log maps. Memory stays bounded however
-    many images there are: the batches are kept between the two passes while they fit in
-    `budget_bytes`, else made again (one more decoder pass). Images with a non-finite map are left out."""
-
-    def finite_batches(batches):
-        for logs in batches:
-            ok = torch.stack([torch.isfinite(lm).flatten(1).all(1) for lm in logs]).all(0)
-            if ok.any():
-                yield [lm[ok] for lm in logs]
-
-    refs = torch.full((len(model.decoders),), -math.inf, device=model.map_offset.device)
-    kept: list[list[torch.Tensor]] | None = []
-    size = 0
-    for logs in finite_batches(log_batches()):
-        refs = torch.maximum(refs, torch.stack([lm.max() for lm in logs]))
-        size += sum(lm.numel() * lm.element_size() for lm in logs)
-        kept = kept if kept is not None and size <= budget_bytes else None
-        if kept is not None:
-            kept.append(logs)
-    refs = all_reduce(refs, "max")
-    if not torch.isfinite(refs).all():
-        raise CflowInputError("the trained model gives no finite likelihood on any training image: it cannot be used")
-    model.ref_log_density.copy_(refs)
-    high, low = -math.inf, math.inf
-    for logs in kept if kept is not None else finite_batches(log_batches()):
-        for i in range(0, logs[0].shape[0], chunk):  # full-size maps only a chunk at a time
-            p = probability_sum([lm[i : i + chunk] for lm in logs], refs, model.image_size)
-            high, low = max(high, p.max().item()), min(low, p.min().item())
-    high = all_reduce(torch.tensor(high), "max").item()
-    low = all_reduce(torch.tensor(low), "min").item()
-    model.map_offset.fill_(high)  # the largest summed probability seen in training: train maps are >= 0
-    model.train_max_score.fill_(max(high - low, 1e-6))  # the largest training map value
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -506,8 +467,8 @@ class _Run:
             self.model.decoders.load_state_dict(s.best)
             h["selected_meta_epoch"] = h["val_nll"].index(s.best_nll) + 1
         self.model.eval()
-        calibrate(self.model, lambda: (self.model.log_density_maps(f)
-                                       for f in self.features.epoch(_batches(len(self.images), self.batch_size))))
+        fit_constants(self.model, lambda: (self.model.log_density_maps(f)
+                                           for f in self.features.epoch(_batches(len(self.images), self.batch_size))))
         h["epochs"] = self.total_epochs
         return h
 
