@@ -44,6 +44,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 class DistanceModel(nn.Module):
     """Shared frame of the baselines: encoder, embedding grid, map upsampling and blur."""
 
+    fitted = ()  # buffers whose size fitting decides (a gallery, a memory bank): a checkpoint sets their shapes
+
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
         self.config = config
@@ -52,6 +54,12 @@ class DistanceModel(nn.Module):
         side = config.image_size // config.strides[0]
         self.grid = (side, side)
         self.register_buffer("train_max_score", torch.tensor(1.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.fitted:
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -119,16 +127,12 @@ class SPADE(DistanceModel):
     locations of those images. The gallery grows with the training set (N x h x w x D floats).
     """
 
+    fitted = ("bank", "pooled")  # the gallery's size is the training set's
+
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__(config, encoder, pretrained)
         self.register_buffer("bank", torch.zeros(0, self.dim, *self.grid))
         self.register_buffer("pooled", torch.zeros(0, self.encoder.channels[-1]))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("bank", "pooled"):  # the gallery's size is the training set's
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def pool(features: list[torch.Tensor]) -> torch.Tensor:
