@@ -71,7 +71,7 @@ class CFlowConfig:
     )
     coreset_ratio: float = _opt(
         0.01, "PatchCore: share of the training patches kept in its memory bank, chosen by greedy k-center"
-        " selection (the paper's 1%; more costs fitting and test time linearly)."
+        " selection (the paper's 0.01; fitting and test time grow with it)."
     )
     blur_sigma: float = _opt(
         4.0, "PaDiM, SPADE, PatchCore: Gaussian blur (pixels) of the anomaly map, as their papers do."
