@@ -1,5 +1,5 @@
 """Inference speed of full CFLOW-AD against the encoder alone, in PyTorch and onnxruntime,
-with PaDiM and SPADE on the same encoder (the paper's Table 6).
+with PaDiM, SPADE and PatchCore on the same encoder (the paper's Table 6).
 
 One run, one machine, identical 256x256 inputs. For each runtime (PyTorch eager, the ONNX
 export in onnxruntime) and each part (the encoder alone with the same taps; the whole model
@@ -7,11 +7,13 @@ from image tensor to anomaly map and score) it times batch 1 and batch 32 after 
 and prints the median of several repeats (the two parts alternate within each repeat, so
 machine noise hits both alike), the ratio full/encoder, and the peak RSS of a fresh process
 per runtime. It also prints the decoders' size (the paper's
-Table 6 "model size") next to the location whitening's Gaussians, PaDiM's Gaussian bank and
-SPADE's gallery for the same encoder and taps. `cflow` is the default (the map in log space);
-`cflow_eq8` the same model with the paper's Eq. 8 map (`--normalization stateless`). The baselines' timings do not depend on their
-fitted values, so PaDiM runs with its initial Gaussians and SPADE with a random gallery of
---gallery training images (762: magnetic_tile's). SPADE runs in PyTorch only.
+Table 6 "model size") next to the location whitening's Gaussians, PaDiM's Gaussian bank,
+SPADE's gallery and PatchCore's memory bank for the same encoder and taps. `cflow` is the default
+(the map in log space), `cflow_eq8` the same model with the paper's Eq. 8 map (`--normalization
+stateless`). The baselines' timings do not depend on their fitted values, so PaDiM runs with its
+initial Gaussians, SPADE with a random gallery of --gallery training images (762: magnetic_tile's)
+and PatchCore with a random memory bank of --memory-patches (magnetic_tile's 1% coreset: 762 images
+x 32x32 patches x 0.01). SPADE runs in PyTorch only.
 
     python benchmarks/speed.py --json speed.json
 
@@ -45,11 +47,11 @@ import torch
 from cflow_ad.config import CFlowConfig
 from cflow_ad.device import PRECISIONS, Compute, available_cores, set_threads, synchronize
 from cflow_ad.export import CHUNK, OnnxModel, session_options, trace_onnx
-from cflow_ad.baselines import PaDiM, SPADE
+from cflow_ad.baselines import SPADE, PaDiM, PatchCore
 from cflow_ad.encoder import encoder_for
 from cflow_ad.model import CFlowModel, build_model
 
-PARTS = ("encoder", "cflow", "cflow_eq8", "padim", "spade")
+PARTS = ("encoder", "cflow", "cflow_eq8", "padim", "spade", "patchcore")
 
 # Table 6 of the paper, by encoder: its label, the config of its Table 3 model (pooling layers as
 # PaDiM for the ResNets, layers 1-3; the authors' MobileNetV3-L blocks, our strides 8/16/32; the
@@ -69,7 +71,7 @@ RUNTIMES = ("torch", "onnx")
 TORCH_ONLY = ("spade",)
 
 
-def _models(condition_dim: int, gallery: int) -> dict:
+def _models(condition_dim: int, gallery: int, memory_patches: int) -> dict:
     """CFLOW-AD and the baselines on one shared encoder (MobileNetV2, taps 8/16/32, 256 px)."""
     cfg = CFlowConfig(condition_dim=condition_dim)
     cflow = build_model(cfg).eval()
@@ -77,12 +79,13 @@ def _models(condition_dim: int, gallery: int) -> dict:
     eq8 = CFlowModel(cfg.replace(normalization="stateless"), cflow.encoder).eval()
     assert all(torch.equal(a, b) for a, b in zip(cflow.state_dict().values(), eq8.state_dict().values()))
     models = {"encoder": cflow.encoder, "cflow": cflow, "cflow_eq8": eq8}
-    for method, kind in (("padim", PaDiM), ("spade", SPADE)):
+    for method, kind in (("padim", PaDiM), ("spade", SPADE), ("patchcore", PatchCore)):
         models[method] = kind(cfg.replace(method=method), encoder=cflow.encoder).eval()
-    spade = models["spade"]
+    spade, patchcore = models["spade"], models["patchcore"]
     gen = torch.Generator().manual_seed(1)
     spade.bank = torch.randn(gallery, spade.dim, *spade.grid, generator=gen)
     spade.pooled = torch.randn(gallery, spade.pooled.shape[1], generator=gen)
+    patchcore.remember(torch.randn(memory_patches, patchcore.dim, generator=gen))
     return models
 
 
@@ -110,11 +113,12 @@ def _parts(runtime: str) -> list[str]:
     return [p for p in PARTS if runtime == "torch" or p not in TORCH_ONLY]
 
 
-def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim: int, gallery: int) -> dict:
+def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim: int, gallery: int,
+          memory_patches: int) -> dict:
     """Times every part of one runtime at batch 1 and 32, alternating them in every repeat so
     that machine noise hits all alike; runs in its own process for a clean peak RSS."""
     torch.set_num_threads(threads)
-    models = _models(condition_dim, gallery)
+    models = _models(condition_dim, gallery, memory_patches)
     runs = {part: _runner(models, part, runtime, threads) for part in _parts(runtime)}
     out: dict = {}
     gen = torch.Generator().manual_seed(0)
@@ -136,9 +140,9 @@ def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim
     return out
 
 
-def _sizes(condition_dim: int, gallery: int) -> dict:
+def _sizes(condition_dim: int, gallery: int, memory_patches: int) -> dict:
     """What each method stores besides the encoder, counted from the models' own tensors."""
-    models = _models(condition_dim, gallery)
+    models = _models(condition_dim, gallery, memory_patches)
     model = models["cflow"]
     count = lambda tensors: sum(t.numel() for t in tensors)  # noqa: E731
     dec = count(model.decoders.parameters())
@@ -148,7 +152,10 @@ def _sizes(condition_dim: int, gallery: int) -> dict:
     mb = lambda n: n * 4 / 2**20  # noqa: E731
     return {"decoder_params": dec, "decoder_mb": mb(dec), "whitening_floats": gauss, "whitening_mb": mb(gauss),
             "padim_bank_floats": padim, "padim_bank_mb": mb(padim), "spade_gallery_floats": spade,
-            "spade_gallery_mb": mb(spade), "spade_gallery_images": gallery}
+            "spade_gallery_mb": mb(spade), "spade_gallery_images": gallery,
+            "patchcore_memory_floats": models["patchcore"].memory.numel(),
+            "patchcore_memory_mb": _megabytes([models["patchcore"].memory, models["patchcore"].neighbours]),
+            "patchcore_memory_patches": memory_patches}
 
 
 def _timed_parts(runs: dict, x: torch.Tensor, calls: int, repeats: int, warmup: int) -> dict[str, float]:
@@ -233,6 +240,8 @@ def main() -> None:
     p.add_argument("--condition-dim", type=int, default=CFlowConfig.condition_dim,
                    help="size C of the positional condition (a lighter condition trades accuracy for speed)")
     p.add_argument("--gallery", type=int, default=762, help="SPADE's gallery size in training images (magnetic_tile: 762)")
+    p.add_argument("--memory-patches", type=int, default=round(762 * 32 * 32 * 0.01),
+                   help="PatchCore's memory bank in patches (magnetic_tile's 1%% coreset: 7803)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--row", metavar="RUNTIME", help=argparse.SUPPRESS)
     t6 = p.add_argument_group("the paper's Table 6 configurations on one device (--device)")
@@ -251,14 +260,16 @@ def main() -> None:
                 json.dump(figures, f, indent=2)
         return
     if args.row:
-        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, args.condition_dim, args.gallery)))
+        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, args.condition_dim, args.gallery,
+                               args.memory_patches)))
         return
 
     rows = {}
     for runtime in args.runtimes:
         cmd = [sys.executable, __file__, "--row", runtime, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--b1-calls", str(args.b1_calls),
-               "--condition-dim", str(args.condition_dim), "--gallery", str(args.gallery)]
+               "--condition-dim", str(args.condition_dim), "--gallery", str(args.gallery),
+               "--memory-patches", str(args.memory_patches)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{runtime}: done", file=sys.stderr, flush=True)
@@ -286,7 +297,7 @@ def main() -> None:
         figures[f"encoder_ips_b{b}"] = figures[f"{best}_encoder_ips_b{b}"]
         figures[f"cflow_ips_b{b}"] = figures[f"{best}_cflow_ips_b{b}"]
     figures["fastest_runtime"] = best
-    sizes = _sizes(args.condition_dim, args.gallery)
+    sizes = _sizes(args.condition_dim, args.gallery, args.memory_patches)
     figures.update(sizes)
     print("\n| stored per model | parameters / floats | MB (float32) |\n|---|---|---|")
     print(f"| flow decoders (3 scales, 8 couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
@@ -294,6 +305,8 @@ def main() -> None:
     print(f"| PaDiM bank, same taps (100 channels at 32x32 locations) | {sizes['padim_bank_floats']:,} | {sizes['padim_bank_mb']:.1f} |")
     print(f"| SPADE gallery, same taps ({args.gallery} images x 32x32 x 288 + pooled) | {sizes['spade_gallery_floats']:,}"
           f" | {sizes['spade_gallery_mb']:.1f} |")
+    print(f"| PatchCore memory bank, same taps ({args.memory_patches} patches x 288, + 9 neighbour indices each)"
+          f" | {sizes['patchcore_memory_floats']:,} | {sizes['patchcore_memory_mb']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -33,12 +33,13 @@ def test_compare_tables_all_methods_with_seeds(synthetic_root, out, capsys):
     assert table in capsys.readouterr().out
     payload = json.loads((out / "compare.json").read_text())
     runs = payload["results"]
-    assert [len(runs[m]["synthetic"]) for m in ("cflow", "padim", "spade")] == [2, 2, 1]  # SPADE is deterministic
-    for m in ("cflow", "padim", "spade"):
+    methods = ("cflow", "padim", "spade", "patchcore")
+    assert [len(runs[m]["synthetic"]) for m in methods] == [2, 2, 1, 2]  # SPADE is deterministic
+    for m in methods:
         for r in runs[m]["synthetic"]:
             assert r["image_auroc"] >= 0.8 and r["pixel_auroc"] >= 0.8, (m, r)
     cflow_row = next(line for line in table.splitlines() if line.startswith("| synthetic"))
-    assert cflow_row.count("±") == 2  # cflow and padim: two seeds; spade: one run
+    assert cflow_row.count("±") == 3  # cflow, padim and patchcore: two seeds; spade: one run
     seeds = {r["seed"] for r in runs["padim"]["synthetic"]}
     assert seeds == {0, 1}
 

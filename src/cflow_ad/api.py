@@ -48,7 +48,7 @@ def train(
     workers: int | None = None,
 ) -> Path:
     """Train on the defect-free images of `source` and write `output/model.safetensors`; returns its path.
-    `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE). CFLOW-AD's training state is kept
+    `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE, PatchCore). CFLOW-AD's training state is kept
     in `output/training_state.pt` after every epoch and on SIGINT/SIGTERM until the model is written;
     `resume=True` continues from it (and returns a finished run's model as it is). `device`,
     `precision` and `workers` say where and how it computes (`device.Compute`); the checkpoint is the

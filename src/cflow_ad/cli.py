@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import NORMALIZATIONS, CFlowConfig
+from .config import METHODS, NORMALIZATIONS, CFlowConfig
 from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--categories", nargs="+", help="categories under --data (default: all)")
     xp.add_argument("--output", type=Path, required=True, help="folder for NAME.md, NAME.json, figures and runs/")
     xp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="compare: seeds per method")
-    xp.add_argument("--methods", nargs="+", default=["cflow", "padim", "spade"], help="compare: methods")
+    xp.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="compare: methods")
     xp.add_argument("--variants", nargs="+", help="ablation: variant names (default: all; see ablation.md)")
     _add_compute_flags(xp)
     _add_config_flags(xp)

@@ -19,7 +19,7 @@ LOSSES = ("nll", "logsigmoid")
 NORMALIZATIONS = ("log", "stateless", "paper")
 PERMUTATIONS = ("soft", "hard")
 WHITENINGS = ("location", "none")
-METHODS = ("cflow", "padim", "spade")
+METHODS = ("cflow", "padim", "spade", "patchcore")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -34,7 +34,8 @@ class CFlowConfig:
     """Model architecture, preprocessing, training and scoring settings."""
 
     method: str = _opt(
-        "cflow", "cflow: the flow decoders; padim, spade: the paper's baselines on the same encoder and taps.", METHODS
+        "cflow", "cflow: the flow decoders; padim, spade: the paper's baselines; patchcore: PatchCore (Roth et al."
+        " 2022); every baseline on the same encoder and taps.", METHODS
     )
     # encoder h(lambda)
     encoder: str = _opt("mobilenet_v2", "ImageNet-pretrained CNN encoder.", ENCODERS)
@@ -68,7 +69,13 @@ class CFlowConfig:
         50, "SPADE: nearest training images by pooled features; the image score is the mean distance to them"
         " and each pixel is scored against their pixels (1-NN)."
     )
-    blur_sigma: float = _opt(4.0, "PaDiM, SPADE: Gaussian blur (pixels) of the anomaly map, as both papers do.")
+    coreset_ratio: float = _opt(
+        0.01, "PatchCore: share of the training patches kept in its memory bank, chosen by greedy k-center"
+        " selection (the paper's 0.01; fitting and test time grow with it)."
+    )
+    blur_sigma: float = _opt(
+        4.0, "PaDiM, SPADE, PatchCore: Gaussian blur (pixels) of the anomaly map, as their papers do."
+    )
     # training (Eq. 7)
     epochs: int = _opt(2, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
     sub_epochs: int = _opt(2, "Passes over the training images inside each meta-epoch.")
@@ -129,6 +136,8 @@ class CFlowConfig:
             bad("coupling_layers, epochs, sub_epochs, batch_size and fiber_batch must be >= 1")
         if self.padim_channels < 1 or self.knn_images < 1 or self.blur_sigma < 0:
             bad("padim_channels and knn_images must be >= 1 and blur_sigma >= 0")
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            bad(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.whitening_eps < 0:
             bad(f"whitening_eps must be >= 0, got {self.whitening_eps}")
         if not 0.0 <= self.val_fraction < 1.0 or not 0.0 <= self.calibration_fraction < 1.0:

@@ -1,7 +1,7 @@
 """The paper's experiments, one command each, on any MVTec-layout root.
 
 - `ablation` (Table 2): variants of one base CFLOW-AD config, one seed each.
-- `compare` (Tables 3-4): CFLOW-AD, PaDiM and SPADE per category, mean +/- std over seeds.
+- `compare` (Tables 3-4): CFLOW-AD, PaDiM, SPADE and PatchCore per category, mean +/- std over seeds.
 - `figures` (Figures 3-4): image / ground truth / anomaly map / predicted mask, and the pixel
   score histograms, at the pixel threshold that maximises F1.
 Table 6 (speed and size per method) is `benchmarks/speed.py`.
@@ -61,18 +61,21 @@ def ablation_variants(base: CFlowConfig) -> dict[str, dict]:
 # Fields a method never reads, or that never change the metrics: runs differing only in them
 # are the same run. Experiments follow the paper and train on every training image, so the
 # calibration hold-out is always 0 here (thresholds play no part in the paper's metrics).
+_BASELINE = {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "permutation", "whitening",
+             "whitening_eps", "epochs", "sub_epochs", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
+             "val_fraction", "normalization", "calibration_fraction", "target_fpr", "memory_mb"}
 _UNUSED = {
-    "cflow": {"padim_channels", "knn_images", "blur_sigma", "calibration_fraction", "target_fpr", "memory_mb"},
-    "baseline": {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "permutation", "whitening",
-                 "whitening_eps", "epochs", "sub_epochs", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
-                 "val_fraction", "normalization", "calibration_fraction", "target_fpr", "memory_mb"},
+    "cflow": {"padim_channels", "knn_images", "coreset_ratio", "blur_sigma", "calibration_fraction", "target_fpr",
+              "memory_mb"},
+    "padim": _BASELINE | {"coreset_ratio"},
+    "spade": _BASELINE | {"coreset_ratio"},
+    "patchcore": _BASELINE | {"padim_channels", "knn_images"},
 }
 
 
 def run_key(config: CFlowConfig) -> str:
     """Folder name of a run: method, seed and a hash of the config fields the method reads."""
-    unused = _UNUSED["cflow" if config.method == "cflow" else "baseline"]
-    used = {k: v for k, v in json.loads(config.to_json()).items() if k not in unused}
+    used = {k: v for k, v in json.loads(config.to_json()).items() if k not in _UNUSED[config.method]}
     digest = hashlib.sha1(json.dumps(used, sort_keys=True).encode()).hexdigest()[:10]
     return f"{config.method}-seed{config.seed}-{digest}"
 

@@ -132,6 +132,6 @@ def build_model(config: CFlowConfig, pretrained: bool = True) -> nn.Module:
     """The model that `config.method` names: CFLOW-AD or one of the baselines, all with one interface."""
     if config.method == "cflow":
         return CFlowModel(config, pretrained=pretrained)
-    from .baselines import PaDiM, SPADE
+    from .baselines import SPADE, PaDiM, PatchCore
 
-    return {"padim": PaDiM, "spade": SPADE}[config.method](config, pretrained=pretrained)
+    return {"padim": PaDiM, "spade": SPADE, "patchcore": PatchCore}[config.method](config, pretrained=pretrained)

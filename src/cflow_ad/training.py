@@ -518,7 +518,7 @@ def fit(
 @torch.no_grad()
 def fit_baseline(model: DistanceModel, train_set: Dataset, progress: bool = True, sample: int = 64,
                  compute: Compute | None = None) -> dict:
-    """Fit PaDiM or SPADE in one encoder pass over the training images on `compute` (default:
+    """Fit PaDiM, SPADE or PatchCore in one encoder pass over the training images on `compute` (default:
     `Compute()`), then set the heat-map scale (`train_max_score`) from up to `sample` of them (each
     left out of its own SPADE search)."""
     cfg = model.config
