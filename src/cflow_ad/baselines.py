@@ -165,13 +165,11 @@ class SPADE(DistanceModel):
         near_d, near_i = d_img.topk(max(k, 1), dim=1, largest=False)
         maps = []
         for x, idx in zip(emb.flatten(2), near_i):  # x [D, P]: one image at a time bounds the memory
-            x_sq = x.square().sum(0, keepdim=True).T  # [P, 1]
             best = torch.full((x.shape[1],), float("inf"), device=x.device)
             for part in idx.split(chunk):
                 g = self.bank[part].flatten(2).transpose(0, 1).flatten(1)  # [D, chunk * P]
-                d2 = x_sq + g.square().sum(0, keepdim=True) - 2 * (x.T @ g)
-                best = torch.minimum(best, d2.amin(1))
-            maps.append(best.clamp_min(0).sqrt())
+                best = torch.minimum(best, squared_distances(x.T, g.T).amin(1))
+            maps.append(best.sqrt())
         return torch.stack(maps).view(-1, *self.grid), near_d.mean(1)
 
 
