@@ -1,8 +1,8 @@
 """PaDiM and SPADE, the paper's baselines (Sec. 4.3, Table 1), and PatchCore, on CFLOW-AD's own encoder and taps.
 
 All score one embedding: every tap upsampled (nearest) to the finest tap's grid and
-concatenated, so a comparison with CFLOW-AD differs only in the density model. Each is an
-`nn.Module` with `CFlowModel`'s interface (config, encoder, image_size, train_max_score,
+concatenated, so a comparison with CFLOW-AD differs only in the density model. Each is a
+`contract.AnomalyModel`, as `CFlowModel` is (config, encoder, image_size, train_max_score,
 forward(images) -> (anomaly map [B, H, W], score [B])), so test, predict and checkpoints
 treat every method alike. Their maps are feature distances, upsampled and blurred as the
 papers do. Fitting is closed-form (statistics, a gallery or a coreset); `training.fit_baseline` feeds it.
@@ -14,9 +14,9 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import CFlowConfig
+from .contract import AnomalyModel
 from .encoder import Encoder, encoder_for
 from .errors import CflowInputError
 from .flow_decoder import LocationWhitening
@@ -50,8 +50,13 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
 
 
-class DistanceModel(nn.Module):
+class DistanceModel(AnomalyModel):
     """Shared frame of the baselines: encoder, embedding grid, map upsampling and blur."""
+
+    runtimes = ("torch", "onnx")
+    normalizations = ()  # distance maps: the same in every scoring mode
+    training_loop = False  # fitted in one pass over the training features (`training.fit_baseline`)
+    deterministic = False  # PaDiM's channel subset and PatchCore's projection and coreset start are drawn
 
     fitted = ()  # buffers whose size fitting decides (a gallery, a memory bank): a checkpoint sets their shapes
 
@@ -137,6 +142,8 @@ class SPADE(DistanceModel):
     """
 
     fitted = ("bank", "pooled")  # the gallery's size is the training set's
+    runtimes = ("torch",)  # the gallery search picks each image's nearest training images: no ONNX form
+    deterministic = True  # the gallery is every training image's features: nothing is drawn
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__(config, encoder, pretrained)

@@ -11,7 +11,9 @@ import itertools
 import torch
 from torch import nn
 
-from .config import CFlowConfig
+from .baselines import SPADE, PaDiM, PatchCore
+from .config import NORMALIZATIONS, CFlowConfig
+from .contract import AnomalyModel
 from .encoder import Encoder, encoder_for
 from .errors import CflowInputError
 from .flow_decoder import ConditionalFlow, FoldedFlow, LocationWhitening
@@ -23,7 +25,12 @@ from .scoring import anomaly_maps, fixed_mode
 WHITENING_FLOAT_LIMIT = 2**28
 
 
-class CFlowModel(nn.Module):
+class CFlowModel(AnomalyModel):
+    runtimes = ("torch", "onnx")
+    normalizations = NORMALIZATIONS  # log-density maps: log, Eq. 8 (stateless) or rescaled per set (paper)
+    training_loop = True
+    deterministic = False  # the decoders' initial weights and the fiber order are drawn from the seed
+
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
         self.config = config
@@ -128,10 +135,11 @@ class CFlowModel(nn.Module):
                             mode or fixed_mode(self.config))
 
 
-def build_model(config: CFlowConfig, pretrained: bool = True) -> nn.Module:
-    """The model that `config.method` names: CFLOW-AD or one of the baselines, all with one interface."""
-    if config.method == "cflow":
-        return CFlowModel(config, pretrained=pretrained)
-    from .baselines import SPADE, PaDiM, PatchCore
+# Every method by its `config.method` name (config.METHODS lists the same names for the CLI).
+METHOD_CLASSES: dict[str, type[AnomalyModel]] = {"cflow": CFlowModel, "padim": PaDiM, "spade": SPADE,
+                                                 "patchcore": PatchCore}
 
-    return {"padim": PaDiM, "spade": SPADE, "patchcore": PatchCore}[config.method](config, pretrained=pretrained)
+
+def build_model(config: CFlowConfig, pretrained: bool = True) -> AnomalyModel:
+    """The model that `config.method` names: CFLOW-AD or one of the baselines, all with one interface."""
+    return METHOD_CLASSES[config.method](config, pretrained=pretrained)
