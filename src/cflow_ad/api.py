@@ -25,7 +25,7 @@ from .errors import CflowInputError
 from .export import export_onnx
 from .inference import Inspector, as_model, exportable
 from .metrics import Evaluation, to_json
-from .model import CFlowModel, build_model
+from .model import METHOD_CLASSES, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
 from .scoring import fixed_mode, paper_stream
 from .source import DataSource
@@ -59,7 +59,7 @@ def train(
     if rank > 0:
         log = lambda message: None  # noqa: E731  (rank 0 speaks and writes for all)
         progress = False
-    if world > 1 and config.method != "cflow":
+    if world > 1 and not METHOD_CLASSES[config.method].training_loop:
         raise CflowInputError(f"{config.method} has no training loop to distribute: run it without torchrun")
     if resume and final.is_file() and not state.is_file():
         log(f"nothing to resume: training already finished ({final})")
@@ -70,7 +70,7 @@ def train(
         dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
     model = build_model(config)
     t0 = time.perf_counter()
-    if config.method != "cflow":
+    if not model.training_loop:
         history = fit_baseline(model, dataset, progress=progress, compute=compute)
     else:
         val = None
@@ -158,9 +158,9 @@ def calibrate(
 
 
 def _check_mode(model, mode: str) -> None:
-    """Paper mode needs CFLOW's per-scale maps, which only a PyTorch model has (a baseline's maps are the
-    same in every other mode)."""
-    if mode == "paper" and not isinstance(model, CFlowModel):
+    """Paper mode needs per-scale log-density maps, which only a model declaring it in `normalizations` has:
+    CFLOW in PyTorch (a baseline's maps are the same in every other mode; an export's graph ends at the map)."""
+    if mode == "paper" and mode not in model.normalizations:
         raise CflowInputError(
             "paper normalisation needs CFLOW's per-scale maps: use a cflow .safetensors checkpoint with --runtime torch")
 
@@ -171,7 +171,7 @@ def _evaluation(model: torch.nn.Module, mode: str, memory_mb: int | None = None,
     Its histograms are centred where CFLOW's Eq. 8 maps pile up: their upper bound, the map offset,
     just under which strong anomalies sit (log maps have no bound, and no such pile)."""
     budget = (model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8
-    centre = float(model.map_offset) if isinstance(model, CFlowModel) and mode == "stateless" else None
+    centre = float(model.map_offset) if mode == "stateless" and mode in model.normalizations else None
     return Evaluation(budget, None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT, centre)
 
 
@@ -198,7 +198,7 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
             for maps, scores, m in paper_stream(logs, model.image_size, compute.host):
                 yield maps, scores, *m
             return
-        own = mode == fixed_mode(model.config) or not isinstance(model, CFlowModel)
+        own = mode == fixed_mode(model.config) or mode not in model.normalizations
         for batch in batches:
             x = compute.put(batch["image"])
             yield (*compute.host(*(model(x) if own else model(x, mode))), *meta(batch))
@@ -235,7 +235,7 @@ def test(
     model = as_model(model).eval()
     mode = normalization or model.config.normalization
     dataset = source.open("test", model.config.image_size)
-    thresholds = getattr(model, "thresholds", None) if mode == fixed_mode(model.config) else None
+    thresholds = model.thresholds if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)
     cases = WorstCases()
     paths = []

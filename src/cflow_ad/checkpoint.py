@@ -35,7 +35,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict[str, A
         raise CflowInputError(f"refusing to save a model with NaN or Inf values in {', '.join(bad[:3])} to '{path}':"
                               " training diverged; check the training images or lower --lr")
     meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {})}
-    if getattr(model, "thresholds", None) is not None:
+    if model.thresholds is not None:
         meta["thresholds"] = json.dumps(model.thresholds.to_dict())
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

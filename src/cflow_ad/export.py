@@ -56,7 +56,7 @@ def export_onnx(model: CFlowModel, path: str | Path) -> Path:
     path = trace_onnx(model.eval(), model.image_size, path, ["anomaly_map", "score"])
     proto = onnx.load(str(path))
     props = [("cflow_ad_config", model.config.to_json()), ("cflow_ad_train_max_score", repr(float(model.train_max_score)))]
-    if getattr(model, "thresholds", None) is not None:
+    if model.thresholds is not None:
         props.append(("cflow_ad_thresholds", json.dumps(model.thresholds.to_dict())))
     for key, value in props:
         entry = proto.metadata_props.add()
@@ -77,6 +77,8 @@ def session_options(threads: int | None = None):
 class OnnxModel:
     """An exported model in onnxruntime, called like `CFlowModel`: images -> (maps, scores).
     Batches run in chunks of `chunk` images (see CHUNK)."""
+
+    normalizations = ()  # the graph scores in the checkpoint's fixed mode only, with no per-scale maps
 
     def __init__(self, path: str | Path, threads: int | None = None, chunk: int = CHUNK,
                  device: torch.device = torch.device("cpu")):

@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint
 from .device import Compute
 from .errors import CflowInputError
 from .export import OnnxModel
+from .model import METHOD_CLASSES
 from .thresholds import Thresholds
 from .visualize import heat_rgb, outline, overlay_rgb
 
@@ -33,8 +34,11 @@ def as_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
 
 
 def exportable(model: torch.nn.Module) -> torch.nn.Module:
-    if model.config.method == "spade":
-        raise CflowInputError("SPADE's gallery search runs in PyTorch only: use --runtime torch, or a cflow or padim model")
+    """`model` itself if its class declares the onnx runtime; else a one-line error naming the methods that do."""
+    if "onnx" not in model.runtimes:
+        others = [name for name, kind in METHOD_CLASSES.items() if "onnx" in kind.runtimes]
+        raise CflowInputError(f"{type(model).__name__} runs in PyTorch only (no ONNX form): use --runtime torch,"
+                              f" or a model of another method: {', '.join(others)}")
     return model
 
 
@@ -96,8 +100,7 @@ class Inspector:
                  compute: Compute | None = None):
         self.compute = compute or Compute()
         self.runner = load_runner(model, runtime, self.compute)
-        stored = getattr(self.runner, "thresholds", None)  # exports carry them too
-        self.thresholds = resolve_thresholds(stored, target_fpr, image_threshold, pixel_threshold)
+        self.thresholds = resolve_thresholds(self.runner.thresholds, target_fpr, image_threshold, pixel_threshold)
         self.config = self.runner.config
         self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
         # where it computes, in words: the device and precision, or onnxruntime's execution provider

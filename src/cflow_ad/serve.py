@@ -186,9 +186,11 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
 
     if Path(model).suffix.lower() != ".onnx" and runtime == "onnx":
         from .checkpoint import read_metadata
+        from .config import CFlowConfig
+        from .model import METHOD_CLASSES
 
-        if read_metadata(model)["config"].get("method") == "spade":
-            runtime = "torch"  # SPADE's gallery search has no ONNX form
+        if "onnx" not in METHOD_CLASSES[CFlowConfig.from_dict(read_metadata(model)["config"]).method].runtimes:
+            runtime = "torch"  # the method has no ONNX form (SPADE's gallery search)
     limits = limits or Limits()
     # Parallel requests with fewer threads each beat one at a time with all of them: 35 vs 23 req/s
     # on 2 cores (benchmarks/serve_load.py); more threads than cores in total collapses throughput.
