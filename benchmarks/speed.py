@@ -47,9 +47,8 @@ import torch
 from cflow_ad.config import CFlowConfig
 from cflow_ad.device import PRECISIONS, Compute, available_cores, set_threads, synchronize
 from cflow_ad.export import CHUNK, OnnxModel, session_options, trace_onnx
-from cflow_ad.baselines import SPADE, PaDiM, PatchCore
 from cflow_ad.encoder import encoder_for
-from cflow_ad.model import CFlowModel, build_model
+from cflow_ad.model import METHOD_CLASSES, CFlowModel, build_model
 
 PARTS = ("encoder", "cflow", "cflow_eq8", "padim", "spade", "patchcore")
 
@@ -68,7 +67,7 @@ PAPER_SIZES = (256, 512)
 # Table 6's model sizes (MB): the whole encoder network, and CFLOW-AD (encoder and decoders).
 PAPER_MB = {"resnet18": (45, 96), "wide_resnet50_2": (268, 947), "mobilenet_v3_large": (12, 25)}
 RUNTIMES = ("torch", "onnx")
-TORCH_ONLY = ("spade",)
+TORCH_ONLY = tuple(name for name, kind in METHOD_CLASSES.items() if "onnx" not in kind.runtimes)
 
 
 def _models(condition_dim: int, gallery: int, memory_patches: int) -> dict:
@@ -79,8 +78,8 @@ def _models(condition_dim: int, gallery: int, memory_patches: int) -> dict:
     eq8 = CFlowModel(cfg.replace(normalization="stateless"), cflow.encoder).eval()
     assert all(torch.equal(a, b) for a, b in zip(cflow.state_dict().values(), eq8.state_dict().values()))
     models = {"encoder": cflow.encoder, "cflow": cflow, "cflow_eq8": eq8}
-    for method, kind in (("padim", PaDiM), ("spade", SPADE), ("patchcore", PatchCore)):
-        models[method] = kind(cfg.replace(method=method), encoder=cflow.encoder).eval()
+    for method in ("padim", "spade", "patchcore"):
+        models[method] = METHOD_CLASSES[method](cfg.replace(method=method), encoder=cflow.encoder).eval()
     spade, patchcore = models["spade"], models["patchcore"]
     gen = torch.Generator().manual_seed(1)
     spade.bank = torch.randn(gallery, spade.dim, *spade.grid, generator=gen)

@@ -29,11 +29,12 @@ from .device import Compute
 from .encoder import PACKAGED_WEIGHTS, packaged_weights_path
 from .errors import CflowInputError
 from .metrics import f1_optimal_threshold, to_json
+from .model import METHOD_CLASSES
 from .source import DataSource
 
 EXPERIMENTS = ("ablation", "compare", "figures")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
-DETERMINISTIC = ("spade",)  # no random part: one seed says everything
+DETERMINISTIC = tuple(name for name, kind in METHOD_CLASSES.items() if kind.deterministic)  # one seed says everything
 
 
 def offline_encoders() -> list[str]:
