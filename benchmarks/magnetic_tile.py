@@ -48,6 +48,11 @@ VARIANTS: dict[str, dict] = {
     "ridge-1e-4": {"whitening_eps": 1e-4},
     "ridge-0.1": {"whitening_eps": 0.1},
     "hard-permutation": {"permutation": "hard"},
+    # issue 14's levers: aspect handling, encoder, resolution through tiles
+    "keep-aspect": {"keep_aspect": True},
+    "lite2": {"encoder": "efficientnet_lite2"},
+    "lite2-keep-aspect": {"encoder": "efficientnet_lite2", "keep_aspect": True},
+    "512-tiled": {"image_size": 512, "tile": 256, "tile_overlap": 32},
 }
 
 
@@ -90,6 +95,7 @@ def main() -> None:
             "s_per_epoch": round(sum(history["epoch_seconds"]) / len(history["epoch_seconds"]), 1),
             "final_loss": round(history["epoch_loss"][-1], 4),
             "test_s": m["seconds"],
+            "per_type": {t: [v["image_auroc"], v["pixel_auroc"]] for t, v in m["per_type"].items()},
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -23,7 +23,7 @@ def test_round_trip_gives_identical_outputs(tiny_checkpoint, tmp_path):
 
 def test_metadata_holds_config_and_history(tiny_checkpoint):
     meta = read_metadata(tiny_checkpoint)
-    assert meta["config"]["image_size"] == 128 and meta["config"]["border_pad"] == 16
+    assert meta["config"]["image_size"] == [128, 128] and meta["config"]["border_pad"] == 16
     assert len(meta["extra"]["history"]["epoch_loss"]) == 2
 
 

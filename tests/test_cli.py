@@ -25,7 +25,9 @@ def test_help_lists_every_config_field(capsys):
 
     for f in dataclasses.fields(CFlowConfig):
         assert "--" + f.name.replace("_", "-") in out
-    assert "default: mobilenet_v2" in out
+    text = " ".join(out.split())
+    assert "(default: mobilenet_v2)" in text and "(default: 256 256)" in text  # typed as on the command line
+    assert text.count("(default: mobilenet_v2)") == 1 and "(default: (256, 256))" not in text  # said once
 
 
 def test_train_test_predict_end_to_end(synthetic_root, tmp_path, capsys):

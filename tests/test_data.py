@@ -153,7 +153,8 @@ def test_dataset_masks_and_size_mismatch(tmp_path):
                         (8, 12))
     assert ds.size == (8, 12) and len(ds.records) == 4
     good = ds[0]
-    assert set(good) == {"image", "mask", "label", "defect_type", "path", "has_mask"}
+    assert set(good) == {"image", "mask", "label", "defect_type", "path", "has_mask", "box"}
+    assert good["box"].tolist() == [0, 0, 8, 12]  # squashed: the whole input
     assert good["mask"].shape == (1, 8, 12) and good["mask"].sum() == 0 and good["label"] == 0 and good["has_mask"]
     assert ds[1]["mask"].min() == 1 and ds[1]["label"] == 1 and ds[1]["has_mask"]
     unmasked = ds[3]  # a defect image labelled per image only: its zero mask means nothing

@@ -61,7 +61,7 @@ def test_ablation_reuses_identical_runs(synthetic_root, out):
 def test_ablation_variants_follow_the_paper_grid():
     table = experiments.ablation_variants(TINY)
     assert table["4 couplings"] == {"coupling_layers": 4} and table["3 scales"] == {"pool_layers": 3}
-    assert table["256 px"] == {"image_size": 256}
+    assert table["256 px"] == {"image_size": (256, 256)}
     assert "2 scales" not in table  # TINY already has 2: that row would repeat the base
     assert "mobilenet_v2" not in table  # the base encoder
 

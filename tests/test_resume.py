@@ -33,7 +33,8 @@ def _flags(config: CFlowConfig) -> list[str]:
         value = getattr(config, f.name)
         if value != f.default:
             flag = "--" + f.name.replace("_", "-")
-            out += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+            words = [str(v) for v in value] if isinstance(value, tuple) else [str(value)]  # image_size: H W
+            out += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, *words]
     return out
 
 

@@ -23,6 +23,7 @@ from .device import Compute
 from .distributed import init_from_env
 from .errors import CflowInputError
 from .export import export_onnx
+from .geometry import restore
 from .inference import Inspector, as_model, exportable
 from .metrics import Evaluation, to_json
 from .model import METHOD_CLASSES, build_model
@@ -64,7 +65,7 @@ def train(
     if resume and final.is_file() and not state.is_file():
         log(f"nothing to resume: training already finished ({final})")
         return final
-    dataset = source.open("train", config.image_size)
+    dataset = source.open("train", config)
     held_out = None
     if config.calibration_fraction > 0:
         dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
@@ -117,7 +118,7 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
             good = batch["label"] == 0
             if not good.any():
                 continue
-            maps, s = model(compute.put(batch["image"][good]))
+            maps, s = restore(*model(compute.put(batch["image"][good])), batch["box"][good], model.map_max_score)
             flat = maps.flatten(1)
             if flat.shape[1] > per_image:
                 flat = flat[:, torch.randint(flat.shape[1], (per_image,), generator=gen).to(flat.device)]
@@ -147,7 +148,7 @@ def calibrate(
     path = Path(model) if isinstance(model, (str, Path)) else None
     compute = Compute(device, precision, workers)
     model = as_model(model).eval()
-    dataset = source.open("test", model.config.image_size)
+    dataset = source.open("test", model.config)
     model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress, f"good images of {source}",
                                             compute)
     target = output or path
@@ -188,20 +189,22 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
 
     def meta(batch):
         labels = [int(v) for v in batch["label"]]
-        return (batch["mask"][:, 0] > 0.5, batch["has_mask"].numpy(), labels, list(batch["defect_type"]),
+        return (batch["box"], batch["mask"][:, 0] > 0.5, batch["has_mask"].numpy(), labels, list(batch["defect_type"]),
                 list(batch["path"]))
 
     batches = tqdm(D.checked(loader), total=len(loader), desc="test", disable=not progress, leave=False)
     with torch.no_grad():
         if mode == "paper":
             logs = ((model.log_density_maps(model.features(compute.put(b["image"]))), meta(b)) for b in batches)
-            for maps, scores, m in paper_stream(logs, model.image_size, compute.host):
-                yield maps, scores, *m
+            for maps, scores, (boxes, *m) in paper_stream(logs, model.image_size, compute.host):
+                yield *restore(maps, scores, boxes, model.map_max_score), *m
             return
         own = mode == fixed_mode(model.config) or mode not in model.normalizations
         for batch in batches:
             x = compute.put(batch["image"])
-            yield (*compute.host(*(model(x) if own else model(x, mode))), *meta(batch))
+            boxes, *m = meta(batch)
+            maps, scores = compute.host(*(model(x) if own else model(x, mode)))
+            yield *restore(maps, scores, boxes, model.map_max_score), *m
 
 
 def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
@@ -234,7 +237,7 @@ def test(
     compute = Compute(device, precision, workers)
     model = as_model(model).eval()
     mode = normalization or model.config.normalization
-    dataset = source.open("test", model.config.image_size)
+    dataset = source.open("test", model.config)
     thresholds = model.thresholds if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)
     cases = WorstCases()
@@ -346,7 +349,7 @@ def predict(
         thresholds = None
     elif thresholds is None:
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
-    size, bs = runner.config.image_size, runner.config.batch_size
+    size, bs = runner.config, runner.config.batch_size  # the config: its input size and aspect handling
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = D.list_images(paths)
@@ -378,10 +381,11 @@ def predict(
         logs = ((runner.log_density_maps(runner.features(compute.put(inputs))), [files[i] for i in index])
                 for index, inputs, _ in batches)
         for maps, scores, batch_paths in paper_stream(logs, runner.image_size, compute.host):
-            write(batch_paths, [D.load_image_and_original(p, size)[1] for p in batch_paths], maps, scores)
+            originals = [D.load_image_and_original(p, size)[1] for p in batch_paths]
+            write(batch_paths, originals, *inspector.restore(maps, scores, originals))
     else:
         for index, inputs, originals in batches:
-            write([files[i] for i in index], originals, *inspector.score(inputs))
+            write([files[i] for i in index], originals, *inspector.score(inputs, originals))
     if csv_summary:
         with open(out / "predictions.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")

@@ -59,14 +59,14 @@ class DistanceModel(AnomalyModel):
     deterministic = False  # PaDiM's channel subset and PatchCore's projection and coreset start are drawn
 
     fitted = ()  # buffers whose size fitting decides (a gallery, a memory bank): a checkpoint sets their shapes
+    map_max_score = True  # PaDiM; SPADE and PatchCore score from the features
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
         self.config = config
         self.encoder = encoder or encoder_for(config, pretrained)
         self.dim = sum(self.encoder.channels)
-        side = config.image_size // config.strides[0]
-        self.grid = (side, side)
+        self.grid = tuple(v // config.strides[0] for v in config.image_size)
         self.register_buffer("train_max_score", torch.tensor(1.0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -77,7 +77,7 @@ class DistanceModel(AnomalyModel):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return (self.config.image_size, self.config.image_size)
+        return self.config.image_size
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -144,6 +144,7 @@ class SPADE(DistanceModel):
     fitted = ("bank", "pooled")  # the gallery's size is the training set's
     runtimes = ("torch",)  # the gallery search picks each image's nearest training images: no ONNX form
     deterministic = True  # the gallery is every training image's features: nothing is drawn
+    map_max_score = False  # the mean distance to the nearest training images
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__(config, encoder, pretrained)
@@ -216,6 +217,7 @@ class PatchCore(DistanceModel):
     """
 
     fitted = ("memory", "neighbours")  # the coreset's size is a share of the training set's
+    map_max_score = False  # the reweighted distance of the most distant patch
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__(config, encoder, pretrained)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import METHODS, NORMALIZATIONS, CFlowConfig
+from .config import METHODS, NORMALIZATIONS, CFlowConfig, default_text
 from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
 
@@ -23,12 +23,32 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(CFlowConfig):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        help_text = f"{meta['help']} (default: {f.default})"
+        help_text = f"{meta['help']} (default: {default_text(f.default)})"
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
+        if str(f.type).startswith("tuple"):  # image_size: S, or H W
+            group.add_argument(flag, dest=f.name, type=int, nargs="+", metavar=("H", "W"), action=_Pair,
+                               default=f.default, help=help_text)
+            continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         group.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: the config's flags already say theirs, as they are typed."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default: " in (action.help or "") else super()._get_help_string(action)
+
+
+class _Pair(argparse.Action):
+    """One value (a square) or two (height, width), as a tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            parser.error(f"{option_string} takes one value (a square) or two (height width), got {len(values)}")
+        setattr(namespace, self.dest, (values[0], values[-1]))
 
 
 def _config_from(args: argparse.Namespace) -> CFlowConfig:
@@ -88,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model on defect-free images", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train a model on defect-free images", formatter_class=_Help)
     _add_data_flags(t, test=False)
     t.add_argument("--output", type=Path, required=True, help="folder for model.safetensors")
     t.add_argument("--nproc", type=int, default=1,
@@ -115,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--output", type=Path, help="HTML file to write (default: RESULTS/report.html)")
 
     r = sub.add_parser("predict", help="score images: OK / defect, defect area, heat map, overlay, mask",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     r.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train', or a .onnx file written by 'export'")
     r.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     r.add_argument("--output", type=Path, required=True, help="folder for predictions.csv/.json and the PNGs")
@@ -134,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         out.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=text)
 
     c = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds on new images",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     c.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
     _add_data_flags(c, test=True)
     c.add_argument("--output", type=Path, help="checkpoint to write (default: update --model in place)")
@@ -144,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute_flags(c)
 
     sv = sub.add_parser("serve", help="HTTP service: POST /predict, GET /health, GET /model, a web page at /",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_Help)
     sv.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train', or a .onnx file")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -163,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     xp = sub.add_parser(
         "experiment", help="the paper's experiments: ablation (Table 2), compare (Tables 3-4), figures (Figures 3-4)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     xp.add_argument("name", choices=("ablation", "compare", "figures"), help="which experiment")
     xp.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
     xp.add_argument("--categories", nargs="+", help="categories under --data (default: all)")

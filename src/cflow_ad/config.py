@@ -44,7 +44,19 @@ class CFlowConfig:
     )
     pool_layers: int = _opt(3, "Number K of pooled feature scales (1-4).")
     last_stride: int = _opt(32, "Stride of the deepest tap; the K taps sit at last_stride/2^i (32 -> 8/16/32).")
-    image_size: int = _opt(256, "Images are resized, without cropping, to image_size x image_size.")
+    image_size: tuple[int, int] = _opt(
+        (256, 256), "Model input height and width (one value: a square); multiples of 32. Images are resized to it,"
+        " without cropping."
+    )
+    keep_aspect: bool = _opt(
+        False, "Resize each image to fit inside image_size with its aspect ratio kept and fill the rest by"
+        " reflection; the filled part is left out of every map, score, metric and mask."
+    )
+    tile: int = _opt(
+        0, "Cut the image_size input into overlapping tiles of this size (multiple of 32), encode each at full"
+        " resolution and put their features back together; 0: no tiling. For large images with small defects."
+    )
+    tile_overlap: int = _opt(32, "Overlap of neighbouring tiles in pixels (multiple of last_stride), averaged.")
     border_pad: int = _opt(
         0, "Mirror-pad images by this many pixels before the encoder and crop the features back (multiple of last_stride)."
     )
@@ -116,18 +128,31 @@ class CFlowConfig:
         def bad(msg: str) -> None:
             raise CflowInputError(f"invalid config: {msg}")
 
+        size = self.image_size
+        size = [size] if isinstance(size, int) and not isinstance(size, bool) else size
+        if (not isinstance(size, (list, tuple)) or len(size) not in (1, 2)
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+            bad(f"image_size must be one int or a (height, width) pair, got {self.image_size!r}")
+        self.image_size = (int(size[0]), int(size[-1]))  # checkpoints before (H, W) stored one int
+
         if self.encoder not in ENCODERS:
             bad(f"encoder '{self.encoder}' is not one of {', '.join(ENCODERS)}")
         if not 1 <= self.pool_layers <= 4:
             bad(f"pool_layers must be 1-4, got {self.pool_layers}")
         if self.last_stride not in (8, 16, 32) or self.last_stride >> (self.pool_layers - 1) < 4:
             bad(f"last_stride {self.last_stride} with {self.pool_layers} pool layers needs taps at strides >= 4")
-        if self.border_pad < 0 or self.border_pad % self.last_stride or self.border_pad >= self.image_size:
+        if self.border_pad < 0 or self.border_pad % self.last_stride or self.border_pad >= min(self.image_size):
             bad(f"border_pad must be a multiple of last_stride below image_size, got {self.border_pad}")
         if self.condition_dim <= 0 or self.condition_dim % 4:
             bad(f"condition_dim must be a positive multiple of 4, got {self.condition_dim}")
-        if self.image_size < 32 or self.image_size % 32:
-            bad(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
+        if min(self.image_size) < 32 or any(v % 32 for v in self.image_size):
+            bad(f"image_size must be multiples of 32 and >= 32, got {self.size_text}")
+        if self.tile:
+            if self.tile < 32 or self.tile % 32 or self.tile > min(self.image_size):
+                bad(f"tile must be a multiple of 32 from 32 to the image size {self.size_text}, got {self.tile}")
+            if self.tile_overlap < 0 or self.tile_overlap % self.last_stride or self.tile_overlap >= self.tile:
+                bad(f"tile_overlap must be a multiple of last_stride ({self.last_stride}) below tile, got"
+                    f" {self.tile_overlap}")
         for name, choices in (("method", METHODS), ("loss", LOSSES), ("normalization", NORMALIZATIONS), ("permutation", PERMUTATIONS),
                               ("whitening", WHITENINGS)):
             if getattr(self, name) not in choices:
@@ -150,6 +175,12 @@ class CFlowConfig:
             bad(f"target_fpr must be in (0, 1), got {self.target_fpr}")
 
     @property
+    def size_text(self) -> str:
+        """The input size as people write it: 256 px for a square, 256x512 px (height x width) otherwise."""
+        h, w = self.image_size
+        return f"{h} px" if h == w else f"{h}x{w} px"
+
+    @property
     def strides(self) -> tuple[int, ...]:
         """Tap strides, shallow to deep (e.g. (8, 16, 32))."""
         return tuple(self.last_stride >> i for i in reversed(range(self.pool_layers)))
@@ -166,6 +197,11 @@ class CFlowConfig:
         return dataclasses.replace(self, **changes)
 
 
+def default_text(value: Any) -> str:
+    """A default as it is typed on the command line: (256, 256) is `256 256`."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def options_markdown() -> str:
     """The options table of the README, generated from the fields above."""
     lines = ["| option | default | meaning |", "|---|---|---|"]
@@ -173,7 +209,7 @@ def options_markdown() -> str:
         flag = f.name.replace("_", "-")
         if f.type in ("bool", bool):
             flag = f"{flag} / --no-{flag}"
-        lines.append(f"| `--{flag}` | {f.default} | {f.metadata['help']} |")
+        lines.append(f"| `--{flag}` | {default_text(f.default)} | {f.metadata['help']} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .thresholds import Thresholds
 
-CAPABILITIES = ("runtimes", "normalizations", "training_loop", "deterministic")
+CAPABILITIES = ("runtimes", "normalizations", "training_loop", "deterministic", "map_max_score")
 
 
 class AnomalyModel(nn.Module):
@@ -25,6 +25,9 @@ class AnomalyModel(nn.Module):
     # trained by `training.fit` (epochs, resumable, data-parallel under torchrun); else fitted in closed form
     training_loop: bool
     deterministic: bool  # no random part: every seed gives the same model, so one run says everything
+    # the image score is the map's maximum, so it is taken again once `keep_aspect` padding is cut off;
+    # False where the score comes from the features (SPADE's k nearest images, PatchCore's reweighting)
+    map_max_score: bool
     thresholds: Thresholds | None = None  # decision thresholds, from calibration or the checkpoint
 
     def __init_subclass__(cls, **kwargs):

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import CflowInputError, ImageTooLargeError
+from .geometry import InputFrame
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -148,27 +149,27 @@ def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
             "save it as 8-bit RGB or grayscale") from None
 
 
-def _to_tensor(im: Image.Image) -> torch.Tensor:
-    arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+def _to_tensor(im: Image.Image | np.ndarray) -> torch.Tensor:
+    arr = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, dtype=np.float32) / 255.0
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def _read_image(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Load an image tensor and also return its original (W, H) for mask checks."""
+def _read_image(path: _PathLike, frame: InputFrame) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int, int, int]]:
+    """The model input of an image file, its original (W, H) for mask checks, and its box in the input."""
     im = _open(path, "image")
     original = im.size
-    im = _to_8bit(im, Path(path), "image")
-    return _to_tensor(im.resize((size[1], size[0]), Image.Resampling.BILINEAR)), original
+    arr, box = frame.place(_to_8bit(im, Path(path), "image"))
+    return _to_tensor(arr), original, box
 
 
-def load_image_and_original(source: _PathLike | bytes, size: int | Sequence[int], name: str | None = None,
+def load_image_and_original(source: _PathLike | bytes, size, name: str | None = None,
                             max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model input [3, H, W] and the image at its own size [3, H0, W0], both in [0, 1], from a
-    file or from the bytes of an upload called `name`: predictions are drawn on the original."""
+    file or from the bytes of an upload called `name`: predictions are drawn on the original. `size`:
+    an int, (H, W), an `InputFrame` or a config (then its aspect handling too)."""
     label = Path(name or "upload") if isinstance(source, bytes) else Path(source)
     im = _to_8bit(_open(source, "image", name, max_pixels), label, "image")
-    hw = _as_hw(size)
-    return _to_tensor(im.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)), _to_tensor(im)
+    return _to_tensor(InputFrame.of(size).place(im)[0]), _to_tensor(im)
 
 
 def _read_mask(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -182,9 +183,10 @@ def _read_mask(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tu
     return torch.from_numpy(arr[None].copy()), original
 
 
-def load_image(path: _PathLike, size: int | Sequence[int]) -> torch.Tensor:
-    """Read an image as float32 RGB [3, H, W] in [0, 1], resized without cropping."""
-    return _read_image(path, _as_hw(size))[0]
+def load_image(path: _PathLike, size) -> torch.Tensor:
+    """Read an image as float32 RGB [3, H, W] in [0, 1], resized without cropping (`size`: as
+    `load_image_and_original`'s)."""
+    return _read_image(path, InputFrame.of(size))[0]
 
 
 def load_mask(path: _PathLike, size: int | Sequence[int]) -> torch.Tensor:
@@ -246,7 +248,9 @@ class Record(NamedTuple):
 @dataclass
 class Sample:
     """One loaded item: image [3,H,W], mask [1,H,W], label 0 good / 1 anomalous; `has_mask` False for a
-    defect image without a mask file, whose all-zero `mask` then means nothing (see `Record.has_mask`)."""
+    defect image without a mask file, whose all-zero `mask` then means nothing (see `Record.has_mask`).
+    `box` (top, left, height, width) is where the image is in the input (`geometry.InputFrame`); the
+    mask is always in the whole frame, as the maps are once `geometry.restore` has removed the padding."""
 
     image: torch.Tensor
     mask: torch.Tensor
@@ -254,13 +258,15 @@ class Sample:
     defect_type: str
     path: str
     has_mask: bool
+    box: torch.Tensor
 
 
 class AnomalyDataset(torch.utils.data.Dataset):
     """Lazily loads records; items are dicts so the default collate_fn batches them."""
 
-    def __init__(self, records: Iterable[Sequence], size: int | Sequence[int]):
-        self.size = _as_hw(size)
+    def __init__(self, records: Iterable[Sequence], size):
+        self.frame = InputFrame.of(size)
+        self.size = self.frame.size
         self.records = [Record(Path(p), int(label), str(kind), Path(m) if m is not None else None)
                         for p, label, kind, m in records]
 
@@ -270,7 +276,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
     def sample(self, index: int) -> Sample:
         """Load one record, checking that its mask matches its image."""
         rec = self.records[index]
-        image, image_size = _read_image(rec.path, self.size)
+        image, image_size, box = _read_image(rec.path, self.frame)
         if rec.mask_path is None:
             mask = torch.zeros(1, *self.size, dtype=torch.float32)
         else:
@@ -280,7 +286,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
                     f"mask '{rec.mask_path}' is {mask_size[0]}x{mask_size[1]} but its image '{rec.path}' is "
                     f"{image_size[0]}x{image_size[1]}: a mask must have the same size as its image")
         return Sample(image=image, mask=mask, label=rec.label, defect_type=rec.defect_type, path=str(rec.path),
-                      has_mask=rec.has_mask)
+                      has_mask=rec.has_mask, box=torch.tensor(box))
 
     def __getitem__(self, index: int) -> dict:
         return dict(vars(self.sample(index)))
@@ -349,10 +355,10 @@ def checked(loader: torch.utils.data.DataLoader, on_error=None):
 
 class ImageFiles(torch.utils.data.Dataset):
     """Image files as (index, model input [3, H, W], the image at its own size [3, H0, W0]): what
-    `predict` scores, the original being where its outputs are drawn."""
+    `predict` scores, the original being where its outputs are drawn. `size`: as `load_image`'s."""
 
-    def __init__(self, paths: Sequence[_PathLike], size: int | Sequence[int]):
-        self.paths, self.size = list(paths), _as_hw(size)
+    def __init__(self, paths: Sequence[_PathLike], size):
+        self.paths, self.size = list(paths), InputFrame.of(size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -380,7 +386,7 @@ def mvtec_categories(root: _PathLike) -> list[str]:
     return [p.name for p in _subfolders(root) if (p / "train" / "good").is_dir()]
 
 
-def mvtec_dataset(root: _PathLike, category: str, split: str, size: int | Sequence[int],
+def mvtec_dataset(root: _PathLike, category: str, split: str, size,
                   require_masks: bool = False) -> AnomalyDataset:
     """Dataset for one category of an MVTec AD style folder tree. A defect image without its
     ground_truth/<type>/<name>_mask.png has no mask (pixel metrics leave it out), or with
@@ -425,7 +431,7 @@ def mvtec_dataset(root: _PathLike, category: str, split: str, size: int | Sequen
     return AnomalyDataset(records, size)
 
 
-def folder_dataset(normal_dir: _PathLike, size: int | Sequence[int], abnormal_dir: _PathLike | None = None,
+def folder_dataset(normal_dir: _PathLike, size, abnormal_dir: _PathLike | None = None,
                    mask_dir: _PathLike | None = None, require_masks: bool = False) -> AnomalyDataset:
     """Dataset from plain folders: normal images, optional anomalous images and their masks. An
     anomalous image without a mask in `mask_dir` (or without `mask_dir`) has none, or with

@@ -20,6 +20,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from . import efficientnet_lite
 from .config import CFlowConfig
 from .errors import CflowInputError
+from .geometry import Tiling
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -169,8 +170,10 @@ class Encoder(nn.Module):
 
     autocast_dtype: torch.dtype | None = None
 
-    def __init__(self, backbone: nn.Module, name: str, strides: tuple[int, ...], border_pad: int = 0):
+    def __init__(self, backbone: nn.Module, name: str, strides: tuple[int, ...], border_pad: int = 0,
+                 tiling: Tiling | None = None):
         super().__init__()
+        self.tiling = tiling
         if border_pad % max(strides):
             raise ValueError(f"border_pad {border_pad} must be a multiple of the deepest stride {max(strides)}")
         self.name = name
@@ -192,6 +195,10 @@ class Encoder(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """One feature map per tap; with `tiling`, of the whole image put together from its tiles'."""
+        return self._encode(images) if self.tiling is None else self.tiling(images, self._encode)
+
+    def _encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
         p = self.border_pad
         if p:
@@ -207,8 +214,11 @@ class Encoder(nn.Module):
 
 
 def encoder_for(config: "CFlowConfig", pretrained: bool = True) -> Encoder:
-    """The encoder a `CFlowConfig` names, with its taps, weights and border padding."""
-    return build_encoder(config.encoder, config.strides, config.weights, pretrained, config.border_pad)
+    """The encoder a `CFlowConfig` names, with its taps, weights, border padding and tiling."""
+    encoder = build_encoder(config.encoder, config.strides, config.weights, pretrained, config.border_pad)
+    if config.tile:
+        encoder.tiling = Tiling(config.image_size, config.tile, config.tile_overlap, config.strides)
+    return encoder
 
 
 def build_encoder(

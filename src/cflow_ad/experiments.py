@@ -51,7 +51,8 @@ def ablation_variants(base: CFlowConfig) -> dict[str, dict]:
         "8 couplings": {"coupling_layers": 8},
         "2 scales": {"pool_layers": 2},
         "3 scales": {"pool_layers": 3},
-        f"{2 * base.image_size} px": {"image_size": 2 * base.image_size},
+        base.replace(image_size=tuple(2 * v for v in base.image_size)).size_text: {
+            "image_size": tuple(2 * v for v in base.image_size)},
         "UFLOW (no condition)": {"conditional": False},
     }
     variants.update({name: {"encoder": name} for name in offline_encoders() if name != base.encoder})
@@ -173,7 +174,7 @@ def ablation(base: CFlowConfig, data: Path, categories: Sequence[str] | None, ou
 
 def _describe(config: CFlowConfig) -> str:
     return (f"{config.encoder}, {config.pool_layers} scales, {config.coupling_layers} couplings, C = {config.condition_dim},"
-            f" {config.image_size} px")
+            f" {config.size_text}")
 
 
 def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path,
@@ -225,7 +226,7 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
     for c in _categories(data, categories):
         result = run_once(base, data, c, output, progress, log, compute)
         model = load_checkpoint(result["checkpoint"])
-        dataset = DataSource(data, c).open("test", base.image_size)
+        dataset = DataSource(data, c).open("test", base)
         maps, scores, masks, has_mask, labels, types, paths = api.score_dataset(
             model, dataset, model.config.normalization, progress, Compute(**(compute or {})))
         metrics = {k: result[k] for k in METRICS}

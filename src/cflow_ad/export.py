@@ -21,7 +21,7 @@ import torch
 from .config import CFlowConfig
 from .device import onnx_providers
 from .errors import CflowInputError
-from .model import CFlowModel
+from .model import METHOD_CLASSES, CFlowModel
 from .thresholds import Thresholds
 
 OPSET = 17
@@ -94,8 +94,9 @@ class OnnxModel:
         if "cflow_ad_config" not in meta:
             raise CflowInputError(f"'{path}' was not written by 'cflow-ad export': it has no cflow-ad config")
         self.config = CFlowConfig.from_dict(json.loads(meta["cflow_ad_config"]))
-        self.image_size = (self.config.image_size, self.config.image_size)
+        self.image_size = self.config.image_size
         self.train_max_score = float(meta["cflow_ad_train_max_score"])
+        self.map_max_score = METHOD_CLASSES[self.config.method].map_max_score
         thresholds = meta.get("cflow_ad_thresholds")
         self.thresholds = Thresholds.from_dict(json.loads(thresholds)) if thresholds else None
         # GPU batches run whole; the CPU's in chunks (see CHUNK)

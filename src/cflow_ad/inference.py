@@ -22,6 +22,7 @@ from .device import Compute
 from .errors import CflowInputError
 from .export import OnnxModel
 from .model import METHOD_CLASSES
+from .geometry import InputFrame, restore
 from .thresholds import Thresholds
 from .visualize import heat_rgb, outline, overlay_rgb
 
@@ -102,21 +103,29 @@ class Inspector:
         self.runner = load_runner(model, runtime, self.compute)
         self.thresholds = resolve_thresholds(self.runner.thresholds, target_fpr, image_threshold, pixel_threshold)
         self.config = self.runner.config
+        self.frame = InputFrame.of(self.config)
         self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
         # where it computes, in words: the device and precision, or onnxruntime's execution provider
         self.device = self.runner.provider if self.runtime == "onnx" else self.compute.describe()
         self.heat_scale = 2 * float(self.runner.train_max_score)  # colours mean the same on every image
 
     @torch.no_grad()
-    def score(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(maps [B, H, W], scores [B]) on the host for a host batch of model inputs [B, 3, H, W]."""
+    def score(self, inputs: torch.Tensor, originals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps [B, H, W], scores [B]) on the host for a host batch of model inputs [B, 3, H, W] made from
+        `originals`, with any padding of `keep_aspect` left out (`geometry.restore`)."""
         if self.runtime == "onnx":
-            return self.runner(inputs)
-        return self.compute.host(*self.runner(self.compute.put(inputs)))
+            return self.restore(*self.runner(inputs), originals)
+        return self.restore(*self.compute.host(*self.runner(self.compute.put(inputs))), originals)
+
+    def restore(self, maps: torch.Tensor, scores: torch.Tensor,
+                originals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host maps and scores of inputs made from `originals` without their padding."""
+        boxes = torch.tensor([self.frame.box(*o.shape[-2:]) for o in originals]) if self.frame.keep_aspect else None
+        return restore(maps, scores, boxes, self.runner.map_max_score)
 
     def __call__(self, inputs: torch.Tensor, originals: list[torch.Tensor]) -> list[Verdict]:
         """Score a batch of model inputs [B, 3, H, W]; `originals` are the same images at their own size."""
-        return self.verdicts(*self.score(inputs), originals, self.thresholds)
+        return self.verdicts(*self.score(inputs, originals), originals, self.thresholds)
 
     @staticmethod
     def verdicts(maps: torch.Tensor, scores: torch.Tensor, originals: list[torch.Tensor],

@@ -30,6 +30,7 @@ class CFlowModel(AnomalyModel):
     normalizations = NORMALIZATIONS  # log-density maps: log, Eq. 8 (stateless) or rescaled per set (paper)
     training_loop = True
     deterministic = False  # the decoders' initial weights and the fiber order are drawn from the seed
+    map_max_score = True  # Eq. 8's maximum
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
@@ -44,11 +45,11 @@ class CFlowModel(AnomalyModel):
             )
         self.whitenings = None
         if config.whitening == "location":
-            sizes = [(config.image_size // s) ** 2 for s in config.strides]
+            sizes = [(config.image_size[0] // s) * (config.image_size[1] // s) for s in config.strides]
             floats = sum(p * d * d for p, d in zip(sizes, self.encoder.channels))
             if floats > WHITENING_FLOAT_LIMIT:
                 raise CflowInputError(
-                    f"location whitening for {config.encoder} at {config.image_size} px needs {floats * 4 / 2**30:.1f} GiB:"
+                    f"location whitening for {config.encoder} at {config.size_text} needs {floats * 4 / 2**30:.1f} GiB:"
                     " pass --whitening none, a smaller --image-size or fewer --pool-layers")
             self.whitenings = nn.ModuleList(LocationWhitening(p, d) for p, d in zip(sizes, self.encoder.channels))
         k = len(self.decoders)
@@ -82,7 +83,7 @@ class CFlowModel(AnomalyModel):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return (self.config.image_size, self.config.image_size)
+        return self.config.image_size
 
     def condition(self, height: int, width: int) -> PositionalCondition | None:
         """Positional conditions of an h x w map (row-major locations), or None for UFLOW."""

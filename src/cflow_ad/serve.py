@@ -111,7 +111,7 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
                   description="Anomaly detection with localization: POST an image to /predict.")
     slots = asyncio.Semaphore(limits.max_concurrency)
     stats = {"started": time.time(), "requests": 0, "waiting": 0, "rejected_busy": 0}
-    size = inspector.config.image_size
+    size = inspector.config  # its input size and aspect handling
     page = resources.files("cflow_ad").joinpath("web/index.html").read_text()
 
     def infer(data: bytes, name: str, output: str):

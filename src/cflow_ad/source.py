@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from . import data as D
 from .errors import CflowInputError
@@ -61,8 +60,9 @@ class DataSource:
             return (Path(self.data) / "testing" / "frames").is_dir()
         return (Path(self.data) / str(self.category) / "test").is_dir()
 
-    def open(self, split: str, size: int | Sequence[int]) -> D.AnomalyDataset:
-        """The 'train' or 'test' split as a dataset of images resized to `size`."""
+    def open(self, split: str, size) -> D.AnomalyDataset:
+        """The 'train' or 'test' split as a dataset of images brought to `size`: an int, (H, W), an
+        `InputFrame`, or a config (its size and aspect handling)."""
         if self.frame_step < 1:
             raise CflowInputError(f"--frame-step must be >= 1, got {self.frame_step}")
         kind = self.layout

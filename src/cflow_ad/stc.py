@@ -29,6 +29,7 @@ from PIL import Image
 
 from . import data as D
 from .errors import CflowInputError
+from .geometry import InputFrame
 
 _MASK_CHUNK_BYTES = 8 << 20  # label scan of a pixel mask: this much mapped at a time
 
@@ -113,7 +114,7 @@ class STCDataset(D.AnomalyDataset):
     """Frames of one STC scene; `records` are plain Records (mask_path: the video's .npy), and
     `mask_frames[i]` is the frame of that .npy that belongs to record i (-1: no mask)."""
 
-    def __init__(self, records: list[D.Record], mask_frames: Sequence[int], size: int | Sequence[int]):
+    def __init__(self, records: list[D.Record], mask_frames: Sequence[int], size):
         super().__init__([], size)
         self.records = records
         self.mask_frames = np.asarray(mask_frames, dtype=np.int64)
@@ -122,7 +123,7 @@ class STCDataset(D.AnomalyDataset):
         rec = self.records[index]
         if rec.mask_path is None:
             return super().sample(index)
-        image, (w, h) = D._read_image(rec.path, self.size)
+        image, (w, h), box = D._read_image(rec.path, self.frame)
         m = _mask_array(rec.mask_path)
         frame = np.array(m[int(self.mask_frames[index])])  # copies one frame out of the mapping
         del m
@@ -134,16 +135,16 @@ class STCDataset(D.AnomalyDataset):
         im = im.resize((self.size[1], self.size[0]), Image.Resampling.NEAREST)
         mask = torch.from_numpy((np.asarray(im) > 0).astype(np.float32)[None].copy())
         return D.Sample(image=image, mask=mask, label=rec.label, defect_type=rec.defect_type, path=str(rec.path),
-                        has_mask=True)
+                        has_mask=True, box=torch.tensor(box))
 
 
-def stc_dataset(root: D._PathLike, scene: str, split: str, size: int | Sequence[int],
+def stc_dataset(root: D._PathLike, scene: str, split: str, size,
                 frame_step: int = 1) -> STCDataset:
     """All frames (every `frame_step`-th) of all videos of one scene. Train frames are 'good'
     (label 0); a test frame is 'anomalous' (1) when test_frame_mask says so or, without that
     file, when its pixel mask has a positive pixel, else 'good'; its mask is its .npy frame."""
     root = Path(root)
-    hw = D._as_hw(size)
+    frame = InputFrame.of(size)
     if isinstance(frame_step, bool) or not isinstance(frame_step, (int, np.integer)) or frame_step < 1:
         raise CflowInputError(f"invalid frame_step {frame_step!r}: use a positive int (1 keeps every frame)")
     if split not in ("train", "test"):
@@ -162,7 +163,7 @@ def stc_dataset(root: D._PathLike, scene: str, split: str, size: int | Sequence[
     if split == "train":
         for video in videos:
             records += [D.Record(video / name, 0, "good", None) for name in _frame_names(video)[::frame_step]]
-        return STCDataset(records, [-1] * len(records), hw)
+        return STCDataset(records, [-1] * len(records), frame)
     pixel_dir, label_dir = root / "testing" / "test_pixel_mask", root / "testing" / "test_frame_mask"
     if not pixel_dir.is_dir():
         raise CflowInputError(
@@ -192,7 +193,7 @@ def stc_dataset(root: D._PathLike, scene: str, split: str, size: int | Sequence[
             bad = bool(labels[i])
             records.append(D.Record(video / names[i], int(bad), "anomalous" if bad else "good", mask_path))
             mask_frames.append(i)
-    return STCDataset(records, mask_frames, hw)
+    return STCDataset(records, mask_frames, frame)
 
 
 # ---------------------------------------------------------------- synthetic data
