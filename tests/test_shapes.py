@@ -19,7 +19,7 @@ from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.cli import build_parser, run
 from cflow_ad.config import CFlowConfig
-from cflow_ad.data import load_image_and_original, make_synthetic_mvtec
+from cflow_ad.data import load_image_and_original, make_fine_defect_mvtec, make_synthetic_mvtec
 from cflow_ad.errors import CflowInputError
 from cflow_ad.geometry import InputFrame, Tiling, restore, tile_starts
 from cflow_ad.source import DataSource
@@ -148,6 +148,16 @@ def oblong_root(tmp_path_factory) -> Path:
                                 size=(96, 160), seed=1)
 
 
+def test_a_held_out_split_keeps_the_aspect_handling(oblong_root):
+    from cflow_ad.data import split_train_val
+
+    frame = InputFrame((64, 128), keep_aspect=True)
+    full = DataSource(oblong_root, "synthetic").open("train", CFlowConfig(image_size=(64, 128), keep_aspect=True))
+    train, held_out = split_train_val(full, 0.25, 0)
+    assert full.frame == train.frame == held_out.frame == frame
+    assert train[0]["box"].tolist() == held_out[0]["box"].tolist() == list(frame.box(96, 160)) != [0, 0, 64, 128]
+
+
 SHAPES = {
     "keep-aspect": ["--image-size", "64", "128", "--keep-aspect", "--calibration-fraction", "0.25"],
     "tiled": ["--image-size", "96", "160", "--tile", "64", "--tile-overlap", "32", "--calibration-fraction", "0.25"],
@@ -167,7 +177,8 @@ def test_oblong_inputs_train_test_predict_serve_and_export(shape, oblong_root, t
 
     assert run(["--quiet", "test", "--model", str(model), *data, "--output", str(tmp_path / "t")]) == 0
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
-    assert metrics["images"] == 8 and metrics["image_auroc"] > 0.5 and metrics["pixel_auroc"] > 0.5
+    # maps put back in the frame of the masks: 1.0 / 0.99 measured for both (misaligned maps would fall far)
+    assert metrics["images"] == 8 and metrics["image_auroc"] >= 0.9 and metrics["pixel_auroc"] >= 0.9
 
     folder = oblong_root / "synthetic" / "test"
     onnx = tmp_path / "m.onnx"
@@ -196,38 +207,8 @@ def test_oblong_inputs_train_test_predict_serve_and_export(shape, oblong_root, t
     assert (served["width"], served["height"]) == (160, 96) and served["label"] == torch_rows[0]["label"]
 
 
-def _fine_defects(root: Path, size: int = 256, cell: int = 16, seed: int = 0) -> Path:
-    """Large images of a smooth surface; defects are 16 x 16 px checkerboards of 1-px squares that
-    average to the surface itself, so squashing the image 4x erases them."""
-    rng = np.random.default_rng(seed)
-    v, u = np.mgrid[0:size, 0:size] / size
-
-    def surface():
-        t = 0.5 + 0.1 * np.sin(2 * np.pi * (1.5 * u + rng.uniform())) * np.cos(2 * np.pi * (v + rng.uniform()))
-        return t + rng.normal(0, 0.01, t.shape)
-
-    def save(a, p):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)).save(p)
-
-    base = root / "fine"
-    for i in range(16):
-        save(surface(), base / "train" / "good" / f"{i:03d}.png")
-    for i in range(6):
-        save(surface(), base / "test" / "good" / f"{i:03d}.png")
-    yy, xx = np.mgrid[0:cell, 0:cell]
-    for i in range(8):
-        g, m = surface(), np.zeros((size, size))
-        r, c = rng.integers(2, size // 4 - cell // 4 - 2, 2) * 4
-        g[r : r + cell, c : c + cell] += 0.25 * np.where((yy + xx) % 2 == 0, 1, -1)
-        m[r : r + cell, c : c + cell] = 1
-        save(g, base / "test" / "checker" / f"{i:03d}.png")
-        save(m, base / "ground_truth" / "checker" / f"{i:03d}_mask.png")
-    return root
-
-
 def test_tiling_finds_small_defects_that_squashing_erases(tmp_path):
-    source = DataSource(_fine_defects(tmp_path / "data"), "fine")
+    source = DataSource(make_fine_defect_mvtec(tmp_path / "data"), "fine")
     base = TINY.replace(border_pad=0, fiber_batch=1024, sub_epochs=1)
     found = {}
     for name, config in (("squashed", base.replace(image_size=64)),

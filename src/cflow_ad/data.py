@@ -471,7 +471,7 @@ def split_train_val(dataset: AnomalyDataset, val_fraction: float,
     val_idx = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
     train = [r for i, r in enumerate(dataset.records) if i not in val_idx]
     val = [r for i, r in enumerate(dataset.records) if i in val_idx]
-    return AnomalyDataset(train, dataset.size), AnomalyDataset(val, dataset.size)
+    return AnomalyDataset(train, dataset.frame), AnomalyDataset(val, dataset.frame)  # the frame: size and aspect handling
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -578,3 +578,35 @@ def make_synthetic_mvtec(root: _PathLike, category: str = "synthetic", n_train: 
         _save_png(finish(gray), base / "test" / kind / f"{name}.png")
         _save_png(mask.astype(np.uint8) * 255, base / "ground_truth" / kind / f"{name}_mask.png")
     return root
+
+
+def make_fine_defect_mvtec(root: _PathLike, category: str = "fine", size: int = 256, n_train: int = 16,
+                           n_test_good: int = 6, n_test_defect: int = 8, cell: int = 16, seed: int = 0) -> Path:
+    """Write an MVTec-layout set of large images whose defects vanish when the image is downscaled, and
+    return ``root``: a smooth surface with a little noise, and per defect image a `cell` x `cell`
+    checkerboard of 1-px squares (+-0.25) at a place on a 4-px grid. Any 2x2 (or 4x4) average of the
+    checkerboard is the surface itself, so a model of the image squashed 4x cannot see it: the case
+    tiling is for. Same seed, same files."""
+    rng = np.random.default_rng(seed)
+    v, u = np.mgrid[0:size, 0:size] / size
+    base = Path(root) / category
+    if base.exists() and any(base.iterdir()):
+        raise CflowInputError(f"'{base}' already exists and is not empty: choose another root or delete it")
+
+    def surface() -> np.ndarray:
+        t = 0.5 + 0.1 * np.sin(2 * np.pi * (1.5 * u + rng.uniform())) * np.cos(2 * np.pi * (v + rng.uniform()))
+        return t + rng.normal(0, 0.01, t.shape)
+
+    for i in range(n_train):
+        _save_png(_to_uint8(surface()), base / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        _save_png(_to_uint8(surface()), base / "test" / "good" / f"{i:03d}.png")
+    yy, xx = np.mgrid[0:cell, 0:cell]
+    for i in range(n_test_defect):
+        gray, mask = surface(), np.zeros((size, size), np.uint8)
+        r, c = rng.integers(2, size // 4 - cell // 4 - 2, 2) * 4
+        gray[r : r + cell, c : c + cell] += 0.25 * np.where((yy + xx) % 2 == 0, 1, -1)
+        mask[r : r + cell, c : c + cell] = 255
+        _save_png(_to_uint8(gray), base / "test" / "checker" / f"{i:03d}.png")
+        _save_png(mask, base / "ground_truth" / "checker" / f"{i:03d}_mask.png")
+    return Path(root)
