@@ -30,6 +30,13 @@ def test_help_lists_every_config_field(capsys):
     assert text.count("(default: mobilenet_v2)") == 1 and "(default: (256, 256))" not in text  # said once
 
 
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"cflow-ad {version('cflow-ad')}"
+
+
 def test_train_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
     flags = ["--image-size", "64", "--pool-layers", "2", "--last-stride", "16", "--coupling-layers", "1",
              "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--batch-size", "8", "--fiber-batch", "256"]

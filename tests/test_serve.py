@@ -88,6 +88,7 @@ def test_predict_returns_the_same_verdict_as_the_cli(server, padim_checkpoint, s
         assert got["score"] == pytest.approx(want["score"], abs=1e-4)
         assert got["label"] == want["label"] and got["image_threshold"] == pytest.approx(want["image_threshold"])
         assert abs(got["defect_area_px"] - want["defect_area_px"]) <= 0.01 * got["width"] * got["height"]
+        assert got["region_count"] == len(got["regions"]) and sum(g["area_px"] for g in got["regions"]) == got["defect_area_px"]
         assert set(got["timing"]) == {"decode_ms", "inference_ms", "total_ms"}
     assert [r["label"] for r in expected] == ["ok", "defect", "defect"]
 
@@ -194,6 +195,7 @@ def test_web_page_uploads_an_image_and_shows_verdict_and_overlay(server, synthet
         page.wait_for_selector("#result:not([hidden])", timeout=60_000)
         assert page.inner_text("#verdict") == "DEFECT"
         assert "score" in page.inner_text("#facts") and "defect area" in page.inner_text("#facts")
+        assert " regions" in page.inner_text("#facts")
         page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
         assert page.evaluate("document.getElementById('overlay').naturalWidth") == Image.open(f).size[0]
         # a bad upload shows the service's message instead of a result

@@ -280,8 +280,9 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-PREDICTION_FIELDS = ["path", "score", "good_share", "label", "image_threshold", "pixel_threshold", "defect_area_px",
-                     "defect_fraction", "width", "height", "error", "heatmap", "overlay", "mask"]
+PREDICTION_FIELDS = ["path", "score", "good_share", "label", "reason", "image_threshold", "pixel_threshold",
+                     "defect_area_px", "defect_fraction", "region_count", "largest_region_px", "width", "height",
+                     "error", "heatmap", "overlay", "mask"]
 
 
 def summarize(rows: Sequence[dict], thresholds: Thresholds | None) -> dict:
@@ -321,9 +322,11 @@ def predict(
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
+    min_defect_area: int = 0,
 ) -> list[dict]:
     """Score images/folders: per image a score, an OK / defect label at the model's thresholds (or
-    `target_fpr`, or the given thresholds) and the defect area in its own pixels; optionally a heat
+    `target_fpr`, or the given thresholds), the defect area in its own pixels and the defect regions
+    (those of at least `min_defect_area` pixels; see `Inspector.verdicts`); optionally a heat
     map, an overlay and a mask PNG each, and predictions.csv / predictions.json for the run.
 
     Images stream through in batches, so memory does not grow with the folder size.
@@ -335,7 +338,7 @@ def predict(
     Images are decoded by `workers` processes and scored on `device` (see `device.Compute`).
     """
     compute = Compute(device, precision, workers)
-    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute)
+    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute, min_defect_area)
     runner = inspector.runner
     mode = normalization or runner.config.normalization
     thresholds = inspector.thresholds
@@ -361,14 +364,14 @@ def predict(
             stem = _unique_stem(p, used)
             row = {"path": str(p), **inspector.describe(v), "error": ""}
             if thresholds is None:
-                row.update(image_threshold=None, pixel_threshold=None, good_share=None)
+                row.update(image_threshold=None, pixel_threshold=None, good_share=None, min_defect_area_px=None)
             heat = inspector.heat(v) if heatmaps or overlays else None  # drawn once for both
             if heatmaps:
                 row["heatmap"] = str(save_png(heat, out / f"{stem}_heatmap.png"))
             if overlays:
-                row["overlay"] = str(save_png(inspector.overlay(v, thresholds, heat), out / f"{stem}_overlay.png"))
-            if masks and thresholds is not None:
-                row["mask"] = str(save_png(v.mask(thresholds).astype(np.uint8) * 255, out / f"{stem}_mask.png"))
+                row["overlay"] = str(save_png(inspector.overlay(v, heat), out / f"{stem}_overlay.png"))
+            if masks and v.mask is not None:
+                row["mask"] = str(save_png(inspector.mask_image(v), out / f"{stem}_mask.png"))
             rows.append(row)
 
     def skipped(i: int, exc: CflowInputError) -> None:

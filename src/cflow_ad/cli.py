@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import METHODS, NORMALIZATIONS, CFlowConfig, default_text
 from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
@@ -82,6 +83,9 @@ def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target-fpr", type=float, help="move the calibrated thresholds to this false-positive rate")
     g.add_argument("--image-threshold", type=float, help="score above which an image is a defect")
     g.add_argument("--pixel-threshold", type=float, help="map value above which a pixel is a defect")
+    g.add_argument("--min-defect-area", type=int, default=0, metavar="PX",
+                   help="defect regions smaller than this (in the image's own pixels) are dropped; an image over the"
+                        " image threshold with none left is ok (default: 0, keep all)")
 
 
 def _add_compute_flags(parser: argparse.ArgumentParser, workers: bool = True) -> None:
@@ -104,6 +108,7 @@ def _compute(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cflow-ad", description="CFLOW-AD anomaly detection with localization.")
+    p.add_argument("--version", action="version", version=f"cflow-ad {__version__}")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the cores available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
@@ -225,7 +230,7 @@ def _print_predictions(rows: list[dict]) -> None:
               " (a score or map value above is a defect)")
     for r in rows:
         if not r["error"]:
-            area = "" if r["defect_area_px"] is None else f"  {r['defect_area_px']:>7} px"
+            area = "" if r["defect_area_px"] is None else f"  {r['defect_area_px']:>7} px in {r['region_count']:>2} regions"
             print(f"{r['score']:.4f}  {r['label'] or '-':<6}{area}  {r['path']}")
     summary = summarize(rows, None)
     mvtec = "good" in summary["folders"]  # then the other folders are defect types
@@ -296,7 +301,8 @@ def run(argv: list[str] | None = None) -> int:
             args.model, args.paths, args.output, args.normalization, overlays=args.overlays, progress=progress,
             warn=lambda m: print(m, file=sys.stderr), runtime=args.runtime, masks=args.masks, heatmaps=args.heatmaps,
             csv_summary=args.csv, json_summary=args.json, target_fpr=args.target_fpr,
-            image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold, **_compute(args))
+            image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold,
+            min_defect_area=args.min_defect_area, **_compute(args))
         _print_predictions(rows)
         print(f"-> {args.output}")
     elif args.command == "calibrate":
@@ -308,7 +314,7 @@ def run(argv: list[str] | None = None) -> int:
 
         limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
         serve(args.model, args.host, args.port, args.runtime, limits, args.target_fpr, args.image_threshold,
-              args.pixel_threshold, **_compute(args))
+              args.pixel_threshold, min_defect_area=args.min_defect_area, **_compute(args))
     elif args.command == "export":
         print(api.export(args.model, args.output, args.format))
     elif args.command == "experiment":

@@ -23,8 +23,9 @@ from .errors import CflowInputError
 from .export import OnnxModel
 from .model import METHOD_CLASSES
 from .geometry import InputFrame, restore
+from .regions import regions
 from .thresholds import Thresholds
-from .visualize import heat_rgb, outline, overlay_rgb
+from .visualize import draw_boxes, heat_rgb, outline, overlay_rgb
 
 RUNTIMES = ("torch", "onnx")
 
@@ -79,18 +80,21 @@ def resolve_thresholds(stored: Thresholds | None, target_fpr: float | None = Non
 
 @dataclass
 class Verdict:
-    """One image's answer. `label` and the defect area are None without thresholds."""
+    """One image's answer. Without thresholds, `label`, `reason`, the mask, its area and regions are None."""
 
     score: float
     label: str | None
-    defect_area_px: int | None
+    reason: str | None
     width: int
     height: int
     amap: torch.Tensor  # [H0, W0] at the image's own size
     image: torch.Tensor  # [3, H0, W0] in [0, 1]
+    mask: np.ndarray | None  # [H0, W0] bool: pixels over the pixel threshold, in regions of the minimum area
+    regions: list[dict] | None  # `regions.regions` of the mask, highest peak first
 
-    def mask(self, thresholds: Thresholds) -> np.ndarray:
-        return (self.amap > thresholds.pixel).numpy()
+    @property
+    def defect_area_px(self) -> int | None:
+        return None if self.mask is None else int(self.mask.sum())
 
 
 class Inspector:
@@ -98,7 +102,10 @@ class Inspector:
 
     def __init__(self, model: torch.nn.Module | str | Path, runtime: str = "torch", target_fpr: float | None = None,
                  image_threshold: float | None = None, pixel_threshold: float | None = None,
-                 compute: Compute | None = None):
+                 compute: Compute | None = None, min_defect_area: int = 0):
+        if min_defect_area < 0:
+            raise CflowInputError(f"--min-defect-area must be >= 0 pixels, not {min_defect_area}")
+        self.min_defect_area = int(min_defect_area)
         self.compute = compute or Compute()
         self.runner = load_runner(model, runtime, self.compute)
         self.thresholds = resolve_thresholds(self.runner.thresholds, target_fpr, image_threshold, pixel_threshold)
@@ -127,45 +134,55 @@ class Inspector:
         """Score a batch of model inputs [B, 3, H, W]; `originals` are the same images at their own size."""
         return self.verdicts(*self.score(inputs, originals), originals, self.thresholds)
 
-    @staticmethod
-    def verdicts(maps: torch.Tensor, scores: torch.Tensor, originals: list[torch.Tensor],
+    def verdicts(self, maps: torch.Tensor, scores: torch.Tensor, originals: list[torch.Tensor],
                  thresholds: Thresholds | None) -> list[Verdict]:
+        """An image is a defect when its score is over the image threshold and, with a minimum defect
+        area, at least one region of the pixel mask is that large."""
         out = []
         for amap, score, image in zip(maps, scores.tolist(), originals):
             h, w = image.shape[-2:]
             big = F.interpolate(amap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            label = area = None
+            label = reason = mask = found = None
             if thresholds is not None:
+                mask, found = regions((big > thresholds.pixel).numpy(), big.numpy(), self.min_defect_area)
                 label = "defect" if score > thresholds.image else "ok"
-                area = int((big > thresholds.pixel).sum())
-            out.append(Verdict(float(score), label, area, int(w), int(h), big, image))
+                reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
+                if label == "defect" and self.min_defect_area and not found:
+                    label = "ok"
+                    reason += f", but no defect region of {self.min_defect_area} px or more"
+            out.append(Verdict(float(score), label, reason, int(w), int(h), big, image, mask, found))
         return out
 
     def heat(self, v: Verdict) -> np.ndarray:
         return heat_rgb(v.amap, self.heat_scale)
 
-    def overlay(self, v: Verdict, thresholds: Thresholds | None, heat: np.ndarray | None = None) -> np.ndarray:
+    def overlay(self, v: Verdict, heat: np.ndarray | None = None) -> np.ndarray:
         """Heat map (`heat`, when already drawn) blended over the image, with the outline of the defect
-        mask at `thresholds` in white (none without thresholds)."""
+        mask in white and the box of each defect region (none without thresholds)."""
         rgb = overlay_rgb(v.image, self.heat(v) if heat is None else heat)
-        if thresholds is not None:
-            rgb[outline(v.mask(thresholds))] = 255
+        if v.mask is not None:
+            rgb[outline(v.mask)] = 255
+            draw_boxes(rgb, [r["box"] for r in v.regions])
         return rgb
 
-    def mask_image(self, v: Verdict) -> np.ndarray:
-        if self.thresholds is None:
+    @staticmethod
+    def mask_image(v: Verdict) -> np.ndarray:
+        if v.mask is None:
             raise CflowInputError("no thresholds, so no mask: run 'cflow-ad calibrate' or pass both thresholds")
-        return v.mask(self.thresholds).astype(np.uint8) * 255
+        return v.mask.astype(np.uint8) * 255
 
     def describe(self, v: Verdict) -> dict:
         """The JSON-ready facts of a verdict, with the thresholds that made it."""
         t = self.thresholds
         return {
             "score": v.score, "good_share": t.good_share(v.score) if t else None, "label": v.label,
-            "image_threshold": t.image if t else None, "pixel_threshold": t.pixel if t else None,
+            "reason": v.reason, "image_threshold": t.image if t else None, "pixel_threshold": t.pixel if t else None,
+            "min_defect_area_px": self.min_defect_area,
             "defect_area_px": v.defect_area_px,
             "defect_fraction": None if v.defect_area_px is None else v.defect_area_px / (v.width * v.height),
-            "width": v.width, "height": v.height,
+            "region_count": None if v.regions is None else len(v.regions),
+            "largest_region_px": None if v.regions is None else max((r["area_px"] for r in v.regions), default=0),
+            "regions": v.regions, "width": v.width, "height": v.height,
         }
 
 

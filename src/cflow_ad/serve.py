@@ -120,7 +120,7 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
         t1 = time.perf_counter()
         verdict = inspector(x[None], [original])[0]
         t2 = time.perf_counter()
-        image = {"overlay": lambda v: inspector.overlay(v, inspector.thresholds), "mask": inspector.mask_image,
+        image = {"overlay": inspector.overlay, "mask": inspector.mask_image,
                  "heatmap": inspector.heat, "json": None}[output]
         png = png_bytes(image(verdict)) if image else None
         timing = {"decode_ms": 1e3 * (t1 - t0), "inference_ms": 1e3 * (t2 - t1),
@@ -171,6 +171,7 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
         headers = {"X-Cflow-Score": f"{result['score']:.6g}", "X-Cflow-Label": str(result["label"]),
                    "X-Cflow-Image-Threshold": str(result["image_threshold"]),
                    "X-Cflow-Defect-Area": str(result["defect_area_px"]),
+                   "X-Cflow-Regions": str(result["region_count"]),
                    "X-Cflow-Total-Ms": f"{result['timing']['total_ms']:.1f}"}
         return Response(png, media_type="image/png", headers=headers)
 
@@ -179,7 +180,8 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "onnx",
           limits: Limits | None = None, target_fpr: float | None = None, image_threshold: float | None = None,
-          pixel_threshold: float | None = None, device: str = "auto", precision: str = "fp32") -> None:
+          pixel_threshold: float | None = None, device: str = "auto", precision: str = "fp32",
+          min_defect_area: int = 0) -> None:
     """Load the model once on `device` and serve it until interrupted (uploads are decoded in the
     request threads, so no loader workers)."""
     import uvicorn
@@ -196,7 +198,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
     # on 2 cores (benchmarks/serve_load.py); more threads than cores in total collapses throughput.
     threads = set_threads(max(1, torch.get_num_threads() // limits.max_concurrency))
     inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold,
-                          Compute(device, precision, workers=0))
+                          Compute(device, precision, workers=0), min_defect_area)
     print(f"cflow-ad: serving {model} ({inspector.config.method}, {inspector.runtime} on {inspector.device},"
           f" {limits.max_concurrency} x "
           f"{threads} threads) on http://{host}:{port}", flush=True)

@@ -33,6 +33,18 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
+def draw_boxes(rgb: np.ndarray, boxes: list[dict], color=(255, 214, 0), width: int = 2) -> np.ndarray:
+    """`rgb` [H, W, 3] with the frame of each region box ({x, y, width, height}) drawn in place, inside the
+    box so a box at the border stays visible."""
+    for b in boxes:
+        x0, y0, x1, y1 = b["x"], b["y"], b["x"] + b["width"], b["y"] + b["height"]
+        t = max(1, min(width, b["width"] // 2, b["height"] // 2))
+        for sl in ((slice(y0, y0 + t), slice(x0, x1)), (slice(y1 - t, y1), slice(x0, x1)),
+                   (slice(y0, y1), slice(x0, x0 + t)), (slice(y0, y1), slice(x1 - t, x1))):
+            rgb[sl] = color
+    return rgb
+
+
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
