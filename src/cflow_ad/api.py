@@ -7,7 +7,6 @@ same files, so anything done on the command line can be scripted.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,8 +22,9 @@ from .device import Compute
 from .distributed import init_from_env
 from .errors import CflowInputError
 from .export import export_onnx
-from .geometry import restore
-from .inference import Inspector, as_model, exportable
+from .geometry import full_boxes, restore
+from .images import read
+from .inference import Inspector, Predictions, as_model, exportable
 from .metrics import Evaluation, to_json
 from .model import METHOD_CLASSES, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
@@ -32,7 +32,6 @@ from .scoring import fixed_mode, paper_stream
 from .source import DataSource
 from .thresholds import PIXEL_SAMPLE, Thresholds
 from .training import fit, fit_baseline
-from .visualize import save_png
 
 STATE_FILE = "training_state.pt"  # CFLOW-AD's resumable training state, beside model.safetensors
 
@@ -93,6 +92,15 @@ def train(
     return path
 
 
+def _restored(maps: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor | None,
+              rescore: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`geometry.restore` of host tensors, as tensors."""
+    if boxes is None or full_boxes(boxes, tuple(maps.shape[-2:])):
+        return maps, scores
+    m, s = restore(maps.float().numpy(), scores.float().numpy(), boxes.numpy(), rescore)
+    return torch.from_numpy(m), torch.from_numpy(s)
+
+
 def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | None = None, f1: bool = False,
                          progress: bool = False, source: str = "held-out good images",
                          compute: Compute | None = None) -> Thresholds:
@@ -118,11 +126,11 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
             good = batch["label"] == 0
             if not good.any():
                 continue
-            maps, s = restore(*model(compute.put(batch["image"][good])), batch["box"][good], model.map_max_score)
+            maps, s = _restored(*compute.host(*model(compute.put(batch["image"][good]))), batch["box"][good],
+                                model.map_max_score)
             flat = maps.flatten(1)
             if flat.shape[1] > per_image:
-                flat = flat[:, torch.randint(flat.shape[1], (per_image,), generator=gen).to(flat.device)]
-            s, flat = compute.host(s, flat)
+                flat = flat[:, torch.randint(flat.shape[1], (per_image,), generator=gen)]
             scores.append(s)
             pixels.append(flat)
     n = sum(len(s) for s in scores)
@@ -197,14 +205,14 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
         if mode == "paper":
             logs = ((model.log_density_maps(model.features(compute.put(b["image"]))), meta(b)) for b in batches)
             for maps, scores, (boxes, *m) in paper_stream(logs, model.image_size, compute.host):
-                yield *restore(maps, scores, boxes, model.map_max_score), *m
+                yield *_restored(maps, scores, boxes, model.map_max_score), *m
             return
         own = mode == fixed_mode(model.config) or mode not in model.normalizations
         for batch in batches:
             x = compute.put(batch["image"])
             boxes, *m = meta(batch)
             maps, scores = compute.host(*(model(x) if own else model(x, mode)))
-            yield *restore(maps, scores, boxes, model.map_max_score), *m
+            yield *_restored(maps, scores, boxes, model.map_max_score), *m
 
 
 def score_dataset(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
@@ -269,39 +277,6 @@ def test(
     return metrics
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    """Output name for an image: its stem, prefixed by its folder when stems repeat (good/000, spot/000)."""
-    stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
-    base, i = stem, 1
-    while stem in used:
-        i += 1
-        stem = f"{base}_{i}"
-    used.add(stem)
-    return stem
-
-
-PREDICTION_FIELDS = ["path", "score", "good_share", "label", "reason", "image_threshold", "pixel_threshold",
-                     "defect_area_px", "defect_fraction", "region_count", "largest_region_px", "width", "height",
-                     "error", "heatmap", "overlay", "mask"]
-
-
-def summarize(rows: Sequence[dict], thresholds: Thresholds | None) -> dict:
-    """Counts per folder of a predict run: with MVTec-style folders ('good' beside defect types) the
-    flagged share of 'good' is the false-positive rate and that of the others the recall."""
-    folders: dict[str, dict] = {}
-    for r in rows:
-        f = folders.setdefault(Path(r["path"]).parent.name, {"images": 0, "defect": 0, "ok": 0, "errors": 0})
-        f["images"] += 1
-        key = "errors" if r["error"] else (r.get("label") or "unlabelled")
-        f[key] = f.get(key, 0) + 1
-    for f in folders.values():
-        scored = f["defect"] + f["ok"]
-        f["flagged_rate"] = f["defect"] / scored if scored else None
-    return {"images": len(rows), "scored": sum(1 for r in rows if not r["error"]),
-            "skipped": sum(1 for r in rows if r["error"]), "defect": sum(1 for r in rows if r.get("label") == "defect"),
-            "thresholds": thresholds.summary() if thresholds else None, "folders": folders}
-
-
 @torch.no_grad()
 def predict(
     model: torch.nn.Module | str | Path,
@@ -353,30 +328,12 @@ def predict(
     elif thresholds is None:
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
     size, bs = runner.config, runner.config.batch_size  # the config: its input size and aspect handling
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = Predictions(inspector, output, thresholds, overlays, masks, heatmaps)
     files = D.list_images(paths)
-    rows: list[dict] = []
-    used: set[str] = set()
-
-    def write(batch_paths, originals, maps, scores):
-        for p, v in zip(batch_paths, inspector.verdicts(maps, scores, originals, thresholds)):
-            stem = _unique_stem(p, used)
-            row = {"path": str(p), **inspector.describe(v), "error": ""}
-            if thresholds is None:
-                row.update(image_threshold=None, pixel_threshold=None, good_share=None, min_defect_area_px=None)
-            heat = inspector.heat(v) if heatmaps or overlays else None  # drawn once for both
-            if heatmaps:
-                row["heatmap"] = str(save_png(heat, out / f"{stem}_heatmap.png"))
-            if overlays:
-                row["overlay"] = str(save_png(inspector.overlay(v, heat), out / f"{stem}_overlay.png"))
-            if masks and v.mask is not None:
-                row["mask"] = str(save_png(inspector.mask_image(v), out / f"{stem}_mask.png"))
-            rows.append(row)
 
     def skipped(i: int, exc: CflowInputError) -> None:
         warn(f"skipped: {exc}")
-        rows.append({"path": str(files[i]), "score": None, "label": None, "error": str(exc)})
+        writer.skipped(files[i], exc)
 
     loader = D.image_loader(D.ImageFiles(files, size), compute, bs, collate=D.collate_files)
     batches = tqdm(D.checked(loader, skipped), total=len(loader), desc="predict", disable=not progress)
@@ -384,22 +341,12 @@ def predict(
         logs = ((runner.log_density_maps(runner.features(compute.put(inputs))), [files[i] for i in index])
                 for index, inputs, _ in batches)
         for maps, scores, batch_paths in paper_stream(logs, runner.image_size, compute.host):
-            originals = [D.load_image_and_original(p, size)[1] for p in batch_paths]
-            write(batch_paths, originals, *inspector.restore(maps, scores, originals))
+            originals = [read(p, size)[1] for p in batch_paths]
+            writer.add(batch_paths, originals, *inspector.restore(maps, scores, originals))
     else:
         for index, inputs, originals in batches:
-            write([files[i] for i in index], originals, *inspector.score(inputs, originals))
-    if csv_summary:
-        with open(out / "predictions.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows({k: ("" if r.get(k) is None else r[k]) for k in PREDICTION_FIELDS} for r in rows)
-    if json_summary:
-        summary = {"model": str(model) if isinstance(model, (str, Path)) else None, "runtime": inspector.runtime,
-                   "device": inspector.device,
-                   "normalization": mode, **summarize(rows, thresholds), "predictions": rows}
-        (out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return rows
+            writer.add([files[i] for i in index], originals, *inspector.score(inputs, originals))
+    return writer.finish(model, mode, csv_summary, json_summary)
 
 
 def export(model: torch.nn.Module | str | Path, output: str | Path, format: str = "onnx") -> Path:

@@ -222,7 +222,7 @@ def _print_metrics(metrics: dict) -> None:
 def _print_predictions(rows: list[dict]) -> None:
     """One line per image, then the share flagged per folder: for MVTec-style folders the false-positive
     rate on 'good' next to the recall on each defect type."""
-    from .api import summarize
+    from .inference import summarize
 
     used = next((r for r in rows if r.get("image_threshold") is not None), None)
     if used:
@@ -258,9 +258,61 @@ def _torchrun(argv: list[str], nproc: int) -> int:
     return subprocess.run(cmd, env=env).returncode
 
 
+def _lean(args: argparse.Namespace) -> bool:
+    """Whether a predict / serve run scores an exported .onnx file, which needs no PyTorch."""
+    from .inference import is_onnx_file
+
+    return is_onnx_file(args.model) and getattr(args, "normalization", None) != "paper"
+
+
+def _score_onnx(args: argparse.Namespace) -> int:
+    """`predict` and `serve` of an .onnx file, without importing PyTorch (the lean runtime)."""
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise CflowInputError(f"--workers must be >= 0, got {args.workers}")
+    if args.precision != "fp32":
+        raise CflowInputError(f"--precision {args.precision} applies to --runtime torch: onnxruntime runs the"
+                              " exported fp32 model")
+    thresholds = {"target_fpr": args.target_fpr, "image_threshold": args.image_threshold,
+                  "pixel_threshold": args.pixel_threshold, "min_defect_area": args.min_defect_area}
+    if args.command == "serve":
+        from .serve import Limits, serve
+
+        limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
+        serve(args.model, args.host, args.port, "onnx", limits, device=args.device, threads=args.threads, **thresholds)
+        return 0
+    from .inference import predict_onnx
+
+    rows = predict_onnx(args.model, args.paths, args.output, overlays=args.overlays, progress=not args.quiet,
+                        warn=lambda m: print(m, file=sys.stderr), masks=args.masks, heatmaps=args.heatmaps,
+                        csv_summary=args.csv, json_summary=args.json, device=args.device, workers=args.workers,
+                        threads=args.threads, **thresholds)
+    _print_predictions(rows)
+    print(f"-> {args.output}")
+    return 0
+
+
+def _require_torch(args: argparse.Namespace) -> None:
+    """One line, not a traceback, where the lean install (no PyTorch) is asked for more than scoring .onnx."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        from .inference import is_onnx_file
+
+        fix = "pip install 'cflow-ad[train]'"
+        if args.command not in ("predict", "serve"):
+            raise CflowInputError(f"'cflow-ad {args.command}' needs PyTorch, which the lean install leaves out: {fix}") from None
+        if is_onnx_file(args.model):
+            raise CflowInputError(f"--normalization paper needs PyTorch: {fix}, or leave the option out") from None
+        raise CflowInputError(f"'{args.model}' is not an exported .onnx model, and without PyTorch only those are "
+                              f"scored: run 'cflow-ad export' where PyTorch is installed, or {fix}") from None
+
+
 def run(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command in ("predict", "serve") and _lean(args):
+        return _score_onnx(args)
+    _require_torch(args)
     if args.command == "train" and args.nproc > 1:
         if args.category == "all":
             raise CflowInputError("--nproc trains one category in several processes: with --category all use --jobs")
@@ -314,7 +366,7 @@ def run(argv: list[str] | None = None) -> int:
 
         limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
         serve(args.model, args.host, args.port, args.runtime, limits, args.target_fpr, args.image_threshold,
-              args.pixel_threshold, min_defect_area=args.min_defect_area, **_compute(args))
+              args.pixel_threshold, min_defect_area=args.min_defect_area, threads=threads, **_compute(args))
     elif args.command == "export":
         print(api.export(args.model, args.output, args.format))
     elif args.command == "experiment":

@@ -1,4 +1,4 @@
-"""Image I/O and datasets for anomaly detection.
+"""Tensors and datasets for anomaly detection, on the decoding of `images`.
 
 Images come back as float32 tensors [3, H, W] in [0, 1] (the model does the
 ImageNet normalisation), masks as float32 tensors [1, H, W] in {0, 1}.  Every
@@ -8,150 +8,22 @@ problem with a user's file or folder is reported as a one-line
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import struct
-import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .errors import CflowInputError, ImageTooLargeError
+from .errors import CflowInputError
 from .geometry import InputFrame
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-# Refuse larger images ourselves (instead of relying on Pillow's global
-# MAX_IMAGE_PIXELS, which we must not change for the whole process): a
-# decompression bomb would otherwise exhaust memory before any resize.
-MAX_PIXELS = 100_000_000
-
-# Everything Pillow's decoders raise for a bad file.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
-                  Image.DecompressionBombError)
-
-_PathLike = str | os.PathLike
-
-
-def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    """Normalise an int or (H, W) size so every caller can accept both forms."""
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        hw = (int(size), int(size))
-    elif (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
-        hw = (int(size[0]), int(size[1]))
-    else:
-        raise CflowInputError(f"invalid image size {size!r}: use a positive int or a (height, width) pair")
-    if min(hw) <= 0:
-        raise CflowInputError(f"invalid image size {size!r}: height and width must be positive")
-    return hw
-
-
-def _one_line(exc: BaseException) -> str:
-    """Collapse an exception text to one line so user messages stay single-line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _denied(p: Path) -> bool:
-    """Whether stat() is refused (a folder on the way without search permission): exists(), is_dir() and
-    is_file() raise PermissionError then, which must become a clear error, not escape."""
-    try:
-        p.stat()
-    except PermissionError:
-        return True
-    except OSError:  # missing, a loop of links: told apart by the callers
-        return False
-    return False
-
-
-def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Fully decode an image file, or the bytes of one called `name` (an upload), with EXIF
-    orientation applied, or explain what is wrong with it. `max_pixels` defaults to MAX_PIXELS."""
-    limit = MAX_PIXELS if max_pixels is None else max_pixels
-    if isinstance(path, bytes):
-        p, source = name or "upload", io.BytesIO(path)
-        if not path:
-            raise CflowInputError(f"cannot read {kind} '{p}': it is empty (0 bytes); send an image file")
-    else:
-        p = source = Path(path)
-        if _denied(p):
-            raise CflowInputError(f"cannot read {kind} '{p}': permission denied; fix the permissions of its folders")
-        if not p.exists():
-            if p.is_symlink():  # exists() follows the link: a missing target or a loop of links
-                raise CflowInputError(f"{kind} file '{p}' is a broken symbolic link (missing target or a loop): "
-                                      "fix or remove it")
-            raise CflowInputError(f"{kind} file '{p}' does not exist: check the path")
-        if not p.is_file():
-            raise CflowInputError(f"{kind} path '{p}' is not a file: pass an image file")
-        if p.stat().st_size == 0:
-            raise CflowInputError(f"cannot read {kind} '{p}': file is empty (0 bytes); replace or remove it")
-    try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below replaces Pillow's bomb warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                width, height = im.size
-                if width * height > limit:
-                    raise ImageTooLargeError(
-                        f"{kind} '{p}' is {width}x{height} pixels, above the limit of "
-                        f"{limit / 1_000_000:g} megapixels: downscale it first")
-                im.load()
-                return ImageOps.exif_transpose(im)
-    except CflowInputError:
-        raise
-    except PermissionError:
-        raise CflowInputError(f"cannot read {kind} '{p}': permission denied; fix the file permissions") from None
-    except Image.UnidentifiedImageError:
-        raise CflowInputError(
-            f"cannot read {kind} '{p}': not a recognised image format; convert it to PNG or JPEG or remove it"
-        ) from None
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(
-            f"{kind} '{p}' is too large (possible decompression bomb): downscale it first") from None
-    except _DECODE_ERRORS as exc:
-        raise CflowInputError(
-            f"cannot read {kind} '{p}': file is truncated or corrupt ({_one_line(exc)}); replace or remove it"
-        ) from None
-    except Exception as exc:  # noqa: BLE001
-        # Pillow picks the decoder from the content, not the extension, and its plugins raise more than
-        # the types above on hostile files (tests/test_fuzz.py found TypeError from a TIFF tag of the
-        # wrong type, RuntimeError from a corrupt AVIF, NotImplementedError from a BLP). Only Pillow
-        # runs in this block, so any other exception is still a problem with this one file.
-        raise CflowInputError(
-            f"cannot decode {kind} '{p}': corrupt or unsupported variant ({type(exc).__name__}: {_one_line(exc)}); "
-            "replace or remove it") from None
-
-
-def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
-    """Bring any Pillow mode to 8-bit 'L' or 'RGB' so resizing works on real intensities.
-
-    16-bit data ('I;16*', and 'I' which Pillow uses for some 16-bit files) is scaled
-    from 0..65535 to 0..255 rather than clipped; alpha channels are dropped and the
-    stored colour kept; palettes are expanded before any interpolation.
-    """
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im).astype(np.float64)
-        return Image.fromarray(np.round(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8))
-    if im.mode in ("L", "RGB"):
-        return im
-    target = "L" if im.mode in ("1", "LA", "F") else "RGB"
-    try:
-        return im.convert(target)
-    except ValueError as exc:
-        raise CflowInputError(
-            f"cannot read {kind} '{path}': unsupported colour mode {im.mode} ({_one_line(exc)}); "
-            "save it as 8-bit RGB or grayscale") from None
-
+from .images import _as_hw, _images_in, _open, _PathLike, _to_8bit, as_chw, read
+from .images import IMAGE_EXTENSIONS, list_images  # noqa: F401  (public here too: datasets are listed with them)
 
 def _to_tensor(im: Image.Image | np.ndarray) -> torch.Tensor:
-    arr = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    return torch.from_numpy(as_chw(im))
 
 
 def _read_image(path: _PathLike, frame: InputFrame) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int, int, int]]:
@@ -164,12 +36,9 @@ def _read_image(path: _PathLike, frame: InputFrame) -> tuple[torch.Tensor, tuple
 
 def load_image_and_original(source: _PathLike | bytes, size, name: str | None = None,
                             max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model input [3, H, W] and the image at its own size [3, H0, W0], both in [0, 1], from a
-    file or from the bytes of an upload called `name`: predictions are drawn on the original. `size`:
-    an int, (H, W), an `InputFrame` or a config (then its aspect handling too)."""
-    label = Path(name or "upload") if isinstance(source, bytes) else Path(source)
-    im = _to_8bit(_open(source, "image", name, max_pixels), label, "image")
-    return _to_tensor(InputFrame.of(size).place(im)[0]), _to_tensor(im)
+    """`images.read` as tensors."""
+    x, original = read(source, size, name, max_pixels)
+    return torch.from_numpy(x), torch.from_numpy(original)
 
 
 def _read_mask(path: _PathLike, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -192,42 +61,6 @@ def load_image(path: _PathLike, size) -> torch.Tensor:
 def load_mask(path: _PathLike, size: int | Sequence[int]) -> torch.Tensor:
     """Read a defect mask (binarised at 128) as float32 [1, H, W] in {0, 1}."""
     return _read_mask(path, _as_hw(size))[0]
-
-
-def _is_hidden(path: Path, base: Path) -> bool:
-    """Hidden entries ('._x.png' macOS sidecars, '.ipynb_checkpoints') are not user images."""
-    return any(part.startswith(".") for part in path.relative_to(base).parts)
-
-
-def _images_in(folder: Path) -> list[Path]:
-    """All image files below a folder, recursive and sorted, hidden entries skipped."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and (_denied(p) or p.is_file())  # denied: reported on load
-                  and not _is_hidden(p, folder))
-
-
-def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
-    """Expand files and folders into image files, keeping the order of the arguments."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    result: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if _denied(p):
-            raise CflowInputError(f"cannot read '{p}': permission denied; fix the permissions of its folders")
-        if p.is_dir():
-            found = _images_in(p)
-            if not found:
-                raise CflowInputError(
-                    f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder '{p}': add images or pass another folder")
-            result.extend(found)
-        elif p.is_file():
-            result.append(p)
-        elif p.exists() or p.is_symlink():  # a FIFO or device, or a broken or looping link: don't say "missing"
-            raise CflowInputError(f"path '{p}' is not a regular file or folder: pass image files or folders")
-        else:
-            raise CflowInputError(f"path '{p}' does not exist: check the spelling")
-    return result
 
 
 class Record(NamedTuple):

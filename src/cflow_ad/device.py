@@ -4,6 +4,9 @@ The device is a run setting, not part of the model: checkpoints hold CPU tensors
 any device, and `CFlowConfig` (hence the experiments' run hashes) never sees it. No other file
 of the package calls `torch.cuda`: they ask a `Compute` for the device, an autocast context,
 the loader settings and the copies back to the host.
+
+PyTorch is imported by the functions that use it, not by this module: the torch-free scoring
+runtime (`runtime`, `inference`, `serve` on an .onnx file) imports this file for its core count.
 """
 
 from __future__ import annotations
@@ -11,14 +14,22 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field, fields
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CflowInputError
 
+if TYPE_CHECKING:
+    import torch
+
 PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_DEFAULT_WORKERS = 4
+
+
+def _dtype(precision: str):
+    """The autocast dtype of a precision, None for fp32."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def available_cores() -> int:
@@ -33,6 +44,8 @@ def local_threads(cores: int) -> int:
 
 def set_threads(n: int | None = None) -> int:
     """Torch's CPU threads: `n`, or this rank's share of the cores available; returns the count."""
+    import torch
+
     torch.set_num_threads(max(1, n or local_threads(available_cores())))
     return torch.get_num_threads()
 
@@ -45,14 +58,20 @@ def default_workers() -> int:
 
 
 def cuda_available() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
 def cuda_count() -> int:
+    import torch
+
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
@@ -60,6 +79,8 @@ def _mps_available() -> bool:
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` (CUDA when present, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked to exist.
     Under torchrun `auto` and `cuda` mean this rank's GPU, cuda:LOCAL_RANK."""
+    import torch
+
     name = str(name).strip().lower()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
@@ -85,6 +106,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _check_precision(precision: str, device: torch.device) -> None:
+    import torch
+
     if precision not in PRECISIONS:
         raise CflowInputError(f"unknown --precision '{precision}': use one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type == "cpu":
@@ -127,14 +150,18 @@ class Compute:
 
     def autocast(self):
         """The encoder's precision context: autocast to bf16 / fp16, or nothing for fp32."""
+        import torch
+
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(self.type, dtype=_dtype(self.precision))
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` moved to the device, its encoder autocast to the precision (the flows stay fp32)."""
+        import torch
+
         model.to(self.torch_device)
-        model.encoder.autocast_dtype = _DTYPES.get(self.precision)
+        model.encoder.autocast_dtype = _dtype(self.precision)
         if self.type == "cuda":  # fp32 means fp32: cuDNN would otherwise run convolutions in TF32 (10 bits)
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         return model
@@ -152,6 +179,8 @@ class Compute:
         return out
 
     def describe(self) -> str:
+        import torch
+
         name = str(self.torch_device)
         if self.type == "cuda":
             name += f" ({torch.cuda.get_device_name(self.torch_device)})"
@@ -160,6 +189,8 @@ class Compute:
 
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (for timings and host copies); nothing on the CPU."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -172,13 +203,15 @@ def distributed_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def onnx_providers(device: torch.device) -> list[str]:
-    """onnxruntime's execution providers for `device`: CUDA's when the device is a GPU and
-    onnxruntime-gpu is installed, else the CPU's."""
+def onnx_providers(device="cpu") -> list:
+    """onnxruntime's execution providers for `device` (a torch.device, or its name: cpu, cuda, cuda:N,
+    auto): CUDA's when the device is a GPU and onnxruntime-gpu is installed, else the CPU's."""
     import onnxruntime as ort
 
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    kind, _, index = (str(device) if isinstance(device, str) else f"{device.type}:{device.index or 0}").partition(":")
+    gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    if gpu and kind in ("cuda", "auto"):
+        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 

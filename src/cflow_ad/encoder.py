@@ -20,7 +20,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from . import efficientnet_lite
 from .config import CFlowConfig
 from .errors import CflowInputError
-from .geometry import Tiling
+from .geometry import tile_starts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,3 +231,46 @@ def build_encoder(
     """Encoder with taps at `strides`; `pretrained=False` gives random weights (for checkpoints and tests)."""
     backbone = load_backbone(name, weights) if pretrained else architecture(name)
     return Encoder(backbone, name, strides, border_pad)
+
+
+def _stitch_matrix(starts: list[int], tile: int, length: int) -> torch.Tensor:
+    """[length, n * tile] matrix that puts n tiles' cells back along one axis, averaging the overlaps."""
+    m = torch.zeros(length, len(starts) * tile)
+    for j, s in enumerate(starts):
+        m[torch.arange(s, s + tile), torch.arange(j * tile, (j + 1) * tile)] = 1.0
+    return m / m.sum(1, keepdim=True)
+
+
+class Tiling(nn.Module):
+    """Runs an encoder on overlapping `tile` x `tile` crops of an (H, W) input and puts each tap's
+    features back into the whole image's grid. The tiles form a grid, so the number of tiles over a
+    cell is a product of one count per axis, and averaging the overlaps is two small matrix products
+    per tap: exact, with static shapes, so it traces to ONNX as it runs. In eager mode `chunk` tiles
+    at a time go through the encoder, which bounds its activation memory on large images. It holds
+    no weights: a model's state dict is the same with and without it."""
+
+    def __init__(self, size: tuple[int, int], tile: int, overlap: int, strides: tuple[int, ...], chunk: int = 16):
+        super().__init__()
+        self.tile, self.strides, self.chunk = tile, tuple(strides), chunk
+        self.rows, self.cols = tile_starts(size[0], tile, overlap), tile_starts(size[1], tile, overlap)
+        for s in self.strides:
+            t = tile // s
+            self.register_buffer(f"rows_{s}", _stitch_matrix([r // s for r in self.rows], t, size[0] // s), False)
+            self.register_buffer(f"cols_{s}", _stitch_matrix([c // s for c in self.cols], t, size[1] // s).T.contiguous(),
+                                 False)
+
+    def forward(self, images: torch.Tensor, encode) -> list[torch.Tensor]:
+        """The features of `images` [B, 3, H, W] as `encode` gives them for one [N, 3, tile, tile] batch."""
+        b, t, nr, nc = images.shape[0], self.tile, len(self.rows), len(self.cols)
+        tiles = torch.stack([images[:, :, r : r + t, c : c + t] for r in self.rows for c in self.cols], 1)
+        tiles = tiles.flatten(0, 1)  # [B * nr * nc, 3, t, t], image-major
+        if torch.jit.is_tracing() or tiles.shape[0] <= self.chunk:
+            feats = encode(tiles)
+        else:
+            feats = [torch.cat(p) for p in zip(*(encode(part) for part in tiles.split(self.chunk)))]
+        out = []
+        for s, f in zip(self.strides, feats):
+            d, ts = f.shape[1], f.shape[-1]
+            grid = f.view(b, nr, nc, d, ts, ts).permute(0, 3, 1, 4, 2, 5).reshape(b, d, nr * ts, nc * ts)
+            out.append(getattr(self, f"rows_{s}") @ grid @ getattr(self, f"cols_{s}"))
+        return out

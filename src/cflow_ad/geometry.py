@@ -6,11 +6,9 @@
 - `restore`: the maps of the boxes only, resized to the input frame, so that the padding is in
   no map, score, metric or mask. Every other part (masks, metrics, figures, the image's own size
   in `predict`) keeps working in that one frame, as if the image had been squashed.
-- `Tiling`: an input cut into overlapping tiles at full resolution, each
-  encoded alone, their features put back at their place in the whole grid (averaged where tiles
-  overlap). The decoders then see one feature map of the whole image, with the positional
-  conditions and whitening of the whole image: training, every scoring mode and every method
-  work on tiles unchanged, and the ONNX export holds the tiling.
+- `tile_starts`: where the overlapping tiles of `--tile` begin (`encoder.Tiling` encodes them).
+
+numpy and Pillow only: the torch-free scoring runtime restores its maps with this same code.
 """
 
 from __future__ import annotations
@@ -18,10 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -38,7 +33,7 @@ class InputFrame:
             return spec
         if hasattr(spec, "image_size"):
             return cls(tuple(spec.image_size), bool(getattr(spec, "keep_aspect", False)))
-        from .data import _as_hw
+        from .images import _as_hw
 
         return cls(_as_hw(spec))
 
@@ -60,28 +55,44 @@ class InputFrame:
         return arr, box
 
 
-def full_boxes(boxes: torch.Tensor | None, size: tuple[int, int]) -> bool:
+def full_boxes(boxes, size: tuple[int, int]) -> bool:
     """Whether every box of a [B, 4] batch (or None) covers the whole input."""
     if boxes is None:
         return True
-    whole = torch.tensor([0, 0, *size], dtype=boxes.dtype)
-    return bool((boxes.cpu() == whole).all())
+    return bool((np.asarray(boxes) == np.array([0, 0, *size])).all())
 
 
-def restore(maps: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor | None,
-            rescore: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear resampling of n_in samples to n_out along one axis, pixel centres aligned (PyTorch's
+    align_corners=False, no antialiasing): each output's two source indices and the second's weight."""
+    src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0)
+    lo = np.minimum(src.astype(np.int64), n_in - 1)
+    return lo, np.minimum(lo + 1, n_in - 1), (src - lo).astype(np.float32)
+
+
+def resize_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[..., h, w] maps resized to [..., H, W] as torch's bilinear `interpolate` (align_corners=False) does."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[-2:] == tuple(size):
+        return maps
+    r0, r1, fr = _axis(maps.shape[-2], size[0])
+    c0, c1, fc = _axis(maps.shape[-1], size[1])
+    rows = maps[..., r0, :] * (1 - fr)[:, None] + maps[..., r1, :] * fr[:, None]
+    return rows[..., c0] * (1 - fc) + rows[..., c1] * fc
+
+
+def restore(maps: np.ndarray, scores: np.ndarray, boxes, rescore: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(maps [B, H, W], scores [B]) with each map's box resized back to the whole frame (bilinear),
     padding left out; with `rescore` the scores become the restored maps' maxima (for models whose
     image score is the map's maximum). Maps of whole-frame boxes come back as they are."""
     size = tuple(maps.shape[-2:])
     if full_boxes(boxes, size):
         return maps, scores
-    out = maps.clone()
-    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+    out = np.array(maps, dtype=np.float32)
+    for i, (top, left, h, w) in enumerate(np.asarray(boxes).tolist()):
         if (h, w) != size:
-            crop = maps[i : i + 1, None, top : top + h, left : left + w].float()
-            out[i] = F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0].to(maps.dtype)
-    return out, (out.flatten(1).amax(1) if rescore else scores)
+            out[i] = resize_bilinear(maps[i, top : top + h, left : left + w], size)
+    return out, (out.reshape(len(out), -1).max(1) if rescore else scores)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -92,44 +103,3 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def _stitch_matrix(starts: list[int], tile: int, length: int) -> torch.Tensor:
-    """[length, n * tile] matrix that puts n tiles' cells back along one axis, averaging the overlaps."""
-    m = torch.zeros(length, len(starts) * tile)
-    for j, s in enumerate(starts):
-        m[torch.arange(s, s + tile), torch.arange(j * tile, (j + 1) * tile)] = 1.0
-    return m / m.sum(1, keepdim=True)
-
-
-class Tiling(nn.Module):
-    """Runs an encoder on overlapping `tile` x `tile` crops of an (H, W) input and puts each tap's
-    features back into the whole image's grid. The tiles form a grid, so the number of tiles over a
-    cell is a product of one count per axis, and averaging the overlaps is two small matrix products
-    per tap: exact, with static shapes, so it traces to ONNX as it runs. In eager mode `chunk` tiles
-    at a time go through the encoder, which bounds its activation memory on large images. It holds
-    no weights: a model's state dict is the same with and without it."""
-
-    def __init__(self, size: tuple[int, int], tile: int, overlap: int, strides: tuple[int, ...], chunk: int = 16):
-        super().__init__()
-        self.tile, self.strides, self.chunk = tile, tuple(strides), chunk
-        self.rows, self.cols = tile_starts(size[0], tile, overlap), tile_starts(size[1], tile, overlap)
-        for s in self.strides:
-            t = tile // s
-            self.register_buffer(f"rows_{s}", _stitch_matrix([r // s for r in self.rows], t, size[0] // s), False)
-            self.register_buffer(f"cols_{s}", _stitch_matrix([c // s for c in self.cols], t, size[1] // s).T.contiguous(),
-                                 False)
-
-    def forward(self, images: torch.Tensor, encode) -> list[torch.Tensor]:
-        """The features of `images` [B, 3, H, W] as `encode` gives them for one [N, 3, tile, tile] batch."""
-        b, t, nr, nc = images.shape[0], self.tile, len(self.rows), len(self.cols)
-        tiles = torch.stack([images[:, :, r : r + t, c : c + t] for r in self.rows for c in self.cols], 1)
-        tiles = tiles.flatten(0, 1)  # [B * nr * nc, 3, t, t], image-major
-        if torch.jit.is_tracing() or tiles.shape[0] <= self.chunk:
-            feats = encode(tiles)
-        else:
-            feats = [torch.cat(p) for p in zip(*(encode(part) for part in tiles.split(self.chunk)))]
-        out = []
-        for s, f in zip(self.strides, feats):
-            d, ts = f.shape[1], f.shape[-1]
-            grid = f.view(b, nr, nc, d, ts, ts).permute(0, 3, 1, 4, 2, 5).reshape(b, d, nr * ts, nc * ts)
-            out.append(getattr(self, f"rows_{s}") @ grid @ getattr(self, f"cols_{s}"))
-        return out

@@ -1,65 +1,78 @@
-"""From images to what a person acts on: score, OK / defect verdict, defect mask, heat map, overlay.
+"""From images to what a person acts on: score, OK / defect verdict, defect mask, regions, heat map, overlay.
 
 `Inspector` loads a model once (PyTorch or onnxruntime) with its decision thresholds; both
 `cflow-ad predict` and `cflow-ad serve` go through it, so a folder run and an HTTP call
 give the same answer for the same image. Maps are drawn at the image's own size, so the
-defect area is in the image's own pixels.
+defect area is in the image's own pixels. `Predictions` writes what `predict` leaves behind.
+
+Everything after the model is numpy, and PyTorch is imported only to run a checkpoint: an
+exported .onnx model is scored here, in `predict_onnx` and in `serve`, without torch installed.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import load_checkpoint
-from .device import Compute
 from .errors import CflowInputError
-from .export import OnnxModel
-from .model import METHOD_CLASSES
-from .geometry import InputFrame, restore
+from .geometry import InputFrame, resize_bilinear, restore
 from .regions import regions
+from .runtime import OnnxModel
 from .thresholds import Thresholds
-from .visualize import draw_boxes, heat_rgb, outline, overlay_rgb
+from .visualize import draw_boxes, heat_rgb, outline, overlay_rgb, save_png
 
 RUNTIMES = ("torch", "onnx")
 
 
-def as_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+def is_onnx_file(model) -> bool:
+    return isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx"
+
+
+def as_model(model):
     """A model object as it is, or the model a checkpoint path holds."""
-    return model if isinstance(model, torch.nn.Module) else load_checkpoint(model)
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(model) if isinstance(model, (str, Path)) else model
 
 
-def exportable(model: torch.nn.Module) -> torch.nn.Module:
+def exportable(model):
     """`model` itself if its class declares the onnx runtime; else a one-line error naming the methods that do."""
     if "onnx" not in model.runtimes:
+        from .model import METHOD_CLASSES
+
         others = [name for name, kind in METHOD_CLASSES.items() if "onnx" in kind.runtimes]
         raise CflowInputError(f"{type(model).__name__} runs in PyTorch only (no ONNX form): use --runtime torch,"
                               f" or a model of another method: {', '.join(others)}")
     return model
 
 
-def load_runner(model: torch.nn.Module | str | Path, runtime: str = "torch",
-                compute: Compute | None = None) -> torch.nn.Module | OnnxModel:
-    """A model to score with on `compute` (default: `Compute()`): a checkpoint in PyTorch or exported
-    to onnxruntime, or an exported .onnx file. onnxruntime computes in fp32 only."""
+def load_runner(model, runtime: str = "torch", compute=None, threads: int | None = None, device: str = "cpu"):
+    """A model to score with: an exported .onnx file in onnxruntime (on `compute`'s device, else `device`;
+    no PyTorch needed), or a checkpoint in PyTorch or exported to onnxruntime on `compute` (default:
+    `Compute()`). onnxruntime computes in fp32 only."""
     if runtime not in RUNTIMES:
         raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
-    compute = compute or Compute()
-    onnx_file = isinstance(model, (str, Path)) and Path(model).suffix.lower() == ".onnx"
-    if (onnx_file or runtime == "onnx") and compute.precision != "fp32":
+    onnx_file = is_onnx_file(model)
+    if (onnx_file or runtime == "onnx") and compute is not None and compute.precision != "fp32":
         raise CflowInputError(f"--precision {compute.precision} applies to --runtime torch: onnxruntime runs the"
                               " exported fp32 model")
     if onnx_file:
-        return OnnxModel(model, device=compute.torch_device)
+        return OnnxModel(model, threads, device=compute.torch_device if compute is not None else device)
+    from .device import Compute
+
+    compute = compute or Compute()
     model = as_model(model).eval()
     if runtime == "onnx":
-        return OnnxModel.from_model(exportable(model), device=compute.torch_device)
+        from .export import onnx_runner
+
+        return onnx_runner(exportable(model), threads, device=compute.torch_device)
     return compute.place(model)
 
 
@@ -87,8 +100,8 @@ class Verdict:
     reason: str | None
     width: int
     height: int
-    amap: torch.Tensor  # [H0, W0] at the image's own size
-    image: torch.Tensor  # [3, H0, W0] in [0, 1]
+    amap: np.ndarray  # [H0, W0] at the image's own size
+    image: np.ndarray  # [3, H0, W0] in [0, 1]
     mask: np.ndarray | None  # [H0, W0] bool: pixels over the pixel threshold, in regions of the minimum area
     regions: list[dict] | None  # `regions.regions` of the mask, highest peak first
 
@@ -97,54 +110,69 @@ class Verdict:
         return None if self.mask is None else int(self.mask.sum())
 
 
-class Inspector:
-    """A model, its runtime and its thresholds, loaded once."""
+def _numpy(t) -> np.ndarray:
+    """A host array or CPU tensor (any float dtype) as float32 numpy."""
+    return np.asarray(t.float() if hasattr(t, "float") and not isinstance(t, np.ndarray) else t, dtype=np.float32)
 
-    def __init__(self, model: torch.nn.Module | str | Path, runtime: str = "torch", target_fpr: float | None = None,
+
+class Inspector:
+    """A model, its runtime and its thresholds, loaded once. `compute` (a `device.Compute`) is where a
+    checkpoint runs; an .onnx file runs on `device` with `threads` and needs no PyTorch."""
+
+    def __init__(self, model, runtime: str = "torch", target_fpr: float | None = None,
                  image_threshold: float | None = None, pixel_threshold: float | None = None,
-                 compute: Compute | None = None, min_defect_area: int = 0):
+                 compute=None, min_defect_area: int = 0, threads: int | None = None, device: str = "cpu"):
         if min_defect_area < 0:
             raise CflowInputError(f"--min-defect-area must be >= 0 pixels, not {min_defect_area}")
         self.min_defect_area = int(min_defect_area)
-        self.compute = compute or Compute()
-        self.runner = load_runner(model, runtime, self.compute)
+        self.runner = load_runner(model, runtime, compute, threads, device)
+        self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
+        if self.runtime == "torch" and compute is None:
+            from .device import Compute
+
+            compute = Compute()
+        self.compute = compute
         self.thresholds = resolve_thresholds(self.runner.thresholds, target_fpr, image_threshold, pixel_threshold)
         self.config = self.runner.config
         self.frame = InputFrame.of(self.config)
-        self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
         # where it computes, in words: the device and precision, or onnxruntime's execution provider
         self.device = self.runner.provider if self.runtime == "onnx" else self.compute.describe()
         self.heat_scale = 2 * float(self.runner.train_max_score)  # colours mean the same on every image
 
-    @torch.no_grad()
-    def score(self, inputs: torch.Tensor, originals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(maps [B, H, W], scores [B]) on the host for a host batch of model inputs [B, 3, H, W] made from
-        `originals`, with any padding of `keep_aspect` left out (`geometry.restore`)."""
+    def score(self, inputs, originals: list) -> tuple[np.ndarray, np.ndarray]:
+        """(maps [B, H, W], scores [B]) as numpy for a host batch of model inputs [B, 3, H, W] (numpy or a
+        tensor) made from `originals`, with any padding of `keep_aspect` left out (`geometry.restore`)."""
         if self.runtime == "onnx":
             return self.restore(*self.runner(inputs), originals)
-        return self.restore(*self.compute.host(*self.runner(self.compute.put(inputs))), originals)
+        import torch
 
-    def restore(self, maps: torch.Tensor, scores: torch.Tensor,
-                originals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The host maps and scores of inputs made from `originals` without their padding."""
-        boxes = torch.tensor([self.frame.box(*o.shape[-2:]) for o in originals]) if self.frame.keep_aspect else None
-        return restore(maps, scores, boxes, self.runner.map_max_score)
+        x = inputs if isinstance(inputs, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(inputs))
+        with torch.no_grad():
+            maps, scores = self.compute.host(*self.runner(self.compute.put(x)))
+        return self.restore(maps, scores, originals)
 
-    def __call__(self, inputs: torch.Tensor, originals: list[torch.Tensor]) -> list[Verdict]:
+    def restore(self, maps, scores, originals: list) -> tuple[np.ndarray, np.ndarray]:
+        """The host maps and scores (numpy or CPU tensors) of inputs made from `originals`, as numpy
+        without their padding."""
+        boxes = np.array([self.frame.box(*o.shape[-2:]) for o in originals]) if self.frame.keep_aspect else None
+        return restore(_numpy(maps), _numpy(scores), boxes, self.runner.map_max_score)
+
+    def __call__(self, inputs, originals: list) -> list[Verdict]:
         """Score a batch of model inputs [B, 3, H, W]; `originals` are the same images at their own size."""
         return self.verdicts(*self.score(inputs, originals), originals, self.thresholds)
 
-    def verdicts(self, maps: torch.Tensor, scores: torch.Tensor, originals: list[torch.Tensor],
+    def verdicts(self, maps: np.ndarray, scores: np.ndarray, originals: list,
                  thresholds: Thresholds | None) -> list[Verdict]:
         """An image is a defect when its score is over the image threshold and, with a minimum defect
         area, at least one region of the pixel mask is that large."""
         out = []
-        for amap, score, image in zip(maps, scores.tolist(), originals):
+        for amap, score, image in zip(maps, np.asarray(scores).tolist(), originals):
+            image = np.asarray(image)
             h, w = image.shape[-2:]
-            big = F.interpolate(amap[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            big = resize_bilinear(amap, (h, w))
             label = reason = mask = found = None
             if thresholds is not None:
-                mask, found = regions((big > thresholds.pixel).numpy(), big.numpy(), self.min_defect_area)
+                mask, found = regions(big > thresholds.pixel, big, self.min_defect_area)
                 label = "defect" if score > thresholds.image else "ok"
                 reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
                 if label == "defect" and self.min_defect_area and not found:
@@ -190,3 +218,119 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+PREDICTION_FIELDS = ["path", "score", "good_share", "label", "reason", "image_threshold", "pixel_threshold",
+                     "defect_area_px", "defect_fraction", "region_count", "largest_region_px", "width", "height",
+                     "error", "heatmap", "overlay", "mask"]
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    """Output name for an image: its stem, prefixed by its folder when stems repeat (good/000, spot/000)."""
+    stem = path.stem if path.stem not in used else f"{path.parent.name}_{path.stem}"
+    base, i = stem, 1
+    while stem in used:
+        i += 1
+        stem = f"{base}_{i}"
+    used.add(stem)
+    return stem
+
+
+def summarize(rows: Sequence[dict], thresholds: Thresholds | None) -> dict:
+    """Counts per folder of a predict run: with MVTec-style folders ('good' beside defect types) the
+    flagged share of 'good' is the false-positive rate and that of the others the recall."""
+    folders: dict[str, dict] = {}
+    for r in rows:
+        f = folders.setdefault(Path(r["path"]).parent.name, {"images": 0, "defect": 0, "ok": 0, "errors": 0})
+        f["images"] += 1
+        key = "errors" if r["error"] else (r.get("label") or "unlabelled")
+        f[key] = f.get(key, 0) + 1
+    for f in folders.values():
+        scored = f["defect"] + f["ok"]
+        f["flagged_rate"] = f["defect"] / scored if scored else None
+    return {"images": len(rows), "scored": sum(1 for r in rows if not r["error"]),
+            "skipped": sum(1 for r in rows if r["error"]), "defect": sum(1 for r in rows if r.get("label") == "defect"),
+            "thresholds": thresholds.summary() if thresholds else None, "folders": folders}
+
+
+class Predictions:
+    """What `predict` writes: per image a row and, each optional, its heat map, overlay and mask PNGs;
+    for the run predictions.csv and predictions.json. `thresholds` None: scores only."""
+
+    def __init__(self, inspector: Inspector, output: str | Path, thresholds: Thresholds | None,
+                 overlays: bool = True, masks: bool = True, heatmaps: bool = True):
+        self.inspector, self.thresholds = inspector, thresholds
+        self.overlays, self.masks, self.heatmaps = overlays, masks, heatmaps
+        self.out = Path(output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self.used: set[str] = set()
+
+    def add(self, paths: Sequence[Path], originals: list, maps: np.ndarray, scores: np.ndarray) -> None:
+        inspector, out = self.inspector, self.out
+        for p, v in zip(paths, inspector.verdicts(maps, scores, originals, self.thresholds)):
+            stem = _unique_stem(Path(p), self.used)
+            row = {"path": str(p), **inspector.describe(v), "error": ""}
+            if self.thresholds is None:
+                row.update(image_threshold=None, pixel_threshold=None, good_share=None, min_defect_area_px=None)
+            heat = inspector.heat(v) if self.heatmaps or self.overlays else None  # drawn once for both
+            if self.heatmaps:
+                row["heatmap"] = str(save_png(heat, out / f"{stem}_heatmap.png"))
+            if self.overlays:
+                row["overlay"] = str(save_png(inspector.overlay(v, heat), out / f"{stem}_overlay.png"))
+            if self.masks and v.mask is not None:
+                row["mask"] = str(save_png(inspector.mask_image(v), out / f"{stem}_mask.png"))
+            self.rows.append(row)
+
+    def skipped(self, path: Path, exc: CflowInputError) -> None:
+        self.rows.append({"path": str(path), "score": None, "label": None, "error": str(exc)})
+
+    def finish(self, model, mode: str, csv_summary: bool = True, json_summary: bool = True) -> list[dict]:
+        if csv_summary:
+            with open(self.out / "predictions.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows({k: ("" if r.get(k) is None else r[k]) for k in PREDICTION_FIELDS} for r in self.rows)
+        if json_summary:
+            summary = {"model": str(model) if isinstance(model, (str, Path)) else None,
+                       "runtime": self.inspector.runtime, "device": self.inspector.device, "normalization": mode,
+                       **summarize(self.rows, self.thresholds), "predictions": self.rows}
+            (self.out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return self.rows
+
+
+def predict_onnx(model: str | Path, paths, output: str | Path, overlays: bool = True, progress: bool = True,
+                 warn: Callable[[str], None] = print, masks: bool = True, heatmaps: bool = True,
+                 csv_summary: bool = True, json_summary: bool = True, target_fpr: float | None = None,
+                 image_threshold: float | None = None, pixel_threshold: float | None = None, device: str = "cpu",
+                 workers: int | None = None, threads: int | None = None, min_defect_area: int = 0) -> list[dict]:
+    """`api.predict` for an exported .onnx model, without PyTorch: the same verdicts and files. Images
+    are decoded by `workers` threads (default: `device.default_workers()`) while onnxruntime scores."""
+    from .device import default_workers
+    from .images import list_images, read_batches
+
+    inspector = Inspector(model, "onnx", target_fpr, image_threshold, pixel_threshold, None, min_defect_area,
+                          threads, device)
+    if inspector.thresholds is None:
+        warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
+    writer = Predictions(inspector, output, inspector.thresholds, overlays, masks, heatmaps)
+    files = list_images(paths)
+
+    def skipped(i: int, exc: CflowInputError) -> None:
+        warn(f"skipped: {exc}")
+        writer.skipped(files[i], exc)
+
+    batches = read_batches(files, inspector.config, inspector.config.batch_size,
+                           default_workers() if workers is None else workers, skipped)
+    for index, inputs, originals in _progress(batches, progress, -(-len(files) // inspector.config.batch_size)):
+        writer.add([files[i] for i in index], originals, *inspector.score(inputs, originals))
+    return writer.finish(model, inspector.config.normalization, csv_summary, json_summary)
+
+
+def _progress(items, enabled: bool, total: int):
+    """A tqdm bar over `items` where tqdm is installed (the lean runtime may not have it)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc="predict", disable=not enabled)

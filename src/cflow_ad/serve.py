@@ -17,17 +17,16 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from . import __version__
-from . import data as D
-from .device import Compute, set_threads
+from .device import available_cores
 from .errors import CflowInputError, ImageTooLargeError
-from .inference import Inspector, png_bytes
+from .images import read
+from .inference import Inspector, is_onnx_file, png_bytes
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp", "application/octet-stream")
 OUTPUTS = ("json", "overlay", "mask", "heatmap")
@@ -116,7 +115,7 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
 
     def infer(data: bytes, name: str, output: str):
         t0 = time.perf_counter()
-        x, original = D.load_image_and_original(data, size, name, limits.max_pixels)
+        x, original = read(data, size, name, limits.max_pixels)
         t1 = time.perf_counter()
         verdict = inspector(x[None], [original])[0]
         t2 = time.perf_counter()
@@ -181,25 +180,33 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "onnx",
           limits: Limits | None = None, target_fpr: float | None = None, image_threshold: float | None = None,
           pixel_threshold: float | None = None, device: str = "auto", precision: str = "fp32",
-          min_defect_area: int = 0) -> None:
+          min_defect_area: int = 0, threads: int | None = None) -> None:
     """Load the model once on `device` and serve it until interrupted (uploads are decoded in the
-    request threads, so no loader workers)."""
+    request threads, so no loader workers). An .onnx file is served without PyTorch."""
     import uvicorn
 
-    if Path(model).suffix.lower() != ".onnx" and runtime == "onnx":
-        from .checkpoint import read_metadata
-        from .config import CFlowConfig
-        from .model import METHOD_CLASSES
-
-        if "onnx" not in METHOD_CLASSES[CFlowConfig.from_dict(read_metadata(model)["config"]).method].runtimes:
-            runtime = "torch"  # the method has no ONNX form (SPADE's gallery search)
     limits = limits or Limits()
     # Parallel requests with fewer threads each beat one at a time with all of them: 35 vs 23 req/s
     # on 2 cores (benchmarks/serve_load.py); more threads than cores in total collapses throughput.
-    threads = set_threads(max(1, torch.get_num_threads() // limits.max_concurrency))
-    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold,
-                          Compute(device, precision, workers=0), min_defect_area)
+    share = max(1, (threads or available_cores()) // limits.max_concurrency)
+    thresholds = (target_fpr, image_threshold, pixel_threshold)
+    if is_onnx_file(model):
+        if precision != "fp32":
+            raise CflowInputError(f"--precision {precision} applies to --runtime torch: onnxruntime runs the"
+                                  " exported fp32 model")
+        inspector = Inspector(model, "onnx", *thresholds, None, min_defect_area, share, device)
+    else:
+        from .checkpoint import read_metadata
+        from .config import CFlowConfig
+        from .device import Compute, set_threads
+        from .model import METHOD_CLASSES
+
+        if runtime == "onnx" and "onnx" not in METHOD_CLASSES[
+                CFlowConfig.from_dict(read_metadata(model)["config"]).method].runtimes:
+            runtime = "torch"  # the method has no ONNX form (SPADE's gallery search)
+        share = set_threads(share)
+        inspector = Inspector(model, runtime, *thresholds, Compute(device, precision, workers=0), min_defect_area,
+                              share)
     print(f"cflow-ad: serving {model} ({inspector.config.method}, {inspector.runtime} on {inspector.device},"
-          f" {limits.max_concurrency} x "
-          f"{threads} threads) on http://{host}:{port}", flush=True)
+          f" {limits.max_concurrency} x {share} threads) on http://{host}:{port}", flush=True)
     uvicorn.run(create_app(inspector, limits), host=host, port=port, log_level="warning")

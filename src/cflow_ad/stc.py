@@ -30,6 +30,7 @@ from PIL import Image
 from . import data as D
 from .errors import CflowInputError
 from .geometry import InputFrame
+from .images import IMAGE_EXTENSIONS, _one_line
 
 _MASK_CHUNK_BYTES = 8 << 20  # label scan of a pixel mask: this much mapped at a time
 
@@ -71,9 +72,9 @@ def _frame_names(video: Path) -> list[str]:
     """Image file names of one video folder in frame order; one scandir, no per-file stat."""
     with os.scandir(video) as entries:
         names = [e.name for e in entries if not e.name.startswith(".")
-                 and os.path.splitext(e.name)[1].lower() in D.IMAGE_EXTENSIONS and e.is_file()]
+                 and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file()]
     if not names:
-        raise CflowInputError(f"no frames ({', '.join(D.IMAGE_EXTENSIONS)}) in video folder '{video}': "
+        raise CflowInputError(f"no frames ({', '.join(IMAGE_EXTENSIONS)}) in video folder '{video}': "
                               "add its frames or remove the folder")
     return sorted(names, key=_frame_key)
 
@@ -83,7 +84,7 @@ def _mask_array(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise CflowInputError(f"cannot read mask file '{path}': {D._one_line(exc)}; it must be a .npy array") from None
+        raise CflowInputError(f"cannot read mask file '{path}': {_one_line(exc)}; it must be a .npy array") from None
 
 
 def _labels_from_pixels(path: Path, n: int, frame_bytes: int) -> np.ndarray:
@@ -103,7 +104,7 @@ def _frame_labels(path: Path, n: int) -> np.ndarray:
         labels = np.asarray(np.load(path, allow_pickle=False)).reshape(-1)
     except (OSError, ValueError, EOFError) as exc:
         raise CflowInputError(
-            f"cannot read frame labels '{path}': {D._one_line(exc)}; it must be a .npy array") from None
+            f"cannot read frame labels '{path}': {_one_line(exc)}; it must be a .npy array") from None
     if labels.shape[0] != n:
         raise CflowInputError(f"frame labels '{path}' have {labels.shape[0]} entries but the video has {n} frames: "
                               "one label per frame is needed")

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import CflowInputError
-from .metrics import f1_optimal_threshold
 
 # Pixel false-positive rates whose thresholds are kept: 1e-5 .. 0.5, 20 per decade.
 PIXEL_FPR_GRID = np.geomspace(1e-5, 0.5, 95)
@@ -82,12 +81,16 @@ class Thresholds:
     @classmethod
     def f1(cls, labels, scores, masks, maps) -> "Thresholds":
         """F1-optimal image and pixel thresholds on a labelled set (needs defect images and masks)."""
+        from .metrics import f1_optimal_threshold  # scipy: not in the scoring runtime, which only applies thresholds
+
         return cls.f1_with_pixel(labels, scores, f1_optimal_threshold(masks, maps)[0])
 
     @classmethod
     def f1_with_pixel(cls, labels, scores, pixel: float) -> "Thresholds":
         """The F1-optimal image threshold of a labelled set, with its F1-optimal pixel threshold `pixel`
         (map >= pixel flags a pixel) found already, e.g. batch by batch (`metrics.Evaluation`)."""
+        from .metrics import f1_optimal_threshold
+
         labels = np.asarray(labels)
         if labels.min(initial=1) == 1 or labels.max(initial=0) == 0:
             raise CflowInputError("F1 thresholds need both good and defective images: add the missing kind")
