@@ -74,7 +74,7 @@ def evaluate(path: Path, source: DataSource, mode: str | None, flips: list[str])
             mean = torch.stack([one[d][0] for d in members]).mean(0)
             for blur in BLURS:
                 maps = gaussian_blur(mean[:, None], blur)[:, 0] if blur else mean
-                maps, top = restore(maps, maps.flatten(1).amax(1), boxes)
+                maps, top = map(torch.from_numpy, restore(maps.numpy(), maps.flatten(1).amax(1).numpy(), boxes.numpy()))
                 evals[name, blur].add(batch_labels, top.numpy(), masks.numpy(), maps.numpy(), types, has_mask)
                 for k in TOPK:
                     scores[name, blur, k] += image_scores(maps, k).tolist()
