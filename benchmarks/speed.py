@@ -9,7 +9,8 @@ machine noise hits both alike), the ratio full/encoder, and the peak RSS of a fr
 per runtime. It also prints the decoders' size (the paper's
 Table 6 "model size") next to the location whitening's Gaussians, PaDiM's Gaussian bank,
 SPADE's gallery and PatchCore's memory bank for the same encoder and taps. `cflow` is the default
-(the map in log space), `cflow_eq8` the same model with the paper's Eq. 8 map (`--normalization
+(the map in log space), `cflow_int8` the default with int8 decoder products (`export --quantize int8`,
+onnxruntime only; the encoder stays fp32, so its ratio to the encoder is what the decoders cost), `cflow_eq8` the same model with the paper's Eq. 8 map (`--normalization
 stateless`). The baselines' timings do not depend on their fitted values, so PaDiM runs with its
 initial Gaussians, SPADE with a random gallery of --gallery training images (762: magnetic_tile's)
 and PatchCore with a random memory bank of --memory-patches (magnetic_tile's 1% coreset: 762 images
@@ -51,7 +52,8 @@ from cflow_ad.runtime import CHUNK, session_options
 from cflow_ad.encoder import encoder_for
 from cflow_ad.model import METHOD_CLASSES, CFlowModel, build_model
 
-PARTS = ("encoder", "cflow", "cflow_eq8", "padim", "spade", "patchcore")
+PARTS = ("encoder", "cflow", "cflow_int8", "cflow_eq8", "padim", "spade", "patchcore")
+ONNX_ONLY = ("cflow_int8",)  # int8 decoders exist as an export only
 
 # Table 6 of the paper, by encoder: its label, the config of its Table 3 model (pooling layers as
 # PaDiM for the ResNets, layers 1-3; the authors' MobileNetV3-L blocks, our strides 8/16/32; the
@@ -71,6 +73,15 @@ RUNTIMES = ("torch", "onnx")
 TORCH_ONLY = tuple(name for name, kind in METHOD_CLASSES.items() if "onnx" not in kind.runtimes)
 
 
+def cpu_flags() -> str:
+    """The vector extensions that decide int8 and bf16 speed (AVX2 only, or VNNI / BF16 / AMX), from /proc/cpuinfo."""
+    try:
+        words = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8") if f in words) or "none of avx2/avx512/amx"
+
+
 def _models(condition_dim: int, gallery: int, memory_patches: int) -> dict:
     """CFLOW-AD and the baselines on one shared encoder (MobileNetV2, taps 8/16/32, 256 px)."""
     cfg = CFlowConfig(condition_dim=condition_dim)
@@ -78,7 +89,9 @@ def _models(condition_dim: int, gallery: int, memory_patches: int) -> dict:
     # the same weights (seeded decoders, shared encoder) with the paper's Eq. 8 map: what the log-space map costs
     eq8 = CFlowModel(cfg.replace(normalization="stateless"), cflow.encoder).eval()
     assert all(torch.equal(a, b) for a, b in zip(cflow.state_dict().values(), eq8.state_dict().values()))
-    models = {"encoder": cflow.encoder, "cflow": cflow, "cflow_eq8": eq8}
+    with torch.no_grad(), cflow.recording_ranges():  # int8 input ranges (speed does not depend on their values)
+        cflow(torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(2)))
+    models = {"encoder": cflow.encoder, "cflow": cflow, "cflow_int8": cflow, "cflow_eq8": eq8}
     for method in ("padim", "spade", "patchcore"):
         models[method] = METHOD_CLASSES[method](cfg.replace(method=method), encoder=cflow.encoder).eval()
     spade, patchcore = models["spade"], models["patchcore"]
@@ -93,7 +106,7 @@ def _runner(models: dict, part: str, runtime: str, threads: int):
     if runtime == "torch":
         return models[part]
     if part != "encoder":
-        return onnx_runner(models[part], threads)
+        return onnx_runner(models[part], threads, quantize="int8" if part == "cflow_int8" else None)
     model = models["cflow"]
     import onnxruntime as ort
 
@@ -110,7 +123,7 @@ def _runner(models: dict, part: str, runtime: str, threads: int):
 
 
 def _parts(runtime: str) -> list[str]:
-    return [p for p in PARTS if runtime == "torch" or p not in TORCH_ONLY]
+    return [p for p in PARTS if p not in (ONNX_ONLY if runtime == "torch" else TORCH_ONLY)]
 
 
 def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim: int, gallery: int,
@@ -274,8 +287,9 @@ def main() -> None:
         rows[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{runtime}: done", file=sys.stderr, flush=True)
 
-    figures: dict = {"threads": args.threads, "repeats": args.repeats, "image_size": 256, "condition_dim": args.condition_dim}
-    print(f"\nMobileNetV2, taps 8/16/32, 8 couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats}")
+    figures: dict = {"cpu_flags": cpu_flags(), "threads": args.threads, "repeats": args.repeats, "image_size": 256, "condition_dim": args.condition_dim}
+    print(f"\nMobileNetV2, taps 8/16/32, 8 couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats};"
+          f" CPU flags: {figures['cpu_flags']}")
     print("| runtime | part | batch | img/s | ms/img | part/encoder |")
     print("|---|---|---|---|---|---|")
     for runtime in args.runtimes:
@@ -297,6 +311,12 @@ def main() -> None:
         figures[f"encoder_ips_b{b}"] = figures[f"{best}_encoder_ips_b{b}"]
         figures[f"cflow_ips_b{b}"] = figures[f"{best}_cflow_ips_b{b}"]
     figures["fastest_runtime"] = best
+    if "onnx" in args.runtimes:  # int8 beside the encoder of the same runtime and run (fp32 encoder in both)
+        for b in (1, 32):
+            figures[f"cflow_int8_ips_b{b}"] = figures[f"onnx_cflow_int8_ips_b{b}"]
+        print("\nint8 decoders (onnx): CFLOW-AD / encoder alone = "
+              f"{figures['onnx_cflow_int8_ratio_b1']:.2f} at batch 1, {figures['onnx_cflow_int8_ratio_b32']:.2f} at batch 32"
+              f" (fp32: {figures['onnx_cflow_ratio_b1']:.2f} / {figures['onnx_cflow_ratio_b32']:.2f})")
     sizes = _sizes(args.condition_dim, args.gallery, args.memory_patches)
     figures.update(sizes)
     print("\n| stored per model | parameters / floats | MB (float32) |\n|---|---|---|")

@@ -17,13 +17,13 @@ SMALL = CFlowConfig(image_size=64, last_stride=16, pool_layers=2, coupling_layer
 # What each method can do, as the README and the commands describe it.
 DECLARED = {
     "cflow": {"runtimes": ("torch", "onnx"), "normalizations": NORMALIZATIONS, "training_loop": True,
-              "deterministic": False, "map_max_score": True},
+              "deterministic": False, "map_max_score": True, "quantizable": True},
     "padim": {"runtimes": ("torch", "onnx"), "normalizations": (), "training_loop": False, "deterministic": False,
-              "map_max_score": True},
+              "map_max_score": True, "quantizable": False},
     "spade": {"runtimes": ("torch",), "normalizations": (), "training_loop": False, "deterministic": True,
-              "map_max_score": False},
+              "map_max_score": False, "quantizable": False},
     "patchcore": {"runtimes": ("torch", "onnx"), "normalizations": (), "training_loop": False, "deterministic": False,
-                  "map_max_score": False},
+                  "map_max_score": False, "quantizable": False},
 }
 
 
@@ -45,6 +45,7 @@ def test_every_method_declares_every_capability(method):
     assert "torch" in kind.runtimes and set(kind.runtimes) <= set(RUNTIMES)
     assert set(kind.normalizations) <= set(NORMALIZATIONS)
     assert type(kind.training_loop) is bool and type(kind.deterministic) is bool and type(kind.map_max_score) is bool
+    assert type(kind.quantizable) is bool
 
 
 def test_a_model_class_missing_a_capability_is_refused_where_it_is_defined():

@@ -24,7 +24,7 @@ from .errors import CflowInputError
 from .export import export_onnx
 from .geometry import full_boxes, restore
 from .images import read
-from .inference import Inspector, Predictions, as_model, exportable
+from .inference import Inspector, Predictions, as_model, exportable, load_runner
 from .metrics import Evaluation, to_json
 from .model import METHOD_CLASSES, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
@@ -184,12 +184,14 @@ def _evaluation(model: torch.nn.Module, mode: str, memory_mb: int | None = None,
     return Evaluation(budget, None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT, centre)
 
 
-def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None):
+def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None,
+                   runner=None):
     """(anomaly maps [B, H, W], scores [B], the batch's masks [B, H, W] as bool, whether each image has a
     mask [B] as bool, labels, defect types, paths) per batch of a labelled set, scored on `compute`
     (default: `Compute()`); maps and scores come back to the host once per batch. A file that cannot be
     read stops it with its one-line error. `log` and `stateless` scoring keep nothing between batches;
-    `paper` keeps the per-scale log maps and the masks (5 + 64 KB an image at 256 px; `scoring.paper_stream`)."""
+    `paper` keeps the per-scale log maps and the masks (5 + 64 KB an image at 256 px; `scoring.paper_stream`).
+    A `runner` (`runtime.OnnxModel`, the model exported) scores instead of `model`, in the model's own mode."""
     _check_mode(model, mode)
     compute = compute or Compute()
     compute.place(model).eval()
@@ -209,9 +211,12 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
             return
         own = mode == fixed_mode(model.config) or mode not in model.normalizations
         for batch in batches:
-            x = compute.put(batch["image"])
             boxes, *m = meta(batch)
-            maps, scores = compute.host(*(model(x) if own else model(x, mode)))
+            if runner is not None:
+                maps, scores = map(torch.from_numpy, runner(batch["image"].numpy()))
+            else:
+                x = compute.put(batch["image"])
+                maps, scores = compute.host(*(model(x) if own else model(x, mode)))
             yield *_restored(maps, scores, boxes, model.map_max_score), *m
 
 
@@ -235,8 +240,11 @@ def test(
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
+    runtime: str = "torch",
+    quantize: str | None = None,
 ) -> dict:
-    """Score the labelled test split of `source`; writes metrics.json and scores.csv to `output` when
+    """Score the labelled test split of `source` in `runtime` (`onnx`: the model exported, with int8
+    decoders under `quantize="int8"`); writes metrics.json and scores.csv to `output` when
     given. Image metrics use every image, pixel metrics the images with masks (metrics.json counts
     both); a metric that cannot be computed is None. With calibrated thresholds, metrics also give
     the false-positive rate and recall they reach. Memory is bounded: pixel metrics are exact while
@@ -245,6 +253,12 @@ def test(
     compute = Compute(device, precision, workers)
     model = as_model(model).eval()
     mode = normalization or model.config.normalization
+    runner = None
+    if runtime != "torch" or quantize:
+        if mode != fixed_mode(model.config):
+            raise CflowInputError(f"--runtime {runtime} scores in the export's fixed mode, {fixed_mode(model.config)}:"
+                                  f" --normalization {mode} needs --runtime torch")
+        runner = load_runner(model, runtime, compute, quantize=quantize)
     dataset = source.open("test", model.config)
     thresholds = model.thresholds if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)
@@ -252,7 +266,7 @@ def test(
     paths = []
     t0 = time.perf_counter()
     for maps, scores, masks, has_mask, labels, types, batch_paths in scored_batches(model, dataset, mode, progress,
-                                                                                   compute):
+                                                                                   compute, runner):
         evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types, has_mask)
         if output is not None:
             cases.add(maps, scores, masks, labels, types, batch_paths)
@@ -260,7 +274,8 @@ def test(
     seconds = time.perf_counter() - t0
     metrics = evaluation.result()
     metrics.update(normalization=mode, images=len(paths), seconds=round(seconds, 2),
-                   model=str(model_path) if model_path else None, device=compute.describe())
+                   model=str(model_path) if model_path else None, device=compute.describe(), runtime=runtime,
+                   quantize=quantize or "none")
     if thresholds is not None:
         metrics["thresholds"] = thresholds.summary()
     if output is not None:
@@ -298,6 +313,7 @@ def predict(
     precision: str = "fp32",
     workers: int | None = None,
     min_defect_area: int = 0,
+    quantize: str | None = None,
 ) -> list[dict]:
     """Score images/folders: per image a score, an OK / defect label at the model's thresholds (or
     `target_fpr`, or the given thresholds), the defect area in its own pixels and the defect regions
@@ -309,11 +325,12 @@ def predict(
     nothing is lost silently. `paper` normalisation needs the whole set, so it scores in a
     second pass over the readable images, in PyTorch only, and gives no labels: its scores
     are relative to the set, the thresholds are not. A `.onnx` model, or
-    `runtime="onnx"`, scores in onnxruntime (on the GPU with onnxruntime-gpu and a CUDA device).
-    Images are decoded by `workers` processes and scored on `device` (see `device.Compute`).
+    `runtime="onnx"`, scores in onnxruntime (on the GPU with onnxruntime-gpu and a CUDA device), with
+    int8 decoders under `quantize="int8"`. Images are decoded by `workers` processes and scored on `device` (see `device.Compute`).
     """
     compute = Compute(device, precision, workers)
-    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute, min_defect_area)
+    inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute, min_defect_area,
+                          quantize=quantize)
     runner = inspector.runner
     mode = normalization or runner.config.normalization
     thresholds = inspector.thresholds
@@ -349,8 +366,10 @@ def predict(
     return writer.finish(model, mode, csv_summary, json_summary)
 
 
-def export(model: torch.nn.Module | str | Path, output: str | Path, format: str = "onnx") -> Path:
-    """Write the whole model (image -> anomaly map and score) as ONNX; returns the file."""
+def export(model: torch.nn.Module | str | Path, output: str | Path, format: str = "onnx",
+           quantize: str | None = None) -> Path:
+    """Write the whole model (image -> anomaly map and score) as ONNX, with int8 decoders under
+    `quantize="int8"`; returns the file."""
     if format != "onnx":
         raise CflowInputError(f"unknown export format '{format}': the supported format is onnx")
-    return export_onnx(exportable(as_model(model)), output)
+    return export_onnx(exportable(as_model(model)), output, quantize)

@@ -60,6 +60,7 @@ class DistanceModel(AnomalyModel):
 
     fitted = ()  # buffers whose size fitting decides (a gallery, a memory bank): a checkpoint sets their shapes
     map_max_score = True  # PaDiM; SPADE and PatchCore score from the features
+    quantizable = False  # no decoders: distances to Gaussians or patches stay fp32
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()

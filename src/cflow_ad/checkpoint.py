@@ -65,12 +65,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             "thresholds": json.loads(meta["thresholds"]) if "thresholds" in meta else None}
 
 
+# State added after checkpoints were in use: a file without it still loads.
+ADDED_LATER = ("activation_ranges",)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model a checkpoint holds, of whichever method it was trained with, in eval mode, with its
     decision thresholds as `model.thresholds` (None when it has none)."""
     meta = read_metadata(path)
     config = CFlowConfig.from_dict(meta["config"])
     model = build_model(config, pretrained=False)
-    model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+    state = load_file(str(path), device="cpu")
+    own = model.state_dict()
+    for key in ADDED_LATER:  # older checkpoints keep the model's initial value (for ranges: "not recorded")
+        if key in own:
+            state.setdefault(key, own[key])
+    model.load_state_dict(state, strict=True)
     model.thresholds = Thresholds.from_dict(meta["thresholds"]) if meta["thresholds"] else None
     return model.to(device).eval()

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import METHODS, NORMALIZATIONS, CFlowConfig, default_text
+from .config import METHODS, NORMALIZATIONS, QUANTIZE, CFlowConfig, default_text
 from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
 
@@ -78,6 +78,11 @@ def _source_from(args: argparse.Namespace):
                       getattr(args, "mask_dir", None), args.frame_step, args.require_masks)
 
 
+def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=QUANTIZE, help="with --runtime onnx and a checkpoint: export it with int8"
+                        " decoders first (see 'cflow-ad export --quantize')")
+
+
 def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("decision thresholds (default: those calibrated into the model)")
     g.add_argument("--target-fpr", type=float, help="move the calibrated thresholds to this false-positive rate")
@@ -133,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    " (its thresholds then do not apply)")
     e.add_argument("--memory-mb", type=int, help="override the checkpoint's memory_mb: exact pixel metrics while the"
                    " maps fit in an eighth of it, else binned")
+    e.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="score in PyTorch or in onnxruntime (the checkpoint exported first, as predict does)")
+    _add_quantize_flag(e)
     _add_compute_flags(e)
 
     rp = sub.add_parser("report", help="self-contained HTML report of a 'cflow-ad test' output folder")
@@ -148,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    " checkpoint's constants (no labels: the thresholds do not apply)")
     r.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="score in PyTorch or export to onnxruntime first (faster on CPUs; a .onnx --model always uses it)")
+    _add_quantize_flag(r)
     _add_threshold_flags(r)
     _add_compute_flags(r)
     out = r.add_argument_group("outputs")
@@ -174,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on")
     sv.add_argument("--runtime", choices=("torch", "onnx"), default="onnx", help="inference runtime (SPADE: torch)")
+    _add_quantize_flag(sv)
     _add_threshold_flags(sv)
     _add_compute_flags(sv, workers=False)
     from .serve import Limits
@@ -185,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
     x.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     x.add_argument("--output", type=Path, required=True, help="file to write, e.g. model.onnx")
+    x.add_argument("--quantize", choices=QUANTIZE, help="int8 decoder matrix products, with the input ranges recorded"
+                   " in training (CFLOW-AD; faster on CPUs; default: fp32)")
 
     xp = sub.add_parser(
         "experiment", help="the paper's experiments: ablation (Table 2), compare (Tables 3-4), figures (Figures 3-4)",
@@ -272,6 +284,9 @@ def _score_onnx(args: argparse.Namespace) -> int:
     if args.precision != "fp32":
         raise CflowInputError(f"--precision {args.precision} applies to --runtime torch: onnxruntime runs the"
                               " exported fp32 model")
+    from .inference import check_quantize
+
+    check_quantize(args.quantize, "onnx", onnx_file=True)
     thresholds = {"target_fpr": args.target_fpr, "image_threshold": args.image_threshold,
                   "pixel_threshold": args.pixel_threshold, "min_defect_area": args.min_defect_area}
     if args.command == "serve":
@@ -340,7 +355,8 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "test":
         metrics = api.test(
             args.model, args.output, _source_from(args),
-            normalization=args.normalization, progress=progress, memory_mb=args.memory_mb, **_compute(args),
+            normalization=args.normalization, progress=progress, memory_mb=args.memory_mb, runtime=args.runtime,
+            quantize=args.quantize, **_compute(args),
         )
         _print_metrics(metrics)
         print(args.output / "metrics.json")
@@ -354,7 +370,7 @@ def run(argv: list[str] | None = None) -> int:
             warn=lambda m: print(m, file=sys.stderr), runtime=args.runtime, masks=args.masks, heatmaps=args.heatmaps,
             csv_summary=args.csv, json_summary=args.json, target_fpr=args.target_fpr,
             image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold,
-            min_defect_area=args.min_defect_area, **_compute(args))
+            min_defect_area=args.min_defect_area, quantize=args.quantize, **_compute(args))
         _print_predictions(rows)
         print(f"-> {args.output}")
     elif args.command == "calibrate":
@@ -366,9 +382,10 @@ def run(argv: list[str] | None = None) -> int:
 
         limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
         serve(args.model, args.host, args.port, args.runtime, limits, args.target_fpr, args.image_threshold,
-              args.pixel_threshold, min_defect_area=args.min_defect_area, threads=threads, **_compute(args))
+              args.pixel_threshold, min_defect_area=args.min_defect_area, threads=threads, quantize=args.quantize,
+              **_compute(args))
     elif args.command == "export":
-        print(api.export(args.model, args.output, args.format))
+        print(api.export(args.model, args.output, args.format, args.quantize))
     elif args.command == "experiment":
         from . import experiments
 

@@ -17,6 +17,7 @@ ENCODERS = (
 )
 LOSSES = ("nll", "logsigmoid")
 NORMALIZATIONS = ("log", "stateless", "paper")
+QUANTIZE = ("int8",)  # `export --quantize`: the decoders' matrix products in int8 (quantize.py)
 PERMUTATIONS = ("soft", "hard")
 WHITENINGS = ("location", "none")
 METHODS = ("cflow", "padim", "spade", "patchcore")

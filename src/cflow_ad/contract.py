@@ -10,7 +10,7 @@ from torch import nn
 
 from .thresholds import Thresholds
 
-CAPABILITIES = ("runtimes", "normalizations", "training_loop", "deterministic", "map_max_score")
+CAPABILITIES = ("runtimes", "normalizations", "training_loop", "deterministic", "map_max_score", "quantizable")
 
 
 class AnomalyModel(nn.Module):
@@ -28,6 +28,8 @@ class AnomalyModel(nn.Module):
     # the image score is the map's maximum, so it is taken again once `keep_aspect` padding is cut off;
     # False where the score comes from the features (SPADE's k nearest images, PatchCore's reweighting)
     map_max_score: bool
+    # `export --quantize int8` applies: decoder products with input ranges recorded in training (quantize.py)
+    quantizable: bool
     thresholds: Thresholds | None = None  # decision thresholds, from calibration or the checkpoint
 
     def __init_subclass__(cls, **kwargs):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .config import QUANTIZE
+from .errors import CflowInputError
 from .model import CFlowModel
 from .runtime import OnnxModel
 
@@ -41,15 +43,26 @@ def trace_onnx(module: torch.nn.Module, image_size: tuple[int, int], path: str |
     return path
 
 
-def export_onnx(model: CFlowModel, path: str | Path) -> Path:
+def export_onnx(model: CFlowModel, path: str | Path, quantize: str | None = None) -> Path:
     """Write `model` (image -> anomaly map, score) as ONNX with a dynamic batch size; returns the path.
-    Its config, heat-map scale and decision thresholds travel as metadata."""
+    Its config, heat-map scale and decision thresholds travel as metadata. `quantize="int8"` makes the
+    decoders' matrix products int8 with the ranges recorded in training (`quantize.py`)."""
     import onnx
 
-    path = trace_onnx(model.eval(), model.image_size, path, ["anomaly_map", "score"])
+    if quantize is not None and quantize not in QUANTIZE:
+        raise CflowInputError(f"unknown --quantize '{quantize}': choose {', '.join(QUANTIZE)}")
+    if quantize and not model.quantizable:
+        raise CflowInputError(f"{type(model).__name__} has no int8 form: --quantize applies to CFLOW-AD models")
+    model = model.eval()
+    products = model.int8_products() if quantize else None  # before the trace: a missing range fails fast
+    path = trace_onnx(model, model.image_size, path, ["anomaly_map", "score"])
     proto = onnx.load(str(path))
+    if products is not None:
+        from .quantize import quantize_products
+
+        quantize_products(proto, [(w.cpu().numpy(), lo, hi) for w, lo, hi in products])
     props = [("cflow_ad_config", model.config.to_json()), ("cflow_ad_train_max_score", repr(float(model.train_max_score))),
-             ("cflow_ad_map_max_score", json.dumps(bool(model.map_max_score)))]
+             ("cflow_ad_map_max_score", json.dumps(bool(model.map_max_score))), ("cflow_ad_quantize", quantize or "none")]
     if model.thresholds is not None:
         props.append(("cflow_ad_thresholds", json.dumps(model.thresholds.to_dict())))
     for key, value in props:
@@ -59,11 +72,12 @@ def export_onnx(model: CFlowModel, path: str | Path) -> Path:
     return path
 
 
-def onnx_runner(model: CFlowModel, threads: int | None = None, device="cpu") -> OnnxModel:
-    """`model` exported to a temporary file and loaded in onnxruntime (the file is removed once loaded)."""
+def onnx_runner(model: CFlowModel, threads: int | None = None, device="cpu", quantize: str | None = None) -> OnnxModel:
+    """`model` exported (int8 with `quantize`) to a temporary file and loaded in onnxruntime (the file
+    is removed once loaded)."""
     fd, tmp = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
-        return OnnxModel(export_onnx(model, tmp), threads or torch.get_num_threads(), device=device)
+        return OnnxModel(export_onnx(model, tmp, quantize), threads or torch.get_num_threads(), device=device)
     finally:
         os.remove(tmp)

@@ -53,13 +53,22 @@ def exportable(model):
     return model
 
 
-def load_runner(model, runtime: str = "torch", compute=None, threads: int | None = None, device: str = "cpu"):
+def check_quantize(quantize: str | None, runtime: str, onnx_file: bool) -> None:
+    """`quantize` applies where a checkpoint is exported on the fly for onnxruntime; a one-line error elsewhere."""
+    if quantize and (onnx_file or runtime != "onnx"):
+        raise CflowInputError(f"--quantize {quantize} exports a checkpoint for --runtime onnx" + (
+            ": an .onnx file is scored as it was exported ('cflow-ad export --quantize')" if onnx_file else ""))
+
+
+def load_runner(model, runtime: str = "torch", compute=None, threads: int | None = None, device: str = "cpu",
+                quantize: str | None = None):
     """A model to score with: an exported .onnx file in onnxruntime (on `compute`'s device, else `device`;
     no PyTorch needed), or a checkpoint in PyTorch or exported to onnxruntime on `compute` (default:
-    `Compute()`). onnxruntime computes in fp32 only."""
+    `Compute()`), with int8 decoders when `quantize="int8"`."""
     if runtime not in RUNTIMES:
         raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
     onnx_file = is_onnx_file(model)
+    check_quantize(quantize, runtime, onnx_file)
     if (onnx_file or runtime == "onnx") and compute is not None and compute.precision != "fp32":
         raise CflowInputError(f"--precision {compute.precision} applies to --runtime torch: onnxruntime runs the"
                               " exported fp32 model")
@@ -72,7 +81,7 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
     if runtime == "onnx":
         from .export import onnx_runner
 
-        return onnx_runner(exportable(model), threads, device=compute.torch_device)
+        return onnx_runner(exportable(model), threads, device=compute.torch_device, quantize=quantize)
     return compute.place(model)
 
 
@@ -121,11 +130,12 @@ class Inspector:
 
     def __init__(self, model, runtime: str = "torch", target_fpr: float | None = None,
                  image_threshold: float | None = None, pixel_threshold: float | None = None,
-                 compute=None, min_defect_area: int = 0, threads: int | None = None, device: str = "cpu"):
+                 compute=None, min_defect_area: int = 0, threads: int | None = None, device: str = "cpu",
+                 quantize: str | None = None):
         if min_defect_area < 0:
             raise CflowInputError(f"--min-defect-area must be >= 0 pixels, not {min_defect_area}")
         self.min_defect_area = int(min_defect_area)
-        self.runner = load_runner(model, runtime, compute, threads, device)
+        self.runner = load_runner(model, runtime, compute, threads, device, quantize)
         self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
         if self.runtime == "torch" and compute is None:
             from .device import Compute

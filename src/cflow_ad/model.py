@@ -6,7 +6,9 @@ A pure `nn.Module`: no data loading, no optimiser, no files. `forward` maps a ba
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from torch import nn
 from .baselines import SPADE, PaDiM, PatchCore
 from .config import NORMALIZATIONS, CFlowConfig
 from .contract import AnomalyModel
+from .distributed import all_reduce
 from .encoder import Encoder, encoder_for
 from .errors import CflowInputError
 from .flow_decoder import ConditionalFlow, FoldedFlow, LocationWhitening
@@ -31,6 +34,7 @@ class CFlowModel(AnomalyModel):
     training_loop = True
     deterministic = False  # the decoders' initial weights and the fiber order are drawn from the seed
     map_max_score = True  # Eq. 8's maximum
+    quantizable = True  # int8 decoder products (quantize.py)
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
@@ -57,6 +61,10 @@ class CFlowModel(AnomalyModel):
         self.register_buffer("ref_log_density", torch.zeros(k))
         self.register_buffer("map_offset", torch.tensor(float(k)))
         self.register_buffer("train_max_score", torch.tensor(1.0))
+        # Input range (min, max) of every decoder matrix product on the training images, recorded with
+        # the constants: what an int8 export quantises with (quantize.py). All zero: not recorded.
+        self.register_buffer("activation_ranges", torch.zeros(k, config.coupling_layers, FoldedFlow.MATMULS, 2))
+        self._recording = False
         self._conditions: dict[tuple[int, int], PositionalCondition] = {}
         self._folded: dict[tuple[int, int, int], tuple[tuple[int, ...], FoldedFlow]] = {}
 
@@ -80,6 +88,41 @@ class CFlowModel(AnomalyModel):
         if key not in self._folded or self._folded[key][0] != version:
             self._folded[key] = (version, FoldedFlow(decoder, self.condition(height, width), height * width))
         return self._folded[key][1]
+
+    @property
+    def has_activation_ranges(self) -> bool:
+        return bool(self.activation_ranges.any())
+
+    @contextlib.contextmanager
+    def recording_ranges(self):
+        """Inside, every eval-mode decoder pass widens `activation_ranges` to cover its inputs (they
+        start empty); afterwards the ranks of a torchrun job agree on them."""
+        ranges = self.activation_ranges
+        ranges[..., 0].fill_(math.inf)
+        ranges[..., 1].fill_(-math.inf)
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+        all_reduce(ranges[..., 0], "min")
+        all_reduce(ranges[..., 1], "max")
+        if not torch.isfinite(ranges).all():
+            ranges.zero_()  # no decoder pass ran: nothing recorded
+
+    def int8_products(self) -> list[tuple[torch.Tensor, float, float]]:
+        """(weight [in, out], input low, input high) of every decoder product at the model's image size,
+        in the order a forward pass (and so an ONNX trace) runs them; `quantize.quantize_products` takes it."""
+        if not self.has_activation_ranges:
+            raise CflowInputError("this checkpoint has no recorded decoder input ranges (it was trained before"
+                                  " int8 export existed): retrain it, or export without --quantize")
+        with torch.no_grad():
+            sizes = [f.shape[-2:] for f in self.features(torch.zeros(1, 3, *self.image_size, device=self.map_offset.device))]
+        out = []
+        for k, (h, w) in enumerate(sizes):
+            ranges = self.activation_ranges[k].flatten(0, 1)
+            out += [(wt, float(lo), float(hi)) for wt, (lo, hi) in zip(self.folded(k, h, w).weights(), ranges)]
+        return out
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -115,7 +158,7 @@ class CFlowModel(AnomalyModel):
         if log_prob is not None or self.training:
             lp = (log_prob or self.decoders[k].log_prob)(fibers, self.condition(h, w))
         else:
-            lp = self.folded(k, h, w)(fibers.transpose(1, 2))
+            lp = self.folded(k, h, w)(fibers, self.activation_ranges[k] if self._recording else None)
         if log_det is not None:  # constant in theta
             lp = lp + log_det
         return lp / fibers.shape[-1]

@@ -180,7 +180,7 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "onnx",
           limits: Limits | None = None, target_fpr: float | None = None, image_threshold: float | None = None,
           pixel_threshold: float | None = None, device: str = "auto", precision: str = "fp32",
-          min_defect_area: int = 0, threads: int | None = None) -> None:
+          min_defect_area: int = 0, threads: int | None = None, quantize: str | None = None) -> None:
     """Load the model once on `device` and serve it until interrupted (uploads are decoded in the
     request threads, so no loader workers). An .onnx file is served without PyTorch."""
     import uvicorn
@@ -194,7 +194,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
         if precision != "fp32":
             raise CflowInputError(f"--precision {precision} applies to --runtime torch: onnxruntime runs the"
                                   " exported fp32 model")
-        inspector = Inspector(model, "onnx", *thresholds, None, min_defect_area, share, device)
+        inspector = Inspector(model, "onnx", *thresholds, None, min_defect_area, share, device, quantize)
     else:
         from .checkpoint import read_metadata
         from .config import CFlowConfig
@@ -206,7 +206,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
             runtime = "torch"  # the method has no ONNX form (SPADE's gallery search)
         share = set_threads(share)
         inspector = Inspector(model, runtime, *thresholds, Compute(device, precision, workers=0), min_defect_area,
-                              share)
+                              share, quantize=quantize)
     print(f"cflow-ad: serving {model} ({inspector.config.method}, {inspector.runtime} on {inspector.device},"
           f" {limits.max_concurrency} x {share} threads) on http://{host}:{port}", flush=True)
     uvicorn.run(create_app(inspector, limits), host=host, port=port, log_level="warning")

@@ -467,8 +467,9 @@ class _Run:
             self.model.decoders.load_state_dict(s.best)
             h["selected_meta_epoch"] = h["val_nll"].index(s.best_nll) + 1
         self.model.eval()
-        fit_constants(self.model, lambda: (self.model.log_density_maps(f)
-                                           for f in self.features.epoch(_batches(len(self.images), self.batch_size))))
+        with self.model.recording_ranges():  # the int8 export's calibration, from the same decoder passes
+            fit_constants(self.model, lambda: (self.model.log_density_maps(f)
+                                               for f in self.features.epoch(_batches(len(self.images), self.batch_size))))
         h["epochs"] = self.total_epochs
         return h
 
