@@ -107,7 +107,9 @@ def test_int8_export_quantises_every_decoder_product_and_onnxruntime_fuses_them(
     images = torch.stack([load_image(f, 128) for f in files]).numpy()
     labels = [int("good" not in str(f)) for f in files]
     fp32_maps, fp32_scores = OnnxModel(_fp32(tiny_checkpoint, tmp_path))(images)
-    int8_maps, int8_scores = OnnxModel(path)(images)
+    int8 = OnnxModel(path)
+    assert int8.quantize == "int8" and OnnxModel(_fp32(tiny_checkpoint, tmp_path)).quantize == "none"
+    int8_maps, int8_scores = int8(images)
     assert not np.array_equal(int8_maps, fp32_maps)  # int8 arithmetic really ran
     good = np.array(labels) == 0  # within the training range the maps agree closely
     assert np.corrcoef(int8_maps[good].ravel(), fp32_maps[good].ravel())[0, 1] > 0.95

@@ -70,7 +70,7 @@ def test_health_and_model_report_the_loaded_model(server, padim_checkpoint):
     assert health["status"] == "ok"
     info = requests.get(server + "/model", timeout=10).json()
     stored = load_checkpoint(padim_checkpoint).thresholds
-    assert info["config"]["method"] == "padim" and info["runtime"] == "onnx"
+    assert info["config"]["method"] == "padim" and info["runtime"] == "onnx" and info["quantize"] == "none"
     assert info["device"] == "CPUExecutionProvider"  # onnxruntime-gpu is not installed here
     assert info["thresholds"]["image"] == pytest.approx(stored.image)
     assert info["thresholds"]["pixel"] == pytest.approx(stored.pixel)

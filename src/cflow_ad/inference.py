@@ -137,6 +137,7 @@ class Inspector:
         self.min_defect_area = int(min_defect_area)
         self.runner = load_runner(model, runtime, compute, threads, device, quantize)
         self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
+        self.quantize = self.runner.quantize if self.runtime == "onnx" else "none"
         if self.runtime == "torch" and compute is None:
             from .device import Compute
 

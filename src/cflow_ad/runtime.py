@@ -60,6 +60,7 @@ class OnnxModel:
             self.map_max_score = METHOD_CLASSES[self.config.method].map_max_score
         else:
             self.map_max_score = bool(json.loads(stored))
+        self.quantize = meta.get("cflow_ad_quantize", "none")  # "int8": decoder products in int8 (quantize.py)
         thresholds = meta.get("cflow_ad_thresholds")
         self.thresholds = Thresholds.from_dict(json.loads(thresholds)) if thresholds else None
         # GPU batches run whole; the CPU's in chunks (see CHUNK)

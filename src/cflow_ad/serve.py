@@ -138,7 +138,7 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
     @app.get("/model")
     async def model():
         t = inspector.thresholds
-        return {"config": json.loads(inspector.config.to_json()), "runtime": inspector.runtime,
+        return {"config": json.loads(inspector.config.to_json()), "runtime": inspector.runtime, "quantize": inspector.quantize,
                 "device": inspector.device, "thresholds": t.summary() if t else None,
                 "heat_scale": inspector.heat_scale, "limits": asdict(limits)}
 
