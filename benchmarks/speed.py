@@ -51,6 +51,7 @@ from cflow_ad.export import onnx_runner, trace_onnx
 from cflow_ad.runtime import CHUNK, session_options
 from cflow_ad.encoder import encoder_for
 from cflow_ad.model import METHOD_CLASSES, CFlowModel, build_model
+from workers import cpu_flags
 
 PARTS = ("encoder", "cflow", "cflow_int8", "cflow_eq8", "padim", "spade", "patchcore")
 ONNX_ONLY = ("cflow_int8",)  # int8 decoders exist as an export only
@@ -71,15 +72,6 @@ PAPER_SIZES = (256, 512)
 PAPER_MB = {"resnet18": (45, 96), "wide_resnet50_2": (268, 947), "mobilenet_v3_large": (12, 25)}
 RUNTIMES = ("torch", "onnx")
 TORCH_ONLY = tuple(name for name, kind in METHOD_CLASSES.items() if "onnx" not in kind.runtimes)
-
-
-def cpu_flags() -> str:
-    """The vector extensions that decide int8 and bf16 speed (AVX2 only, or VNNI / BF16 / AMX), from /proc/cpuinfo."""
-    try:
-        words = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8") if f in words) or "none of avx2/avx512/amx"
 
 
 def _models(condition_dim: int, gallery: int, memory_patches: int) -> dict:

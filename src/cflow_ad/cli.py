@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     x.add_argument("--output", type=Path, required=True, help="file to write, e.g. model.onnx")
     x.add_argument("--quantize", choices=QUANTIZE, help="int8 decoder matrix products, with the input ranges recorded"
-                   " in training (CFLOW-AD; faster on CPUs; default: fp32)")
+                   " in training (CFLOW-AD; default: fp32; README, 'int8 decoders')")
 
     xp = sub.add_parser(
         "experiment", help="the paper's experiments: ablation (Table 2), compare (Tables 3-4), figures (Figures 3-4)",

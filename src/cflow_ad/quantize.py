@@ -4,8 +4,8 @@ Each decoder product `activation @ weight` (`FoldedFlow`: the weight is a consta
 becomes QuantizeLinear -> DequantizeLinear on the activation, a per-tensor uint8 with the range
 that training recorded (`CFlowModel.activation_ranges`), and DequantizeLinear of an int8 weight
 with one scale per output column. onnxruntime fuses each such group into one integer product
-(u8 x s8, as fast on AVX2 as on VNNI machines relative to fp32), and other runtimes read the
-standard QDQ operators. The ranges come from the training images' own decoder passes, so an
+(u8 x s8; on an AVX2-only CPU it measured barely faster than fp32, benchmarks/RESULTS.md), and
+other runtimes read the standard QDQ operators. The ranges come from the training images' own decoder passes, so an
 export needs no images; the encoder, whitening and scoring stay fp32.
 """
 
