@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from cflow_ad import api
-from cflow_ad.checkpoint import read_metadata
+from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.source import DataSource
 
 from .test_resume import _flags
@@ -38,6 +39,8 @@ def test_two_processes_match_one(synthetic_root, tmp_path):
     assert h1["processes"] == 1 and h2["processes"] == 2
     assert len(h1["epoch_loss"]) == len(h2["epoch_loss"]) == 4
     np.testing.assert_allclose(h2["epoch_loss"], h1["epoch_loss"], rtol=1e-3)  # the same curve, not just its shape
+    r1, r2 = (load_checkpoint(tmp_path / name / "model.safetensors").activation_ranges for name in ("one", "two"))
+    assert r1.any() and torch.allclose(r2, r1, rtol=1e-3, atol=1e-4)  # the ranks' int8 ranges were merged
     m1, m2 = (api.test(tmp_path / name / "model.safetensors", None, source=DataSource(synthetic_root, "synthetic"),
                        progress=False) for name in ("one", "two"))
     for key in ("image_auroc", "pixel_auroc", "aupro"):

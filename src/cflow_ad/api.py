@@ -19,7 +19,7 @@ from . import data as D
 from .checkpoint import read_metadata, save_checkpoint
 from .config import CFlowConfig
 from .device import Compute
-from .distributed import init_from_env
+from .distributed import process_group
 from .errors import CflowInputError
 from .export import export_onnx
 from .geometry import full_boxes, restore
@@ -55,41 +55,43 @@ def train(
     same file whatever the device."""
     final, state = Path(output) / "model.safetensors", Path(output) / STATE_FILE
     compute = Compute(device, precision, workers)
-    rank, world = init_from_env(compute.torch_device)  # under torchrun: one rank of data-parallel training
-    if rank > 0:
-        log = lambda message: None  # noqa: E731  (rank 0 speaks and writes for all)
-        progress = False
-    if world > 1 and not METHOD_CLASSES[config.method].training_loop:
-        raise CflowInputError(f"{config.method} has no training loop to distribute: run it without torchrun")
-    if resume and final.is_file() and not state.is_file():
-        log(f"nothing to resume: training already finished ({final})")
-        return final
-    dataset = source.open("train", config)
-    held_out = None
-    if config.calibration_fraction > 0:
-        dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
-    model = build_model(config)
-    t0 = time.perf_counter()
-    if not model.training_loop:
-        history = fit_baseline(model, dataset, progress=progress, compute=compute)
-    else:
-        val = None
-        if config.val_fraction > 0:
-            dataset, val = D.split_train_val(dataset, config.val_fraction, config.seed)
-        Path(output).mkdir(parents=True, exist_ok=True)
-        history = fit(model, dataset, val, progress=progress, log=log, state_path=state, resume=resume, compute=compute)
-    history["train_seconds"] = time.perf_counter() - t0
-    history["train_images"] = len(dataset)
-    history["processes"] = world
-    if rank > 0:
-        return final  # rank 0 calibrates the thresholds and writes the checkpoint
-    if held_out is not None:
-        model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress, compute=compute)
-        log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"
-            f" image {model.thresholds.image:.4g}, pixel {model.thresholds.pixel:.4g}")
-    path = save_checkpoint(model, final, extra={"history": history})
-    state.unlink(missing_ok=True)
-    return path
+    with process_group(compute.torch_device) as (rank, world):  # under torchrun: one rank of data-parallel training
+        if rank > 0:
+            log = lambda message: None  # noqa: E731  (rank 0 speaks and writes for all)
+            progress = False
+        if world > 1 and not METHOD_CLASSES[config.method].training_loop:
+            raise CflowInputError(f"{config.method} has no training loop to distribute: run it without torchrun")
+        if resume and final.is_file() and not state.is_file():
+            log(f"nothing to resume: training already finished ({final})")
+            return final
+        dataset = source.open("train", config)
+        held_out = None
+        if config.calibration_fraction > 0:
+            dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
+        model = build_model(config)
+        t0 = time.perf_counter()
+        if not model.training_loop:
+            history = fit_baseline(model, dataset, progress=progress, compute=compute)
+        else:
+            val = None
+            if config.val_fraction > 0:
+                dataset, val = D.split_train_val(dataset, config.val_fraction, config.seed)
+            Path(output).mkdir(parents=True, exist_ok=True)
+            history = fit(model, dataset, val, progress=progress, log=log, state_path=state, resume=resume,
+                          compute=compute)
+        history["train_seconds"] = time.perf_counter() - t0
+        history["train_images"] = len(dataset)
+        history["processes"] = world
+        if rank > 0:
+            return final  # rank 0 calibrates the thresholds and writes the checkpoint
+        if held_out is not None:
+            model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress,
+                                                    compute=compute)
+            log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"
+                f" image {model.thresholds.image:.4g}, pixel {model.thresholds.pixel:.4g}")
+        path = save_checkpoint(model, final, extra={"history": history})
+        state.unlink(missing_ok=True)
+        return path
 
 
 def _restored(maps: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor | None,

@@ -348,9 +348,7 @@ def run(argv: list[str] | None = None) -> int:
             return 1 if any(r["status"] != "ok" for r in rows) else 0
         path = api.train(config, args.output, _source_from(args), progress=progress, resume=args.resume,
                          **_compute(args))
-        from .distributed import rank_world
-
-        if rank_world()[0] == 0:
+        if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is left by now
             print(path)
     elif args.command == "test":
         metrics = api.test(

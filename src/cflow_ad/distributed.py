@@ -13,6 +13,7 @@ device, as nccl requires; the values handed back stay where the caller's tensors
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,6 +45,19 @@ def init_from_env(device: torch.device = torch.device("cpu")) -> tuple[int, int]
     return rank_world()
 
 
+@contextlib.contextmanager
+def process_group(device: torch.device = torch.device("cpu")):
+    """`init_from_env` for the body of a command, yielding (rank, world), and the group left on the way
+    out: a rank that exits with gloo's threads still running can abort ("terminate called without an
+    active exception"), which torchrun reports as a failed job although the work was done."""
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized()
+    try:
+        yield init_from_env(device)
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def shard(n: int) -> tuple[list[int], list[bool]]:
     """This rank's image indices and, for each, whether it is real (False: padding repeated so that
     all ranks have the same count). One process: all images, all real."""
@@ -55,10 +69,11 @@ def shard(n: int) -> tuple[list[int], list[bool]]:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place across ranks (sum, max or min); the tensor itself in one process."""
+    """In place across ranks (sum, max or min); the tensor itself in one process. Views (a column of a
+    buffer) are reduced through a contiguous copy, as the backends need."""
     if rank_world()[1] > 1:
         op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
-        moved = t.to(_DEVICE)
+        moved = t.to(_DEVICE).contiguous()
         dist.all_reduce(moved, op=op)
         if moved is not t:
             t.copy_(moved)
