@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +28,42 @@ def test_log_sum_equals_the_log_of_eq8_sum_where_it_does_not_underflow():
     logs, refs = _logs(gen), torch.tensor([0.5, -0.2, 0.1])
     expected = torch.log(probability_sum([lm.double() for lm in logs], refs.double(), SIZE))
     assert torch.allclose(log_probability_sum(logs, refs, SIZE).double(), expected, atol=1e-5)
+
+
+def _interpolation(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] float64 weights of linear interpolation with align_corners=True, from exact
+    fractions (torch's own weights carry float residues where an output lies on a sample)."""
+    out = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for j in range(n_out):
+        src = Fraction(j * (n_in - 1), max(n_out - 1, 1))
+        lo = math.floor(src)
+        out[j, lo] += float(1 - (src - lo))
+        if src > lo:
+            out[j, lo + 1] += float(src - lo)
+    return out
+
+
+def _brute_log_sum(logs, refs, size):
+    """log S in float64 as one logsumexp over every scale and source sample of log(weight) + l - ref."""
+    terms = []
+    for lm, ref in zip(logs, refs):
+        rows, cols = _interpolation(lm.shape[1], size[0]), _interpolation(lm.shape[2], size[1])
+        w = torch.log(rows)[:, None, :, None] + torch.log(cols)[None, :, None, :]  # [H, W, h, w]
+        terms.append((w[None] + (lm.double() - ref)[:, None, None]).flatten(3))
+    return torch.logsumexp(torch.cat(terms, 3), 3)
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e3, 1e5])
+def test_log_sum_equals_a_float64_reference_at_any_contrast(spread):
+    """Neighbouring samples up to 1e5 nats apart, where every exp underflows in any precision, and
+    outputs that lie exactly on a sample next to a far likelier one."""
+    gen = torch.Generator().manual_seed(3)
+    logs = [torch.randn(2, h, w, generator=gen) * spread for h, w in ((12, 16), (6, 8), (1, 1))]
+    refs = torch.tensor([0.5, -0.2, 0.1])
+    got = log_probability_sum(logs, refs, SIZE).double()
+    want = _brute_log_sum(logs, refs, SIZE)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-4)
 
 
 def test_log_maps_order_pixels_as_eq8_does_and_give_its_aurocs():
