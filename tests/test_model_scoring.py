@@ -27,7 +27,7 @@ def test_stateless_score_of_an_image_does_not_depend_on_its_batch(tiny_checkpoin
         for i in range(len(files)):
             m, s = model(batch[i : i + 1])
             assert torch.allclose(m[0], maps_b[i], atol=1e-5)
-            assert torch.allclose(s[0], scores_b[i], atol=1e-5)
+            assert torch.allclose(s[0], scores_b[i], rtol=1e-4, atol=1e-5)  # location scores: in sd units
     assert scores_b.std() > 1e-3  # different images get clearly different scores
 
 
@@ -116,3 +116,48 @@ def test_eval_uses_folded_decoders_that_match_the_training_path_and_follow_weigh
         assert torch.allclose(a, b, atol=1e-5)
         assert not torch.allclose(c, b, atol=1e-3)
         assert torch.allclose(d, c, atol=1e-5)
+
+
+def test_location_stats_are_each_places_mean_and_spread_over_the_training_maps():
+    from cflow_ad.scoring import SPREAD_FLOOR, fit_constants
+
+    model = _random_model(pool_layers=2, last_stride=16)  # places: 4x4 + 8x8 at 64 px
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(n, 8, 8, generator=gen) * 0.3, torch.randn(n, 4, 4, generator=gen) * 0.1 - 1]
+               for n in (3, 5, 4)]
+    for b in batches:
+        b[0][:, 0, 0] = 0.25  # one place that never varies: its spread is raised to the floor
+    fit_constants(model, lambda: iter(batches))
+    flat = torch.cat([torch.cat([lm.flatten(1) for lm in b], 1) for b in batches]).double()
+    mean, sd = model.location_stats
+    assert torch.allclose(mean.double(), flat.mean(0), atol=1e-6)
+    want = flat.std(0)
+    floors = [part.median() * SPREAD_FLOOR for part in want.split(model.places)]
+    want = torch.cat([part.clamp_min(f) for part, f in zip(want.split(model.places), floors)])
+    assert sd[0].item() == pytest.approx(floors[0].item(), rel=1e-5) and sd[0] > 0
+    assert torch.allclose(sd.double(), want, rtol=1e-5)
+    # the image score: the largest standardised deficit over every place of every scale
+    logs = [batches[0][0][:1] - 0.5, batches[0][1][:1]]
+    got = model.location_deficit(logs)
+    ref = max(((mean[i] - v) / sd[i]).item() for i, v in enumerate(torch.cat([lm.flatten() for lm in logs])))
+    assert got.item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_image_score_modes_location_map_and_auto():
+    model = _random_model(pool_layers=2, last_stride=16)
+    model.location_stats[1].fill_(0.5)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        amap, score = model(x)
+        logs = model.log_density_maps(model.features(x))
+    assert model.config.image_score == "auto" and model.config.location_score
+    assert torch.allclose(score, model.location_deficit(logs))
+    assert not torch.allclose(score, amap.flatten(1).amax(1))
+    by_map = _random_model(pool_layers=2, last_stride=16, image_score="map")
+    with torch.no_grad():
+        amap, score = by_map(x)
+    assert torch.equal(score, amap.flatten(1).amax(1))
+    assert not CFlowConfig(keep_aspect=True).location_score  # auto: the map, which leaves the padding out
+    with pytest.raises(CflowInputError, match="image-score map"):
+        CFlowConfig(keep_aspect=True, image_score="location")
+    assert CFlowConfig.from_dict({"seed": 1}).image_score == "map"  # checkpoints from before the option

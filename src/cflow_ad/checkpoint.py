@@ -66,7 +66,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 # State added after checkpoints were in use: a file without it still loads.
-ADDED_LATER = ("activation_ranges",)
+ADDED_LATER = ("activation_ranges", "location_stats")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

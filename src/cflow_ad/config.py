@@ -17,6 +17,7 @@ ENCODERS = (
 )
 LOSSES = ("nll", "logsigmoid")
 NORMALIZATIONS = ("log", "stateless", "paper")
+IMAGE_SCORES = ("auto", "location", "map")
 QUANTIZE = ("int8",)  # `export --quantize`: the decoders' matrix products in int8 (quantize.py)
 PERMUTATIONS = ("soft", "hard")
 WHITENINGS = ("location", "none")
@@ -122,6 +123,12 @@ class CFlowConfig:
         " with those constants (saturates at the offset for strong anomalies); paper: Eq. 8 normalised over the"
         " evaluated set.", NORMALIZATIONS
     )
+    image_score: str = _opt(
+        "auto", "CFLOW-AD's image score. location: the largest deficit of log-likelihood, in standard deviations of"
+        " the training images at the same place and scale, over every place and scale; map: the anomaly map's"
+        " maximum (the paper's, and always that of --normalization paper); auto: location, or map with"
+        " --keep-aspect (whose padding only the map leaves out).", IMAGE_SCORES
+    )
 
     def __post_init__(self) -> None:
         from .errors import CflowInputError
@@ -155,7 +162,7 @@ class CFlowConfig:
                 bad(f"tile_overlap must be a multiple of last_stride ({self.last_stride}) below tile, got"
                     f" {self.tile_overlap}")
         for name, choices in (("method", METHODS), ("loss", LOSSES), ("normalization", NORMALIZATIONS), ("permutation", PERMUTATIONS),
-                              ("whitening", WHITENINGS)):
+                              ("whitening", WHITENINGS), ("image_score", IMAGE_SCORES)):
             if getattr(self, name) not in choices:
                 bad(f"{name} '{getattr(self, name)}' is not one of {', '.join(choices)}")
         if self.coupling_layers < 1 or self.epochs < 1 or self.sub_epochs < 1 or self.batch_size < 1 or self.fiber_batch < 1:
@@ -170,6 +177,8 @@ class CFlowConfig:
             bad(f"val_fraction and calibration_fraction must be in [0, 1), got {self.val_fraction}, {self.calibration_fraction}")
         if self.val_fraction + self.calibration_fraction >= 0.9:
             bad("val_fraction + calibration_fraction must leave at least 10% of the images to train on")
+        if self.image_score == "location" and self.keep_aspect:
+            bad("image_score location would count the padding of keep_aspect: pass --image-score map (or auto)")
         if self.memory_mb < 0:
             bad(f"memory_mb must be >= 0, got {self.memory_mb}")
         if not 0.0 < self.target_fpr < 1.0:
@@ -182,6 +191,11 @@ class CFlowConfig:
         return f"{h} px" if h == w else f"{h}x{w} px"
 
     @property
+    def location_score(self) -> bool:
+        """Whether CFLOW-AD scores images by the per-location deficit (`image_score`) in its fixed modes."""
+        return self.image_score == "location" or (self.image_score == "auto" and not self.keep_aspect)
+
+    @property
     def strides(self) -> tuple[int, ...]:
         """Tap strides, shallow to deep (e.g. (8, 16, 32))."""
         return tuple(self.last_stride >> i for i in reversed(range(self.pool_layers)))
@@ -192,6 +206,7 @@ class CFlowConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CFlowConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {"image_score": "map", **data}  # checkpoints from before the option scored by the map's maximum
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> "CFlowConfig":

@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from .distributed import all_reduce
 from .errors import CflowInputError
 
+# Least spread of a place's log-likelihood, as a fraction of its scale's median spread: a place that
+# never varies (a constant background) would otherwise turn rounding noise into the image score.
+SPREAD_FLOOR = 0.1
+
 
 def fixed_mode(config) -> str:
     """The mode of a checkpoint's constants, thresholds and heat-map scale: `log`, or `stateless` for
@@ -134,8 +138,9 @@ def paper_stream(batches: Iterable[tuple[list[torch.Tensor], object]], size: tup
 def fit_constants(model, log_batches: Callable[[], Iterable[list[torch.Tensor]]], chunk: int = 64,
                   budget_bytes: int = 256 << 20) -> None:
     """Fix the constants of `model` from its training images' log maps: per-scale max log-density
-    (ref_k), the largest S (the map offset, so training maps are >= 0) and the largest training map
-    value in the model's mode (the heat-map scale). `log_batches()` yields each image batch's per-scale
+    (ref_k), the mean and spread of the log-density at each place (`location_stats`), the largest S
+    (the map offset, so training maps are >= 0) and the largest training map value in the model's
+    mode (the heat-map scale). `log_batches()` yields each image batch's per-scale
     log maps. Memory stays bounded however many images there are: the batches are kept between the two
     passes while they fit in `budget_bytes`, else made again (one more decoder pass). Images with a
     non-finite map are left out. Under torchrun the ranks agree on every constant."""
@@ -147,10 +152,13 @@ def fit_constants(model, log_batches: Callable[[], Iterable[list[torch.Tensor]]]
                 yield [lm[ok] for lm in logs]
 
     refs = torch.full((len(model.decoders),), -math.inf, device=model.map_offset.device)
+    moments = torch.zeros(3, model.location_stats.shape[1], dtype=torch.float64)  # count, sum, sum of squares
     kept: list[list[torch.Tensor]] | None = []
     size = 0
     for logs in finite_batches(log_batches()):
         refs = torch.maximum(refs, torch.stack([lm.max() for lm in logs]))
+        flat = torch.cat([lm.flatten(1) for lm in logs], 1).cpu().double()
+        moments += torch.stack([torch.full_like(flat[0], len(flat)), flat.sum(0), flat.square().sum(0)])
         size += sum(lm.numel() * lm.element_size() for lm in logs)
         kept = kept if kept is not None and size <= budget_bytes else None
         if kept is not None:
@@ -159,6 +167,12 @@ def fit_constants(model, log_batches: Callable[[], Iterable[list[torch.Tensor]]]
     if not torch.isfinite(refs).all():
         raise CflowInputError("the trained model gives no finite likelihood on any training image: it cannot be used")
     model.ref_log_density.copy_(refs)
+    count, total, squares = all_reduce(moments, "sum")
+    mean = total / count
+    spread = ((squares / count - mean.square()).clamp_min(0) * count / (count - 1).clamp_min(1)).sqrt()
+    floors = [part.median() * SPREAD_FLOOR for part in spread.split(model.places)]
+    spread = torch.cat([part.clamp_min(max(floor.item(), 1e-6)) for part, floor in zip(spread.split(model.places), floors)])
+    model.location_stats.copy_(torch.stack([mean, spread]))
     high, low = -math.inf, math.inf  # of log S
     for logs in kept if kept is not None else finite_batches(log_batches()):
         for i in range(0, logs[0].shape[0], chunk):  # full-size maps only a chunk at a time
