@@ -35,7 +35,6 @@ the models (seeds), with the uneven defects' pixel AUROC, where the default is w
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from score_levers import model_parser  # benchmarks/ is on the path when a script there runs
 
 from cflow_ad import api
 from cflow_ad import data as D
@@ -53,7 +53,6 @@ from cflow_ad.metrics import image_auroc
 from cflow_ad.scoring import log_probability_sum
 from cflow_ad.source import DataSource
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 # (map, image score): the pixel metrics of one variant with the image scores of another
 HYBRIDS = [("eq8", "zloc-max"), ("eq8", "zloc-sum"), ("eq8", "scale 1"), ("pair eq8", "zloc-max")]
 SD_FLOOR = 1e-3  # of the per-dimension log-likelihood: a place that never varies would divide by 0
@@ -155,15 +154,10 @@ def evaluate(path: Path, source: DataSource, pair: Path | None = None, stats_fro
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=Path, nargs="+", required=True, help="trained CFLOW checkpoints (one per seed)")
-    p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--category", default="magnetic_tile")
+    p = model_parser(__doc__)
     p.add_argument("--pair-models", type=Path, nargs="+", help="a second encoder's checkpoints, one per --models entry")
     p.add_argument("--stats-from", choices=("held-out", "train"), default="held-out",
                    help="fit the variants' constants on the calibration hold-out or on the images the model was trained on")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pairs = args.pair_models or [None] * len(args.models)

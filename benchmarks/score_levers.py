@@ -90,16 +90,22 @@ def evaluate(path: Path, source: DataSource, mode: str | None, flips: list[str])
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that rescores trained models: --models, --data, --category, --threads, --json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=Path, nargs="+", required=True, help="trained CFLOW checkpoints (one per seed)")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--category", default="magnetic_tile")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    return p
+
+
+def main() -> None:
+    p = model_parser(__doc__)
     p.add_argument("--normalization", help="default: each checkpoint's own")
     p.add_argument("--flips", nargs="+", choices=list(FLIPS), default=list(FLIPS),
                    help="test-time flip sets to measure (each flip is one more pass of the model)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
