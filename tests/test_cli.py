@@ -28,6 +28,7 @@ def test_help_lists_every_config_field(capsys):
     text = " ".join(out.split())
     assert "(default: mobilenet_v2)" in text and "(default: 256 256)" in text  # typed as on the command line
     assert text.count("(default: mobilenet_v2)") == 1 and "(default: (256, 256))" not in text  # said once
+    assert "(default: None)" not in text and "sharing the threads (default: 1)" in text  # none for --output
 
 
 def test_version_is_the_installed_distributions():

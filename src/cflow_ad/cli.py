@@ -24,7 +24,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(CFlowConfig):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        help_text = f"{meta['help']} (default: {default_text(f.default)})"
+        # an unset field's help says what unset means
+        help_text = meta["help"] if f.default is None else f"{meta['help']} (default: {default_text(f.default)})"
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
@@ -37,10 +38,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default once: the config's flags already say theirs, as they are typed."""
+    """Shows each default once (the config's flags already say theirs, as they are typed), and none where
+    there is nothing to show: a required option or an unset one would read "(default: None)"."""
 
     def _get_help_string(self, action):
-        return action.help if "(default: " in (action.help or "") else super()._get_help_string(action)
+        if "(default: " in (action.help or "") or action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Pair(argparse.Action):
