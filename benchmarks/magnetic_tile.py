@@ -53,6 +53,9 @@ VARIANTS: dict[str, dict] = {
     "lite2": {"encoder": "efficientnet_lite2"},
     "lite2-keep-aspect": {"encoder": "efficientnet_lite2", "keep_aspect": True},
     "512-tiled": {"image_size": 512, "tile": 256, "tile_overlap": 32},
+    "384px": {"image_size": 384},
+    "lite2-384px": {"encoder": "efficientnet_lite2", "image_size": 384},
+    "lite2-320px": {"encoder": "efficientnet_lite2", "image_size": 320},
 }
 
 
