@@ -77,7 +77,7 @@ def test_user_errors_are_one_line_without_traceback(args, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cflow_ad", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("cflow-ad: error:")
 
 

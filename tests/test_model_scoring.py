@@ -33,7 +33,7 @@ def test_stateless_score_of_an_image_does_not_depend_on_its_batch(tiny_checkpoin
 
 def test_paper_mode_depends_on_the_set_but_stateless_does_not():
     logs_a = [torch.randn(4, 8, 8), torch.randn(4, 4, 4)]
-    logs_b = [torch.cat([l, l[:1] + 3.0]) for l in logs_a]  # add one very likely image
+    logs_b = [torch.cat([t, t[:1] + 3.0]) for t in logs_a]  # add one very likely image
     refs = torch.tensor([0.0, 0.0])
     _, s_a = score_set(logs_a, (32, 32), "stateless", refs, torch.tensor(2.0))
     _, s_b = score_set(logs_b, (32, 32), "stateless", refs, torch.tensor(2.0))
@@ -48,7 +48,10 @@ def test_paper_mode_follows_eq8_normalisation():
     maps, scores = score_set(logs, (8, 8), "paper")
     refs, offset = paper_constants(logs, (8, 8))
     assert torch.allclose(refs, torch.stack([logs[0].max(), logs[1].max()]))
-    up = lambda t: torch.nn.functional.interpolate(t[:, None].double(), size=(8, 8), mode="bilinear", align_corners=True)[:, 0]
+
+    def up(t):
+        return torch.nn.functional.interpolate(t[:, None].double(), size=(8, 8), mode="bilinear", align_corners=True)[:, 0]
+
     total = up(torch.exp(logs[0] - logs[0].max())) + up(torch.exp(logs[1] - logs[1].max()))
     assert torch.allclose(maps.double(), total.max() - total, atol=1e-5)
     assert maps.min() >= -1e-6 and float(offset) <= 2.0 + 1e-6
@@ -83,7 +86,10 @@ def test_forward_shapes_for_each_pool_layer_count():
 def test_uflow_has_no_condition_and_smaller_decoders():
     cflow, uflow = _random_model(), _random_model(conditional=False)
     assert uflow.condition(4, 4) is None
-    n = lambda m: sum(p.numel() for p in m.decoders.parameters())
+
+    def n(m):
+        return sum(p.numel() for p in m.decoders.parameters())
+
     assert n(uflow) < n(cflow)
     maps, _ = uflow(torch.rand(1, 3, 64, 64))
     assert torch.isfinite(maps).all()
