@@ -17,9 +17,11 @@ by `fit_constants` when training ends.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,36 +49,63 @@ def probability_sum(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, size: 
     return total
 
 
-def _corners(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear upsampling (align_corners=True) of n_in samples to n_out along one axis: for each
-    output, its two source indices and the logs of their weights (-inf for a weight of 0)."""
-    src = torch.arange(n_out, device=device, dtype=torch.float32) * ((n_in - 1) / max(n_out - 1, 1))
-    lo = src.floor().clamp(0, n_in - 1)
-    frac = src - lo
-    lo = lo.long()
-    hi = (lo + 1).clamp(max=n_in - 1)
-    return lo, hi, torch.log1p(-frac), torch.log(frac)
+def _interpolation(n_in: int, n_out: int) -> np.ndarray:
+    """[n_in, n_out] weights of linear upsampling with align_corners=True (as `probability_sum`),
+    from integer arithmetic: an output that lies on a sample gets exactly one nonzero weight."""
+    weights = np.zeros((n_in, n_out))
+    den = max(n_out - 1, 1)
+    for j in range(n_out):
+        lo, rem = divmod(j * (n_in - 1), den)
+        weights[lo, j] += 1 - rem / den
+        if rem:
+            weights[lo + 1, j] += rem / den
+    return weights
 
 
-def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """log(exp(a) + exp(b)) from ops that ONNX has (torch.logaddexp does not export); -inf terms are fine."""
-    gap = torch.where(a == b, torch.zeros_like(a), (a - b).abs())  # 0, not NaN, where both are -inf
-    return torch.maximum(a, b) + torch.log1p(torch.exp(-gap))
+@functools.lru_cache(maxsize=64)
+def _plan(n_ins: tuple[int, ...], n_out: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """How `_log_upsample` evaluates log(exp(x) @ A) for A = the stacked interpolation matrices of
+    `n_ins` inputs to `n_out` outputs. Outputs are cut into blocks of neighbours that draw on the same
+    inputs, each with a positive weight; a block's inputs are padded to one width by repeating one of
+    them (with weight 0). Returns (input index per block slot, [blocks * width, n_out] slot weights,
+    block of each output, width)."""
+    a = np.concatenate([_interpolation(n, n_out) for n in n_ins])
+    blocks: list[tuple[int, ...]] = []
+    block_of = np.zeros(n_out, np.int64)
+    for j in range(n_out):
+        support = tuple(np.flatnonzero(a[:, j] > 0))
+        if not blocks or blocks[-1] != support:
+            blocks.append(support)
+        block_of[j] = len(blocks) - 1
+    width = max(map(len, blocks))
+    index = np.array([list(b) + [b[0]] * (width - len(b)) for b in blocks], np.int64).ravel()
+    slots = np.zeros((len(blocks) * width, n_out), np.float32)
+    for j in range(n_out):
+        b = block_of[j]
+        slots[b * width : b * width + len(blocks[b]), j] = a[list(blocks[b]), j]
+    as_tensor = lambda v: torch.from_numpy(v).to(device)  # noqa: E731
+    return as_tensor(index), as_tensor(slots), as_tensor(block_of), width
+
+
+def _log_upsample(x: torch.Tensor, n_ins: Sequence[int], n_out: int) -> torch.Tensor:
+    """log(exp(x) @ A) over the last axis of `x` (log values, the inputs of `n_ins` side by side), A as
+    in `_plan`, without under- or overflow: each block's inputs are shifted by their maximum before the
+    exponential, so every term is <= 1 and the largest, 1, has a positive weight at every output of
+    the block; the block's weighted sums are then one matrix product. About ten full-size operations,
+    against some fifty for pairwise log-add-exps (9x faster in PyTorch, benchmarks/RESULTS.md)."""
+    index, slots, block_of, width = _plan(tuple(int(n) for n in n_ins), int(n_out), str(x.device))
+    g = x[..., index].unflatten(-1, (-1, width))
+    top = g.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # finite, so -inf inputs give -inf
+    return torch.log(torch.exp(g - top).flatten(-2) @ slots) + top.squeeze(-1)[..., block_of]
 
 
 def log_probability_sum(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """log S as [B, H, W] without under- or overflow. Bilinear upsampling is separable and each output
-    is a weighted sum of two inputs per axis, so log S is built from log-add-exps of log(weight) +
-    l_k - ref_k: along rows at the map's width, then along columns, then over the scales."""
-    total = None
-    for k, lm in enumerate(log_maps):
-        r0, r1, wr0, wr1 = _corners(lm.shape[-2], size[0], lm.device)
-        c0, c1, wc0, wc1 = _corners(lm.shape[-1], size[1], lm.device)
-        x = lm.float() - refs[k]
-        rows = _logaddexp(x[:, r0] + wr0[:, None], x[:, r1] + wr1[:, None])  # [B, H, w]
-        up = _logaddexp(rows[:, :, c0] + wc0, rows[:, :, c1] + wc1)  # [B, H, W]
-        total = up if total is None else _logaddexp(total, up)
-    return total
+    """log S as [B, H, W] without under- or overflow. Bilinear upsampling is separable: each scale's
+    map is upsampled along its rows in log space, then the scales, side by side, along the columns,
+    which also sums them."""
+    rows = [_log_upsample((lm.float() - refs[k]).transpose(-1, -2), [lm.shape[-2]], size[0]).transpose(-1, -2)
+            for k, lm in enumerate(log_maps)]  # [B, H, w_k]
+    return _log_upsample(torch.cat(rows, -1), [lm.shape[-1] for lm in log_maps], size[1])
 
 
 def anomaly_maps(log_maps: Sequence[torch.Tensor], refs: torch.Tensor, offset: torch.Tensor | float,
