@@ -59,10 +59,10 @@ def main() -> None:
         refs, offset = model.ref_log_density, model.map_offset
         for mode in ("log", "stateless"):
             rows.append((f"map step, {mode}", _median_ms(
-                lambda: anomaly_maps(logs, refs, offset, (size, size), mode), args.repeats, n)))
+                lambda: anomaly_maps(logs, refs, offset, size, mode), args.repeats, n)))
         for mode in ("log", "stateless"):
             rows.append((f"whole forward, {mode}", _median_ms(lambda: model(x, mode), max(1, args.repeats // 2), n)))
-    print(f"\n{args.model}, {size} px, 2 threads; CPU flags: {cpu_flags()}; median of {args.repeats}")
+    print(f"\n{args.model}, {size[0]}x{size[1]} px, 2 threads; CPU flags: {cpu_flags()}; median of {args.repeats}")
     print("| part | ms per image |\n|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} |")

@@ -92,7 +92,7 @@ def _log_upsample(x: torch.Tensor, n_ins: Sequence[int], n_out: int) -> torch.Te
     in `_plan`, without under- or overflow: each block's inputs are shifted by their maximum before the
     exponential, so every term is <= 1 and the largest, 1, has a positive weight at every output of
     the block; the block's weighted sums are then one matrix product. About ten full-size operations,
-    against some fifty for pairwise log-add-exps (9x faster in PyTorch, benchmarks/RESULTS.md)."""
+    against some fifty for pairwise log-add-exps (3.6x faster in PyTorch, benchmarks/RESULTS.md)."""
     index, slots, block_of, width = _plan(tuple(int(n) for n in n_ins), int(n_out), str(x.device))
     g = x[..., index].unflatten(-1, (-1, width))
     top = g.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)  # finite, so -inf inputs give -inf
