@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "2-scales": {"pool_layers": 2},
     "512px": {"image_size": 512},
     "4-couplings": {"coupling_layers": 4},
+    "4-couplings-c64": {"coupling_layers": 4, "condition_dim": 64},
     "uflow": {"conditional": False},
     "rotation5": {"rotation": 5.0},
     "no-whitening": {"whitening": "none"},

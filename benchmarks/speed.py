@@ -18,6 +18,8 @@ x 32x32 patches x 0.01). SPADE runs in PyTorch only.
 
     python benchmarks/speed.py --json speed.json
 
+--coupling-layers and --condition-dim time a smaller decoder than the default's.
+
 With --device it times the paper's own Table 6 configurations instead, on that device (a GPU:
 the paper used a GTX 1080): ResNet-18, Wide-ResNet-50 and MobileNetV3-L with the paper's taps and
 decoders (3 scales, 8 couplings, C = 128, no whitening), and MobileNetV2 with this project's
@@ -74,9 +76,10 @@ RUNTIMES = ("torch", "onnx")
 TORCH_ONLY = tuple(name for name, kind in METHOD_CLASSES.items() if "onnx" not in kind.runtimes)
 
 
-def _models(condition_dim: int, gallery: int, memory_patches: int) -> dict:
-    """CFLOW-AD and the baselines on one shared encoder (MobileNetV2, taps 8/16/32, 256 px)."""
-    cfg = CFlowConfig(condition_dim=condition_dim)
+def _models(decoder: dict, gallery: int, memory_patches: int) -> dict:
+    """CFLOW-AD (the default config with the `decoder` fields changed) and the baselines on one shared
+    encoder (MobileNetV2, taps 8/16/32, 256 px)."""
+    cfg = CFlowConfig(**decoder)
     cflow = build_model(cfg).eval()
     # the same weights (seeded decoders, shared encoder) with the paper's Eq. 8 map: what the log-space map costs
     eq8 = CFlowModel(cfg.replace(normalization="stateless"), cflow.encoder).eval()
@@ -118,12 +121,12 @@ def _parts(runtime: str) -> list[str]:
     return [p for p in PARTS if p not in (ONNX_ONLY if runtime == "torch" else TORCH_ONLY)]
 
 
-def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim: int, gallery: int,
+def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, decoder: dict, gallery: int,
           memory_patches: int) -> dict:
     """Times every part of one runtime at batch 1 and 32, alternating them in every repeat so
     that machine noise hits all alike; runs in its own process for a clean peak RSS."""
     torch.set_num_threads(threads)
-    models = _models(condition_dim, gallery, memory_patches)
+    models = _models(decoder, gallery, memory_patches)
     runs = {part: _runner(models, part, runtime, threads) for part in _parts(runtime)}
     out: dict = {}
     gen = torch.Generator().manual_seed(0)
@@ -145,9 +148,9 @@ def _rows(runtime: str, threads: int, repeats: int, b1_calls: int, condition_dim
     return out
 
 
-def _sizes(condition_dim: int, gallery: int, memory_patches: int) -> dict:
+def _sizes(decoder: dict, gallery: int, memory_patches: int) -> dict:
     """What each method stores besides the encoder, counted from the models' own tensors."""
-    models = _models(condition_dim, gallery, memory_patches)
+    models = _models(decoder, gallery, memory_patches)
     model = models["cflow"]
     count = lambda tensors: sum(t.numel() for t in tensors)  # noqa: E731
     dec = count(model.decoders.parameters())
@@ -244,6 +247,7 @@ def main() -> None:
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--condition-dim", type=int, default=CFlowConfig.condition_dim,
                    help="size C of the positional condition (a lighter condition trades accuracy for speed)")
+    p.add_argument("--coupling-layers", type=int, default=CFlowConfig.coupling_layers, help="coupling layers per decoder")
     p.add_argument("--gallery", type=int, default=762, help="SPADE's gallery size in training images (magnetic_tile: 762)")
     p.add_argument("--memory-patches", type=int, default=round(762 * 32 * 32 * 0.01),
                    help="PatchCore's memory bank in patches (magnetic_tile's 1%% coreset: 7803)")
@@ -258,6 +262,7 @@ def main() -> None:
     t6.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     t6.add_argument("--warmup", type=int, default=3, help="untimed calls per part before the timed repeats")
     args = p.parse_args()
+    decoder = {"condition_dim": args.condition_dim, "coupling_layers": args.coupling_layers}
     if args.device:
         figures = table6(args)
         if args.json:
@@ -265,7 +270,7 @@ def main() -> None:
                 json.dump(figures, f, indent=2)
         return
     if args.row:
-        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, args.condition_dim, args.gallery,
+        print(json.dumps(_rows(args.row, args.threads, args.repeats, args.b1_calls, decoder, args.gallery,
                                args.memory_patches)))
         return
 
@@ -273,14 +278,15 @@ def main() -> None:
     for runtime in args.runtimes:
         cmd = [sys.executable, __file__, "--row", runtime, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--b1-calls", str(args.b1_calls),
-               "--condition-dim", str(args.condition_dim), "--gallery", str(args.gallery),
+               "--condition-dim", str(args.condition_dim), "--coupling-layers", str(args.coupling_layers),
+               "--gallery", str(args.gallery),
                "--memory-patches", str(args.memory_patches)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{runtime}: done", file=sys.stderr, flush=True)
 
-    figures: dict = {"cpu_flags": cpu_flags(), "threads": args.threads, "repeats": args.repeats, "image_size": 256, "condition_dim": args.condition_dim}
-    print(f"\nMobileNetV2, taps 8/16/32, 8 couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats};"
+    figures: dict = {"cpu_flags": cpu_flags(), "threads": args.threads, "repeats": args.repeats, "image_size": 256, **decoder}
+    print(f"\nMobileNetV2, taps 8/16/32, {args.coupling_layers} couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats};"
           f" CPU flags: {figures['cpu_flags']}")
     print("| runtime | part | batch | img/s | ms/img | part/encoder |")
     print("|---|---|---|---|---|---|")
@@ -309,10 +315,10 @@ def main() -> None:
         print("\nint8 decoders (onnx): CFLOW-AD / encoder alone = "
               f"{figures['onnx_cflow_int8_ratio_b1']:.2f} at batch 1, {figures['onnx_cflow_int8_ratio_b32']:.2f} at batch 32"
               f" (fp32: {figures['onnx_cflow_ratio_b1']:.2f} / {figures['onnx_cflow_ratio_b32']:.2f})")
-    sizes = _sizes(args.condition_dim, args.gallery, args.memory_patches)
+    sizes = _sizes(decoder, args.gallery, args.memory_patches)
     figures.update(sizes)
     print("\n| stored per model | parameters / floats | MB (float32) |\n|---|---|---|")
-    print(f"| flow decoders (3 scales, 8 couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
+    print(f"| flow decoders (3 scales, {args.coupling_layers} couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
     print(f"| location whitening (per-location Gaussians, 3 scales) | {sizes['whitening_floats']:,} | {sizes['whitening_mb']:.1f} |")
     print(f"| PaDiM bank, same taps (100 channels at 32x32 locations) | {sizes['padim_bank_floats']:,} | {sizes['padim_bank_mb']:.1f} |")
     print(f"| SPADE gallery, same taps ({args.gallery} images x 32x32 x 288 + pooled) | {sizes['spade_gallery_floats']:,}"
