@@ -145,6 +145,29 @@ def test_int8_needs_recorded_ranges_and_a_checkpoint_for_onnxruntime(tiny_checkp
         api.export(tiny_checkpoint, tmp_path / "y.onnx", quantize="int4")
 
 
+def test_test_scores_an_onnx_file_as_exported(exported, tiny_checkpoint, synthetic_root, tmp_path):
+    """`test --model model.onnx` measures the deployed file: the same metrics as the checkpoint exported on the fly,
+    its thresholds from the file's metadata, and its int8 setting read from the file rather than a flag."""
+    source = api.DataSource(synthetic_root, "synthetic")
+    calibrated = tmp_path / "calibrated.safetensors"
+    api.calibrate(tiny_checkpoint, calibrated, source, target_fpr=0.2, progress=False)
+    onnx_file = api.export(calibrated, tmp_path / "m.onnx")
+    on_the_fly = api.test(calibrated, None, source, progress=False, runtime="onnx")
+    from_file = api.test(onnx_file, tmp_path / "t", source, progress=False)
+    assert from_file["runtime"] == "onnx" and from_file["quantize"] == "none" and from_file["images"] == 12
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert from_file[key] == pytest.approx(on_the_fly[key], abs=1e-6)
+    assert from_file["thresholds"] == on_the_fly["thresholds"]
+    assert from_file["at_threshold"] == on_the_fly["at_threshold"] and from_file["at_threshold"]
+    assert (tmp_path / "t" / "scores.csv").read_text().count("\n") == 13
+    int8_file = api.export(tiny_checkpoint, tmp_path / "q.onnx", quantize="int8")
+    assert api.test(int8_file, None, source, progress=False)["quantize"] == "int8"
+    with pytest.raises(CflowInputError, match="scored as it was exported"):
+        api.test(exported, None, source, progress=False, quantize="int8")
+    with pytest.raises(CflowInputError, match="fixed mode"):
+        api.test(exported, None, source, progress=False, normalization="paper")
+
+
 def test_test_and_predict_score_int8_in_onnxruntime(tiny_checkpoint, synthetic_root, tmp_path):
     source = api.DataSource(synthetic_root, "synthetic")
     fp32 = api.test(tiny_checkpoint, None, source, progress=False)

@@ -24,7 +24,7 @@ from .errors import CflowInputError
 from .export import export_onnx
 from .geometry import full_boxes, restore
 from .images import read
-from .inference import Inspector, Predictions, as_model, exportable, load_runner
+from .inference import Inspector, Predictions, as_model, exportable, is_onnx_file, load_runner
 from .metrics import Evaluation, to_json
 from .model import METHOD_CLASSES, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
@@ -193,10 +193,12 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
     (default: `Compute()`); maps and scores come back to the host once per batch. A file that cannot be
     read stops it with its one-line error. `log` and `stateless` scoring keep nothing between batches;
     `paper` keeps the per-scale log maps and the masks (5 + 64 KB an image at 256 px; `scoring.paper_stream`).
-    A `runner` (`runtime.OnnxModel`, the model exported) scores instead of `model`, in the model's own mode."""
+    A `runner` (`runtime.OnnxModel`, the model exported) scores instead of `model`, in the model's own mode;
+    `model` may then be the runner itself (an .onnx file, no PyTorch model)."""
     _check_mode(model, mode)
     compute = compute or Compute()
-    compute.place(model).eval()
+    if runner is None:
+        compute.place(model).eval()
     loader = D.image_loader(dataset, compute, model.config.batch_size)
 
     def meta(batch):
@@ -246,21 +248,24 @@ def test(
     quantize: str | None = None,
 ) -> dict:
     """Score the labelled test split of `source` in `runtime` (`onnx`: the model exported, with int8
-    decoders under `quantize="int8"`); writes metrics.json and scores.csv to `output` when
-    given. Image metrics use every image, pixel metrics the images with masks (metrics.json counts
-    both); a metric that cannot be computed is None. With calibrated thresholds, metrics also give
-    the false-positive rate and recall they reach. Memory is bounded: pixel metrics are exact while
-    the set's maps and masks fit in an eighth of `memory_mb` (default: the config's), else binned."""
+    decoders under `quantize="int8"`), or an .onnx file as it was exported (what the line runs); writes
+    metrics.json and scores.csv to `output` when given. Image metrics use every image, pixel metrics the
+    images with masks (metrics.json counts both); a metric that cannot be computed is None. With
+    calibrated thresholds, metrics also give the false-positive rate and recall they reach. Memory is
+    bounded: pixel metrics are exact while the set's maps and masks fit in an eighth of `memory_mb`
+    (default: the config's), else binned."""
     model_path = model if isinstance(model, (str, Path)) else None
     compute = Compute(device, precision, workers)
-    model = as_model(model).eval()
+    onnx_file = is_onnx_file(model)  # an .onnx file's config, thresholds and heat-map scale are in its metadata
+    model = load_runner(model, "onnx", compute, quantize=quantize) if onnx_file else as_model(model).eval()
     mode = normalization or model.config.normalization
-    runner = None
-    if runtime != "torch" or quantize:
-        if mode != fixed_mode(model.config):
-            raise CflowInputError(f"--runtime {runtime} scores in the export's fixed mode, {fixed_mode(model.config)}:"
-                                  f" --normalization {mode} needs --runtime torch")
-        runner = load_runner(model, runtime, compute, quantize=quantize)
+    exported = onnx_file or runtime != "torch" or bool(quantize)
+    if exported and mode != fixed_mode(model.config):
+        raise CflowInputError(f"--runtime onnx scores in the export's fixed mode, {fixed_mode(model.config)}:"
+                              f" --normalization {mode} needs a checkpoint with --runtime torch")
+    runner = model if onnx_file else load_runner(model, runtime, compute, quantize=quantize) if exported else None
+    if onnx_file:
+        runtime, quantize = "onnx", None if model.quantize == "none" else model.quantize
     dataset = source.open("test", model.config)
     thresholds = model.thresholds if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
 
     e = sub.add_parser("test", help="evaluate a model on a labelled test set")
-    e.add_argument("--model", type=Path, required=True, help="checkpoint written by 'train'")
+    e.add_argument("--model", type=Path, required=True,
+                   help="checkpoint written by 'train', or a .onnx file written by 'export' (scored as exported)")
     _add_data_flags(e, test=True)
     e.add_argument("--output", type=Path, required=True, help="folder for metrics.json and scores.csv")
     e.add_argument("--normalization", choices=NORMALIZATIONS, help="score in another mode than the checkpoint's"
