@@ -263,9 +263,10 @@ def test(
     if exported and mode != fixed_mode(model.config):
         raise CflowInputError(f"--runtime onnx scores in the export's fixed mode, {fixed_mode(model.config)}:"
                               f" --normalization {mode} needs a checkpoint with --runtime torch")
-    runner = model if onnx_file else load_runner(model, runtime, compute, quantize=quantize) if exported else None
     if onnx_file:
-        runtime, quantize = "onnx", None if model.quantize == "none" else model.quantize
+        runner, runtime, quantize = model, "onnx", model.quantize
+    else:
+        runner = load_runner(model, runtime, compute, quantize=quantize) if exported else None
     dataset = source.open("test", model.config)
     thresholds = model.thresholds if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)
