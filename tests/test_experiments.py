@@ -10,6 +10,7 @@ from PIL import Image
 
 from cflow_ad import experiments
 from cflow_ad.cli import run
+from cflow_ad.config import CFlowConfig
 from cflow_ad.errors import CflowInputError
 
 from .conftest import TINY, strict_json, without_masks
@@ -129,3 +130,72 @@ def test_tables_and_figures_of_sets_without_masks(synthetic_root, tmp_path):
                                 log=lambda m: None)["synthetic/padim"]
     assert 0 < entry["f1"] <= 1 and Path(entry["grid"]).is_file() and Path(entry["histogram"]).is_file()
     assert not {str(partial / "synthetic" / "test" / "spot" / f"00{i}.png") for i in (0, 1)} & set(entry["examples"])
+
+
+PROSE = """# A set
+
+| split | class | images |
+|---|---|---|
+| train | good | 54 |
+
+- Measured on 2 CPU cores, 256 px: cflow-ad defaults (main at 74516ce, 2026-12-07)
+  96.27 / 80.46 / 77.05; anomalib 2.7 PaDiM with the same MobileNetV2, its own pipeline (2026-11-29) 93.8 / 74.4 / 76.9.
+- Published (IM-IAD, 256 px; image AUROC / pixel AUROC / AUPRO): PatchCore 97.5 / 83.6 / 68.6, PaDiM 88.5 / 76.8 / 79.8.
+"""
+TABLE = """| method | tiles | plates |
+|---|---|---|
+| cflow-ad defaults (main at 74516ce) | 100.0 / 97.04 / 80.93 | 100.0 / 99.50 / 97.02 |
+| anomalib 2.7 PaDiM, same MobileNetV2 (taps stride 4/8/16), its own pipeline | 100.0 / 99.20 / 90.28 | 99.0 / 99.72 / 98.49 |
+"""
+IMAGE_ONLY = "- Measured 2026-12-07, 256 px: cflow-ad defaults (main at 74516ce) image\n  AUROC 94.62.\n"
+
+
+def test_readme_references_from_prose_tables_and_image_only_sets():
+    prose = experiments.readme_references(PROSE, "any")
+    assert prose["cflow-ad before"] == pytest.approx({"image_auroc": 0.9627, "pixel_auroc": 0.8046, "aupro": 0.7705})
+    assert prose["anomalib PaDiM"] == pytest.approx({"image_auroc": 0.938, "pixel_auroc": 0.744, "aupro": 0.769})
+    table = experiments.readme_references(TABLE, "plates")  # the category's own column
+    assert table["anomalib PaDiM"] == pytest.approx({"image_auroc": 0.99, "pixel_auroc": 0.9972, "aupro": 0.9849})
+    assert table["cflow-ad before"]["aupro"] == pytest.approx(0.9702)
+    assert experiments.readme_references(IMAGE_ONLY, "mono") == {
+        "cflow-ad before": {"image_auroc": pytest.approx(0.9462), "pixel_auroc": None, "aupro": None}}
+    assert experiments.readme_references("# nothing measured\n", "x") == {}
+
+
+def test_suite_runs_every_set_under_a_folder_of_roots(tmp_path):
+    from cflow_ad.data import make_synthetic_mvtec
+
+    data = tmp_path / "data"
+    make_synthetic_mvtec(data / "first", category="tiles", n_train=12, n_test_good=3, n_test_defect=3, size=64, seed=1)
+    make_synthetic_mvtec(data / "second", category="plates", n_train=12, n_test_good=3, n_test_defect=3, size=64, seed=2)
+    (data / "first" / "README.md").write_text(TABLE)
+    (data / "second" / "README.md").write_text(PROSE)
+    assert [c.name for c in experiments.categories(data)] == ["first/tiles", "second/plates"]
+    assert [c.name for c in experiments.categories(data / "first")] == ["tiles"]  # a root of categories itself
+    with pytest.raises(CflowInputError, match="choose from first/tiles, second/plates"):
+        experiments.categories(data, ["nope"])
+
+    base = CFlowConfig(method="padim", image_size=64, border_pad=16, pool_layers=2, last_stride=16,
+                       calibration_fraction=0.25)  # what the flags below say
+    out = tmp_path / "out"
+    assert run(["--quiet", "experiment", "suite", "--data", str(data), "--output", str(out), "--method", "padim",
+                "--image-size", "64", "--border-pad", "16", "--pool-layers", "2", "--last-stride", "16",
+                "--calibration-fraction", "0.25"]) == 0
+    payload = strict_json((out / "suite.json").read_text())
+    rows = {r["category"]: r for r in payload["rows"]}
+    assert sorted(rows) == ["first/tiles", "second/plates"]
+    for r in rows.values():
+        assert r["image_auroc"] > 0.8 and r["runs"][0]["config"]["calibration_fraction"] == 0.25  # trained as `train`
+        assert r["runs"][0]["at_threshold"]["image_fpr"] is not None  # the calibrated thresholds were measured
+    assert payload["mean"]["pixel_auroc"] == pytest.approx((rows["first/tiles"]["pixel_auroc"]
+                                                            + rows["second/plates"]["pixel_auroc"]) / 2)
+    assert rows["first/tiles"]["references"]["anomalib PaDiM"]["image_auroc"] == pytest.approx(1.0)
+    assert rows["second/plates"]["references"]["anomalib PaDiM"]["aupro"] == pytest.approx(0.769)
+    table = (out / "suite.md").read_text()
+    tiles = next(line for line in table.splitlines() if line.startswith("| first/tiles |"))
+    assert "100.0 / 99.2 / 90.3" in tiles  # the README's figures beside the run's
+    delta = tiles.rsplit("|", 2)[1].split(" / ")
+    assert float(delta[0]) == pytest.approx(100 * rows["first/tiles"]["image_auroc"] - 100.0, abs=0.06)
+    assert "| **mean** |" in table
+    again = experiments.suite(base, data, ["plates"], out, log=lambda m: None)
+    assert again["rows"] == [rows["second/plates"]]  # a stored run is read back, not trained again

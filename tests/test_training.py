@@ -12,7 +12,7 @@ from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.config import CFlowConfig
 from cflow_ad.model import CFlowModel
 from cflow_ad.source import DataSource
-from cflow_ad.training import fiber_loss, learning_rate, location_chunks
+from cflow_ad.training import fiber_loss, learning_rate, location_chunks, meta_epochs, steps_per_pass
 
 from .conftest import TINY
 
@@ -64,6 +64,23 @@ def test_validation_split_selects_a_meta_epoch(synthetic_root, tmp_path):
     assert len(history["val_nll"]) == 2
     assert history["selected_meta_epoch"] == 1 + history["val_nll"].index(min(history["val_nll"]))
     assert history["train_images"] == 18
+
+
+def test_steps_per_pass_count_the_chunks_training_takes():
+    cfg = TINY.replace(batch_size=8, fiber_batch=200)  # 128 px: 16x16 and 8x8 maps
+    n, gen = 21, torch.Generator().manual_seed(0)
+    counted = [sum(len(location_chunks(torch.zeros(b, (128 // s) ** 2, 1), cfg.fiber_batch, gen)) for b in (8, 8, 5))
+               for s in cfg.strides]
+    assert steps_per_pass(cfg, n) == counted == [21, 8]  # 256 locations: a map a step; 64: three maps a step
+
+
+def test_min_steps_trains_a_small_set_longer(synthetic_root, tmp_path):
+    cfg = TINY.replace(epochs=1, sub_epochs=2, coupling_layers=1, min_steps=30)
+    assert meta_epochs(cfg, 24) == 3 and meta_epochs(cfg.replace(min_steps=0), 24) == 1  # 6 steps a pass at 8x8
+    assert meta_epochs(cfg, 1000) == 1  # a large set already takes the steps
+    path = api.train(cfg, tmp_path, source=DataSource(synthetic_root, "synthetic"), progress=False, log=lambda m: None)
+    history = read_metadata(path)["extra"]["history"]
+    assert history["epochs"] == 6 and len(history["epoch_loss"]) == 6
 
 
 def test_whitening_is_fitted_on_unrotated_images_with_or_without_the_feature_cache(synthetic_root, tmp_path):

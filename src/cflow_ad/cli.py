@@ -204,13 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                    " in training (CFLOW-AD; default: fp32; README, 'int8 decoders')")
 
     xp = sub.add_parser(
-        "experiment", help="the paper's experiments: ablation (Table 2), compare (Tables 3-4), figures (Figures 3-4)",
-        formatter_class=_Help)
-    xp.add_argument("name", choices=("ablation", "compare", "figures"), help="which experiment")
-    xp.add_argument("--data", type=Path, required=True, help="MVTec-layout root")
-    xp.add_argument("--categories", nargs="+", help="categories under --data (default: all)")
+        "experiment", help="the paper's experiments: ablation (Table 2), compare (Tables 3-4), figures (Figures 3-4);"
+        " suite: one config on every development set", formatter_class=_Help)
+    xp.add_argument("name", choices=("ablation", "compare", "figures", "suite"), help="which experiment")
+    xp.add_argument("--data", type=Path, nargs="+", required=True,
+                    help="MVTec-layout roots, or folders of them (e.g. ../shared/data: every set in it)")
+    xp.add_argument("--categories", nargs="+", help="categories under --data, by category or root/category (default: all)")
     xp.add_argument("--output", type=Path, required=True, help="folder for NAME.md, NAME.json, figures and runs/")
-    xp.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="compare: seeds per method")
+    xp.add_argument("--seeds", nargs="+", type=int, help="compare: seeds per method (default: 0 1 2 3); suite:"
+                    " seeds of the config (default: 0)")
     xp.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="compare: methods")
     xp.add_argument("--variants", nargs="+", help="ablation: variant names (default: all; see ablation.md)")
     _add_compute_flags(xp)
@@ -397,7 +399,10 @@ def run(argv: list[str] | None = None) -> int:
         if args.name == "ablation":
             experiments.ablation(base, args.data, args.categories, args.output, args.variants, **common)
         elif args.name == "compare":
-            experiments.compare(base, args.data, args.categories, args.output, args.methods, args.seeds, **common)
+            experiments.compare(base, args.data, args.categories, args.output, args.methods, args.seeds or [0, 1, 2, 3],
+                                **common)
+        elif args.name == "suite":
+            experiments.suite(base, args.data, args.categories, args.output, args.seeds or [0], **common)
         else:
             experiments.figures(base, args.data, args.categories, args.output, **common)
         print((args.output / f"{args.name}.md").read_text(), end="")

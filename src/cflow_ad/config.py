@@ -93,6 +93,10 @@ class CFlowConfig:
     # training (Eq. 7)
     epochs: int = _opt(2, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
     sub_epochs: int = _opt(2, "Passes over the training images inside each meta-epoch.")
+    min_steps: int = _opt(
+        0, "Raise the meta-epochs until every scale's flow takes at least this many optimiser steps (a small set"
+        " then trains as long as a large one); 0: exactly --epochs."
+    )
     batch_size: int = _opt(16, "Images per encoder batch; all their fibers are used before the next batch.")
     fiber_batch: int = _opt(
         2048, "Feature vectors (fibers) per optimizer step, rounded to whole maps: max(1, N // (h*w)) maps per step."
@@ -165,6 +169,8 @@ class CFlowConfig:
                               ("whitening", WHITENINGS), ("image_score", IMAGE_SCORES)):
             if getattr(self, name) not in choices:
                 bad(f"{name} '{getattr(self, name)}' is not one of {', '.join(choices)}")
+        if self.min_steps < 0:
+            bad(f"min_steps must be >= 0, got {self.min_steps}")
         if self.coupling_layers < 1 or self.epochs < 1 or self.sub_epochs < 1 or self.batch_size < 1 or self.fiber_batch < 1:
             bad("coupling_layers, epochs, sub_epochs, batch_size and fiber_batch must be >= 1")
         if self.padim_channels < 1 or self.knn_images < 1 or self.blur_sigma < 0:

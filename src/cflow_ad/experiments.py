@@ -4,9 +4,13 @@
 - `compare` (Tables 3-4): CFLOW-AD, PaDiM, SPADE and PatchCore per category, mean +/- std over seeds.
 - `figures` (Figures 3-4): image / ground truth / anomaly map / predicted mask, and the pixel
   score histograms, at the pixel threshold that maximises F1.
+- `suite`: one config, trained as `cflow-ad train` does, on every category under several roots (the
+  development sets), beside the reference figures of each set's README. Defaults are judged on it.
 Table 6 (speed and size per method) is `benchmarks/speed.py`.
 
-Every run (method, config, seed, category) is stored under OUTPUT/runs/ with its checkpoint and
+`--data` takes one root or several: a root that holds categories, or a folder of such roots
+(`../shared/data`), whose categories are then named `root/category`. Every run (method, config,
+seed, category) is stored under OUTPUT/runs/ with its checkpoint and
 metrics, named by a hash of its config: a rerun, or another experiment needing the same run,
 reuses it, so an interrupted experiment resumes where it stopped.
 """
@@ -16,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,9 +36,8 @@ from .encoder import PACKAGED_WEIGHTS, packaged_weights_path
 from .errors import CflowInputError
 from .metrics import f1_optimal_threshold, to_json
 from .model import METHOD_CLASSES
-from .source import DataSource
+from .source import DataSource, layout
 
-EXPERIMENTS = ("ablation", "compare", "figures")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 DETERMINISTIC = tuple(name for name, kind in METHOD_CLASSES.items() if kind.deterministic)  # one seed says everything
 
@@ -61,14 +66,12 @@ def ablation_variants(base: CFlowConfig) -> dict[str, dict]:
 
 
 # Fields a method never reads, or that never change the metrics: runs differing only in them
-# are the same run. Experiments follow the paper and train on every training image, so the
-# calibration hold-out is always 0 here (thresholds play no part in the paper's metrics).
+# are the same run. The calibration hold-out is not one of them: it takes images from training.
 _BASELINE = {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "permutation", "whitening",
-             "whitening_eps", "epochs", "sub_epochs", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
-             "val_fraction", "normalization", "calibration_fraction", "target_fpr", "memory_mb"}
+             "whitening_eps", "epochs", "sub_epochs", "min_steps", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
+             "val_fraction", "normalization", "target_fpr", "memory_mb"}
 _UNUSED = {
-    "cflow": {"padim_channels", "knn_images", "coreset_ratio", "blur_sigma", "calibration_fraction", "target_fpr",
-              "memory_mb"},
+    "cflow": {"padim_channels", "knn_images", "coreset_ratio", "blur_sigma", "target_fpr", "memory_mb"},
     "padim": _BASELINE | {"coreset_ratio"},
     "spade": _BASELINE | {"coreset_ratio"},
     "patchcore": _BASELINE | {"padim_channels", "knn_images"},
@@ -83,42 +86,71 @@ def run_key(config: CFlowConfig) -> str:
 
 
 def run_once(config: CFlowConfig, data: Path, category: str, output: Path, progress: bool = False,
-             log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
-    """Train and test one config on one category, or read the stored result of an identical run.
-    `compute` (device, precision, workers for the api) is a run setting: it is not in the run's key."""
+             log: Callable[[str], None] = print, compute: dict | None = None, paper: bool = True,
+             name: str | None = None) -> dict:
+    """Train and test one config on one category (stored as `name`, default the category), or read
+    the stored result of an identical run. With `paper` it trains on every training image, as the
+    paper does (thresholds play no part in its metrics); without, as `cflow-ad train` does, holding
+    out the calibration images. `compute` (device, precision, workers for the api) is a run setting:
+    it is not in the run's key."""
     compute = compute or {}
-    config = config.replace(calibration_fraction=0.0)
-    folder = output / "runs" / category / run_key(config)
+    if paper:
+        config = config.replace(calibration_fraction=0.0)
+    name = name or category
+    folder = output / "runs" / name / run_key(config)
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    log(f"[{category}] training {config.method} seed {config.seed} -> {folder}")
+    log(f"[{name}] training {config.method} seed {config.seed} -> {folder}")
     source = DataSource(data, category)
     path = api.train(config, folder, source, progress=progress, log=lambda m: None, **compute)
     metrics = api.test(path, folder / "test", source, progress=progress, **compute)
     history = read_metadata(path)["extra"]["history"]
     result = {
-        "category": category, "method": config.method, "seed": config.seed, "config": json.loads(config.to_json()),
-        **{k: metrics[k] for k in METRICS}, "per_type": metrics["per_type"],
+        "category": name, "method": config.method, "seed": config.seed, "config": json.loads(config.to_json()),
+        **{k: metrics[k] for k in METRICS}, "per_type": metrics["per_type"], "at_threshold": metrics.get("at_threshold"),
         "train_seconds": round(history["train_seconds"], 1), "test_seconds": metrics["seconds"],
         "test_images": metrics["images"], "checkpoint": str(path),
     }
     result_file.write_text(to_json(result))
-    log(f"[{category}] {config.method} seed {config.seed}: " + " / ".join(_pct([result[k]]) for k in METRICS))
+    log(f"[{name}] {config.method} seed {config.seed}: " + " / ".join(_pct([result[k]]) for k in METRICS))
     return result
 
 
-def _categories(data: Path, categories: Sequence[str] | None) -> list[str]:
-    found = DataSource(data).categories()
-    if not categories:
-        if not found:
-            raise CflowInputError(f"no categories under '{data}': pass an MVTec-layout root (ROOT/CATEGORY/train/good)"
-                                  " or an STC root (training/frames/)")
+class Category(NamedTuple):
+    """One category of an experiment: its name in tables and run folders, its root, its folder name."""
+
+    name: str
+    root: Path
+    category: str
+
+
+def categories(roots: Path | Sequence[Path], chosen: Sequence[str] | None = None) -> list[Category]:
+    """The categories under `roots`: a root's own categories (named by the category), or those of the
+    roots one level down (named `root/category`, e.g. `piped/flr01_tl` under ../shared/data). `chosen`
+    keeps those named, by name or category."""
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    found: list[Category] = []
+    for top in roots:
+        if not top.is_dir():
+            raise CflowInputError(f"'{top}' is not a folder: pass an MVTec-layout root, an STC root or a folder of"
+                                  " MVTec-layout roots")
+        own = DataSource(top).categories()
+        if own:
+            found += [Category(c, top, c) for c in own]
+            continue
+        for root in sorted(p for p in top.iterdir() if p.is_dir() and layout(p) == "mvtec"):
+            found += [Category(f"{root.name}/{c}", root, c) for c in DataSource(root).categories()]
+    if not found:
+        raise CflowInputError(f"no categories under {', '.join(map(str, roots))}: pass an MVTec-layout root"
+                              " (ROOT/CATEGORY/train/good), an STC root (training/frames/) or a folder of such roots")
+    if not chosen:
         return found
-    missing = [c for c in categories if c not in found]
+    missing = [c for c in chosen if not any(c in (f.name, f.category) for f in found)]
     if missing:
-        raise CflowInputError(f"categories {', '.join(missing)} not under '{data}': choose from {', '.join(found) or 'none'}")
-    return list(categories)
+        raise CflowInputError(f"categories {', '.join(missing)} not under {', '.join(map(str, roots))}: choose from"
+                              f" {', '.join(f.name for f in found)}")
+    return [f for f in found if f.name in chosen or f.category in chosen]
 
 
 def _known(values: Sequence[float | None]) -> list[float]:
@@ -146,7 +178,7 @@ def _write(output: Path, name: str, markdown: str, payload: dict) -> dict:
     return payload
 
 
-def ablation(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path,
+def ablation(base: CFlowConfig, data: Path | Sequence[Path], chosen_categories: Sequence[str] | None, output: Path,
              variants: Sequence[str] | None = None, progress: bool = False, log: Callable[[str], None] = print,
              compute: dict | None = None) -> dict:
     """Table 2: each variant of `base` on each category, one seed (base.seed)."""
@@ -155,13 +187,13 @@ def ablation(base: CFlowConfig, data: Path, categories: Sequence[str] | None, ou
     unknown = [v for v in chosen if v not in table]
     if unknown:
         raise CflowInputError(f"unknown ablation variants {', '.join(unknown)}: choose from {', '.join(table)}")
-    cats = _categories(data, categories)
+    cats = categories(data, chosen_categories)
     rows = []
     for name in chosen:
         config = base.replace(method="cflow", **table[name])
-        results = [run_once(config, data, c, output, progress, log, compute) for c in cats]
+        results = [run_once(config, c.root, c.category, output, progress, log, compute, name=c.name) for c in cats]
         rows.append({"variant": name, "changes": table[name], "results": results})
-    lines = [f"Base: {_describe(base)}; seed {base.seed}; categories: {', '.join(cats)} (mean over them; pixel"
+    lines = [f"Base: {_describe(base)}; seed {base.seed}; categories: {', '.join(c.name for c in cats)} (mean over them; pixel"
              " metrics over those with masks).", "",
              "| variant | image AUROC | pixel AUROC | AUPRO | training s | test s |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -177,20 +209,21 @@ def _describe(config: CFlowConfig) -> str:
             f" {config.size_text}")
 
 
-def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path,
+def compare(base: CFlowConfig, data: Path | Sequence[Path], chosen_categories: Sequence[str] | None, output: Path,
             methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2, 3), progress: bool = False,
             log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
     """Tables 3-4: every method on every category and seed (one seed for deterministic methods)."""
-    cats = _categories(data, categories)
+    found = categories(data, chosen_categories)
+    cats = [c.name for c in found]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise CflowInputError(f"unknown methods {', '.join(bad)}: choose from {', '.join(METHODS)}")
     results: dict[str, dict[str, list[dict]]] = {m: {} for m in methods}
     for m in methods:
-        for c in cats:
+        for c in found:
             runs = seeds[:1] if m in DETERMINISTIC else seeds
-            results[m][c] = [run_once(base.replace(method=m, seed=s), data, c, output, progress, log, compute)
-                             for s in runs]
+            results[m][c.name] = [run_once(base.replace(method=m, seed=s), c.root, c.category, output, progress, log,
+                                           compute, name=c.name) for s in runs]
     lines = [f"Encoder and taps for every method: {_describe(base)}. Seeds {', '.join(map(str, seeds))}"
              f" (mean ± std); {', '.join(DETERMINISTIC)}: deterministic, one run.", ""]
     for metric, title in zip(METRICS, ("Image AUROC (%)", "Pixel AUROC (%)", "AUPRO (%)")):
@@ -210,7 +243,8 @@ def compare(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
                                                               "results": results})
 
 
-def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, output: Path, rows: int = 6,
+def figures(base: CFlowConfig, data: Path | Sequence[Path], chosen_categories: Sequence[str] | None, output: Path,
+            rows: int = 6,
             progress: bool = False, log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
     """Figures 3-4 for `base` (its method and seed) per category: an example grid and the pixel
     score histograms, both at the F1-optimal pixel threshold, from the test images with masks; a
@@ -223,10 +257,11 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
 
     previous = output / "figures.json"  # other methods' figures stay listed
     payload = json.loads(previous.read_text()) if previous.is_file() else {}
-    for c in _categories(data, categories):
-        result = run_once(base, data, c, output, progress, log, compute)
+    for cat in categories(data, chosen_categories):
+        c = cat.name
+        result = run_once(base, cat.root, cat.category, output, progress, log, compute, name=c)
         model = load_checkpoint(result["checkpoint"])
-        dataset = DataSource(data, c).open("test", base)
+        dataset = DataSource(cat.root, cat.category).open("test", base)
         maps, scores, masks, has_mask, labels, types, paths = api.score_dataset(
             model, dataset, model.config.normalization, progress, Compute(**(compute or {})))
         metrics = {k: result[k] for k in METRICS}
@@ -253,7 +288,7 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
                 ax.axis("off")
         fig.suptitle(f"{c}: {base.method}, pixel threshold {threshold:.3g} (max F1 {f1:.3f})", fontsize=9)
         fig.tight_layout()
-        grid = output / f"figure3_{c}_{base.method}.png"
+        grid = output / f"figure3_{c.replace('/', '_')}_{base.method}.png"
         output.mkdir(parents=True, exist_ok=True)
         fig.savefig(grid, dpi=80)
         plt.close(fig)
@@ -269,7 +304,7 @@ def figures(base: CFlowConfig, data: Path, categories: Sequence[str] | None, out
         ax.set_title(f"{c}: {base.method} pixel scores", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        hist = output / f"figure4_{c}_{base.method}.png"
+        hist = output / f"figure4_{c.replace('/', '_')}_{base.method}.png"
         fig.savefig(hist, dpi=80)
         plt.close(fig)
         payload[f"{c}/{base.method}"] = {"category": c, "method": base.method, "threshold": threshold, "f1": f1,
@@ -296,3 +331,100 @@ def _examples(types: Sequence[str], scores: np.ndarray, rows: int) -> list[int]:
     if good:
         picks.append(sorted(good, key=lambda i: scores[i])[len(good) // 2])
     return picks
+
+
+# Reference figures in a data set's README: a row or line names its method, then gives image AUROC /
+# pixel AUROC / AUPRO in percent (or an image AUROC alone, for sets without masks).
+_TRIPLE = re.compile(r"(\d+\.\d+) / (\d+\.\d+) / (\d+\.\d+)|image AUROC (\d+\.\d+)")
+REFERENCES = {"anomalib PaDiM": ("anomalib", "padim"), "cflow-ad before": ("cflow-ad defaults",)}
+
+
+def _figures(match: re.Match) -> dict[str, float | None]:
+    if match.group(4) is not None:
+        return {"image_auroc": float(match.group(4)) / 100, "pixel_auroc": None, "aupro": None}
+    return {k: float(match.group(i)) / 100 for i, k in enumerate(METRICS, 1)}
+
+
+def _reference_name(label: str) -> str | None:
+    label = label.lower()
+    return next((name for name, words in REFERENCES.items() if all(w in label for w in words)), None)
+
+
+def readme_references(text: str, category: str) -> dict[str, dict[str, float | None]]:
+    """The reference figures of `category` in a README (as fractions), by `REFERENCES` name: from a
+    markdown table with a column named after the category, else from prose, where each figure is
+    labelled by the words before it back to the previous ';', ':' or list item."""
+    found: dict[str, dict] = {}
+    lines, prose = text.splitlines(), []
+    header = None
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else None
+        if cells is None:
+            header = None
+            prose.append(line)
+        elif header is None:
+            header = cells
+        elif category in header and len(cells) == len(header):
+            match, name = _TRIPLE.search(cells[header.index(category)]), _reference_name(cells[0])
+            if match and name:
+                found.setdefault(name, _figures(match))
+    flat = re.sub(r"\s+", " ", re.sub(r"\n\s*[-*] ", " ; ", "\n".join(prose)))
+    start = 0
+    for match in _TRIPLE.finditer(flat):
+        label = re.split(r"[;:]", flat[start:match.start()].rstrip(" :"))[-1]
+        start = match.end()
+        name = _reference_name(label)
+        if name:
+            found.setdefault(name, _figures(match))
+    return found
+
+
+def references(cat: Category) -> dict[str, dict[str, float | None]]:
+    """The reference figures in the README beside a category (its own folder's, else its root's)."""
+    for readme in (cat.root / cat.category / "README.md", cat.root / "README.md"):
+        if readme.is_file():
+            return readme_references(readme.read_text(errors="replace"), cat.category)
+    return {}
+
+
+def suite(base: CFlowConfig, data: Path | Sequence[Path], chosen_categories: Sequence[str] | None, output: Path,
+          seeds: Sequence[int] = (0,), progress: bool = False, log: Callable[[str], None] = print,
+          compute: dict | None = None) -> dict:
+    """One config (its method) on every category under `data`, trained as `cflow-ad train` trains it
+    (calibration images held out), per seed; beside each, the reference figures of its README. The mean
+    over the categories is what a default is judged on (pixel metrics: over those with masks)."""
+    rows = []
+    for cat in categories(data, chosen_categories):
+        runs = [run_once(base.replace(seed=s), cat.root, cat.category, output, progress, log, compute, paper=False,
+                         name=cat.name) for s in seeds]
+        rows.append({"category": cat.name, "runs": runs, "references": references(cat),
+                     **{k: _mean([r[k] for r in runs]) for k in METRICS},
+                     "train_seconds": statistics.mean(r["train_seconds"] for r in runs)})
+    mean = {k: _mean([r[k] for r in rows]) for k in METRICS}
+    ref_names = list(REFERENCES)
+    ref_mean = {n: {k: _mean([r["references"].get(n, {}).get(k) for r in rows]) for k in METRICS} for n in ref_names}
+
+    def cell(values: dict) -> str:
+        return " / ".join(_pct([values.get(k)]) for k in METRICS)
+
+    def delta(row: dict, ref: dict) -> str:
+        return " / ".join("n/a" if row[k] is None or ref.get(k) is None else f"{100 * (row[k] - ref[k]):+.1f}"
+                          for k in METRICS)
+
+    bar = ref_names[0]
+    lines = [f"Config: {_describe(base)}, {base.method}; trained as `cflow-ad train` (calibration hold-out"
+             f" {base.calibration_fraction:g}); seeds {', '.join(map(str, seeds))} (mean). Figures: image AUROC /"
+             " pixel AUROC / AUPRO (%); references from each set's README.", "",
+             f"| set | this config | training s | {' | '.join(f'{n} (README)' for n in ref_names)} | vs {bar} |",
+             "|---" * (4 + len(ref_names)) + "|"]
+    for r in rows:
+        refs = [cell(r["references"][n]) if n in r["references"] else "n/a" for n in ref_names]
+        lines.append(f"| {r['category']} | {cell(r)} | {r['train_seconds']:.0f} | {' | '.join(refs)}"
+                     f" | {delta(r, r['references'].get(bar, {}))} |")
+    lines.append(f"| **mean** | **{cell(mean)}** | {sum(r['train_seconds'] for r in rows):.0f} (sum) | "
+                 + " | ".join(cell(ref_mean[n]) for n in ref_names) + " | |")
+    lines += ["", "Means over the sets that have each figure: a reference's mean can cover fewer sets than the"
+              " config's."]
+    return _write(output, "suite", "\n".join(lines) + "\n",
+                  {"base": json.loads(base.to_json()), "seeds": list(seeds), "rows": rows, "mean": mean,
+                   "reference_means": ref_mean})

@@ -123,6 +123,23 @@ def learning_rate(config: CFlowConfig, epoch: float, total_epochs: int) -> float
     return eta_min + (lr - eta_min) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def steps_per_pass(config: CFlowConfig, n_images: int) -> list[int]:
+    """Optimiser steps each scale's flow takes in one pass over `n_images` (as `location_chunks` cuts
+    each image batch): a coarse map packs many images into a step, so it takes the fewest."""
+    h, w = config.image_size
+    full, rest = divmod(n_images, config.batch_size)
+    batches = [config.batch_size] * full + ([rest] if rest else [])
+    return [sum(math.ceil(b / max(1, config.fiber_batch // ((h // s) * (w // s)))) for b in batches)
+            for s in config.strides]
+
+
+def meta_epochs(config: CFlowConfig, n_images: int) -> int:
+    """`config.epochs`, raised until every flow takes at least `config.min_steps` optimiser steps, so
+    that a set of a few dozen images trains its flows about as long as a set of hundreds."""
+    per_meta = min(steps_per_pass(config, n_images)) * config.sub_epochs
+    return max(config.epochs, math.ceil(config.min_steps / max(per_meta, 1)))
+
+
 def fiber_loss(log_prob_per_dim: torch.Tensor, kind: str) -> torch.Tensor:
     """nll: Eq. 7 per dimension; logsigmoid: the authors' -logsigmoid(log p / D)."""
     if kind == "nll":
@@ -343,7 +360,8 @@ class _Run:
         self.val_size = len(val_set) if val_set else 0
         self.params = [p for p in model.decoders.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)  # one kernel a step: unfused is a third slower
-        self.total_epochs = cfg.epochs * cfg.sub_epochs
+        self.meta_epochs = meta_epochs(cfg, len(train_set))
+        self.total_epochs = self.meta_epochs * cfg.sub_epochs
         self.n_batches = math.ceil(len(self.images) / self.batch_size)
         self.steps = decoder_steps(model.decoders)  # DDP-wrapped when distributed: gradients averaged over ranks
         self.state = TrainState()
@@ -454,7 +472,7 @@ class _Run:
             val_logs = log_density_maps_of(self.model, self.val, self.val_size, cfg.batch_size)
             val_nll = -sum(lm.mean().item() for lm in val_logs) / len(val_logs)
             h["val_nll"].append(val_nll)
-            self.log(f"meta-epoch {(s.epoch + 1) // cfg.sub_epochs}/{cfg.epochs}: validation NLL per dim {val_nll:.4f}")
+            self.log(f"meta-epoch {(s.epoch + 1) // cfg.sub_epochs}/{self.meta_epochs}: validation NLL per dim {val_nll:.4f}")
             if val_nll < s.best_nll:
                 s.best_nll, s.best = val_nll, copy.deepcopy(self.model.decoders.state_dict())
         s.next_epoch()
