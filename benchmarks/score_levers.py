@@ -23,16 +23,16 @@ import torch
 
 from cflow_ad import api
 from cflow_ad import data as D
-from cflow_ad.baselines import gaussian_blur
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.device import Compute
 from cflow_ad.geometry import restore
 from cflow_ad.metrics import image_auroc
+from cflow_ad.scoring import gaussian_blur
 from cflow_ad.source import DataSource
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 FLIPS = {"none": [()], "h": [(), (-1,)], "hv": [(), (-1,), (-2,), (-2, -1)]}
-BLURS = (0.0, 4.0)
+BLURS = [0.0, 4.0]  # --blurs
 TOPK = (None, 0.001, 0.01)  # None: the map's maximum; else the mean of that fraction of the pixels
 
 
@@ -106,7 +106,9 @@ def main() -> None:
     p.add_argument("--normalization", help="default: each checkpoint's own")
     p.add_argument("--flips", nargs="+", choices=list(FLIPS), default=list(FLIPS),
                    help="test-time flip sets to measure (each flip is one more pass of the model)")
+    p.add_argument("--blurs", nargs="+", type=float, default=BLURS, help="Gaussian sigmas (px) of the map to measure")
     args = p.parse_args()
+    BLURS[:] = args.blurs
     torch.set_num_threads(args.threads)
     rows = []
     for path in args.models:

@@ -248,6 +248,9 @@ def main() -> None:
     p.add_argument("--condition-dim", type=int, default=CFlowConfig.condition_dim,
                    help="size C of the positional condition (a lighter condition trades accuracy for speed)")
     p.add_argument("--coupling-layers", type=int, default=CFlowConfig.coupling_layers, help="coupling layers per decoder")
+    p.add_argument("--pool-layers", type=int, default=CFlowConfig.pool_layers, help="taps (scales) of every method")
+    p.add_argument("--last-stride", type=int, default=CFlowConfig.last_stride, help="stride of the deepest tap")
+    p.add_argument("--blur-sigma", type=float, default=CFlowConfig.blur_sigma, help="Gaussian blur of every map")
     p.add_argument("--gallery", type=int, default=762, help="SPADE's gallery size in training images (magnetic_tile: 762)")
     p.add_argument("--memory-patches", type=int, default=round(762 * 32 * 32 * 0.01),
                    help="PatchCore's memory bank in patches (magnetic_tile's 1%% coreset: 7803)")
@@ -262,7 +265,8 @@ def main() -> None:
     t6.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     t6.add_argument("--warmup", type=int, default=3, help="untimed calls per part before the timed repeats")
     args = p.parse_args()
-    decoder = {"condition_dim": args.condition_dim, "coupling_layers": args.coupling_layers}
+    decoder = {"condition_dim": args.condition_dim, "coupling_layers": args.coupling_layers,
+               "pool_layers": args.pool_layers, "last_stride": args.last_stride, "blur_sigma": args.blur_sigma}
     if args.device:
         figures = table6(args)
         if args.json:
@@ -279,6 +283,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--row", runtime, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--b1-calls", str(args.b1_calls),
                "--condition-dim", str(args.condition_dim), "--coupling-layers", str(args.coupling_layers),
+               "--pool-layers", str(args.pool_layers), "--last-stride", str(args.last_stride),
+               "--blur-sigma", str(args.blur_sigma),
                "--gallery", str(args.gallery),
                "--memory-patches", str(args.memory_patches)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -286,7 +292,8 @@ def main() -> None:
         print(f"{runtime}: done", file=sys.stderr, flush=True)
 
     figures: dict = {"cpu_flags": cpu_flags(), "threads": args.threads, "repeats": args.repeats, "image_size": 256, **decoder}
-    print(f"\nMobileNetV2, taps 8/16/32, {args.coupling_layers} couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats};"
+    taps = "/".join(map(str, CFlowConfig(**decoder).strides))
+    print(f"\nMobileNetV2, taps {taps}, blur {args.blur_sigma:g}, {args.coupling_layers} couplings, C = {args.condition_dim}, 256 px; {args.threads} threads; median of {args.repeats};"
           f" CPU flags: {figures['cpu_flags']}")
     print("| runtime | part | batch | img/s | ms/img | part/encoder |")
     print("|---|---|---|---|---|---|")
@@ -318,12 +325,12 @@ def main() -> None:
     sizes = _sizes(decoder, args.gallery, args.memory_patches)
     figures.update(sizes)
     print("\n| stored per model | parameters / floats | MB (float32) |\n|---|---|---|")
-    print(f"| flow decoders (3 scales, {args.coupling_layers} couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
-    print(f"| location whitening (per-location Gaussians, 3 scales) | {sizes['whitening_floats']:,} | {sizes['whitening_mb']:.1f} |")
-    print(f"| PaDiM bank, same taps (100 channels at 32x32 locations) | {sizes['padim_bank_floats']:,} | {sizes['padim_bank_mb']:.1f} |")
-    print(f"| SPADE gallery, same taps ({args.gallery} images x 32x32 x 288 + pooled) | {sizes['spade_gallery_floats']:,}"
+    print(f"| flow decoders ({args.pool_layers} scales, {args.coupling_layers} couplings) | {sizes['decoder_params']:,} | {sizes['decoder_mb']:.1f} |")
+    print(f"| location whitening (per-location Gaussians, {args.pool_layers} scales) | {sizes['whitening_floats']:,} | {sizes['whitening_mb']:.1f} |")
+    print(f"| PaDiM bank, same taps (--padim-channels at every finest-tap location) | {sizes['padim_bank_floats']:,} | {sizes['padim_bank_mb']:.1f} |")
+    print(f"| SPADE gallery, same taps ({args.gallery} images x finest-tap grid x all channels + pooled) | {sizes['spade_gallery_floats']:,}"
           f" | {sizes['spade_gallery_mb']:.1f} |")
-    print(f"| PatchCore memory bank, same taps ({args.memory_patches} patches x 288, + 9 neighbour indices each)"
+    print(f"| PatchCore memory bank, same taps ({args.memory_patches} patches x all channels, + 9 neighbour indices each)"
           f" | {sizes['patchcore_memory_floats']:,} | {sizes['patchcore_memory_mb']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -18,7 +18,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magneti
 
 # Small but real: pretrained MobileNetV2, taps at strides 8 and 16, 2 couplings, 128 px.
 TINY = CFlowConfig(image_size=128, border_pad=16, pool_layers=2, last_stride=16, coupling_layers=2, condition_dim=16, epochs=1, sub_epochs=2,
-                   batch_size=8, fiber_batch=256, calibration_fraction=0.0, seed=0)
+                   batch_size=8, fiber_batch=256, calibration_fraction=0.0, min_steps=0, seed=0)
 
 
 def strict_json(text: str):

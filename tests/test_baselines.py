@@ -10,7 +10,8 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.neighbors import NearestNeighbors
 
 from cflow_ad import api
-from cflow_ad.baselines import PADIM_RIDGE, PaDiM, SPADE, embedding, gaussian_blur
+from cflow_ad.baselines import PADIM_RIDGE, PaDiM, SPADE, embedding
+from cflow_ad.scoring import gaussian_blur
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.errors import CflowInputError
 from cflow_ad.inference import load_runner

@@ -40,7 +40,7 @@ def test_version_is_the_installed_distributions():
 
 def test_train_test_predict_end_to_end(synthetic_root, tmp_path, capsys):
     flags = ["--image-size", "64", "--pool-layers", "2", "--last-stride", "16", "--coupling-layers", "1",
-             "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--batch-size", "8", "--fiber-batch", "256"]
+             "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--min-steps", "0", "--batch-size", "8", "--fiber-batch", "256"]
     assert run(["--quiet", "train", "--data", str(synthetic_root), "--category", "synthetic", "--output", str(tmp_path / "m"), *flags]) == 0
     ckpt = tmp_path / "m" / "model.safetensors"
     assert ckpt.is_file() and str(ckpt) in capsys.readouterr().out
@@ -87,7 +87,7 @@ def test_training_stops_on_a_corrupt_training_image(synthetic_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(synthetic_root / "synthetic", root / "cat")
     (root / "cat" / "train" / "good" / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    proc = _cli("train", "--data", str(root), "--category", "cat", "--output", str(tmp_path / "o"), "--image-size", "64", "--epochs", "1", "--sub-epochs", "1")
+    proc = _cli("train", "--data", str(root), "--category", "cat", "--output", str(tmp_path / "o"), "--image-size", "64", "--epochs", "1", "--sub-epochs", "1", "--min-steps", "0")
     assert proc.returncode == 2 and "zz_bad.png" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -17,13 +17,13 @@ SMALL = CFlowConfig(image_size=64, last_stride=16, pool_layers=2, coupling_layer
 # What each method can do, as the README and the commands describe it.
 DECLARED = {
     "cflow": {"runtimes": ("torch", "onnx"), "normalizations": NORMALIZATIONS, "training_loop": True,
-              "deterministic": False, "map_max_score": True, "quantizable": True},
+              "deterministic": False, "map_max_score": True, "quantizable": True, "paper_taps": (3, 16)},
     "padim": {"runtimes": ("torch", "onnx"), "normalizations": (), "training_loop": False, "deterministic": False,
-              "map_max_score": True, "quantizable": False},
+              "map_max_score": True, "quantizable": False, "paper_taps": (3, 16)},
     "spade": {"runtimes": ("torch",), "normalizations": (), "training_loop": False, "deterministic": True,
-              "map_max_score": False, "quantizable": False},
+              "map_max_score": False, "quantizable": False, "paper_taps": (3, 16)},
     "patchcore": {"runtimes": ("torch", "onnx"), "normalizations": (), "training_loop": False, "deterministic": False,
-                  "map_max_score": False, "quantizable": False},
+                  "map_max_score": False, "quantizable": False, "paper_taps": (2, 16)},
 }
 
 

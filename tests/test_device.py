@@ -80,7 +80,7 @@ def test_every_command_refuses_cuda_in_one_line(command, synthetic_root, tiny_ch
 
 def test_every_command_with_device_cpu(synthetic_root, tmp_path, capsys):
     flags = ["--image-size", "64", "--pool-layers", "2", "--last-stride", "16", "--coupling-layers", "1",
-             "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--batch-size", "8", "--fiber-batch", "256",
+             "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--min-steps", "0", "--batch-size", "8", "--fiber-batch", "256",
              "--calibration-fraction", "0.25"]
     cpu = ["--device", "cpu", "--workers", "1"]
     data = ["--data", str(synthetic_root), "--category", "synthetic"]

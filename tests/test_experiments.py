@@ -27,7 +27,7 @@ def out(tmp_path_factory):
 def test_compare_tables_all_methods_with_seeds(synthetic_root, out, capsys):
     args = ["--quiet", "experiment", "compare", "--data", str(synthetic_root), "--output", str(out), "--seeds", "0", "1",
             "--image-size", "64", "--border-pad", "16", "--pool-layers", "2", "--last-stride", "16", "--coupling-layers", "1",
-            "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--batch-size", "8", "--fiber-batch", "256",
+            "--condition-dim", "16", "--epochs", "1", "--sub-epochs", "1", "--min-steps", "0", "--batch-size", "8", "--fiber-batch", "256",
             "--knn-images", "5"]
     assert run(args) == 0
     table = (out / "compare.md").read_text()
@@ -199,3 +199,27 @@ def test_suite_runs_every_set_under_a_folder_of_roots(tmp_path):
     assert "| **mean** |" in table
     again = experiments.suite(base, data, ["plates"], out, log=lambda m: None)
     assert again["rows"] == [rows["second/plates"]]  # a stored run is read back, not trained again
+
+
+def test_compare_with_paper_taps_runs_each_method_on_its_papers_taps(synthetic_root, tmp_path):
+    payload = experiments.compare(SMALL.replace(pool_layers=1, last_stride=32, border_pad=0), synthetic_root, None,
+                                  tmp_path, methods=["padim", "patchcore"], seeds=[0], paper_taps=True,
+                                  log=lambda m: None)
+    taps = {m: (r["synthetic"][0]["config"]["pool_layers"], r["synthetic"][0]["config"]["last_stride"])
+            for m, r in payload["results"].items()}
+    assert taps == {"padim": (3, 16), "patchcore": (2, 16)}  # not the base's single stride-32 tap
+    assert "padim strides 4/8/16; patchcore strides 8/16" in (tmp_path / "compare.md").read_text()
+
+
+DEVELOPMENT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (DEVELOPMENT / "mpdd" / "README.md").is_file(), reason="needs ../shared/data")
+def test_the_development_sets_and_their_readme_figures():
+    found = {c.name: c for c in experiments.categories(DEVELOPMENT)}
+    assert {"magnetic_tile/magnetic_tile", "mpdd/metal_plate", "piped/flr01_tl", "piped/zpb01_rl"} <= set(found)
+    padim = experiments.references(found["mpdd/metal_plate"])["anomalib PaDiM"]
+    assert padim == pytest.approx({"image_auroc": 0.4659, "pixel_auroc": 0.9492, "aupro": 0.8285})
+    assert experiments.references(found["piped/zpb01_rl"])["anomalib PaDiM"]["aupro"] == pytest.approx(0.9849)
+    assert experiments.references(found["magnetic_tile/magnetic_tile"])["anomalib PaDiM"]["pixel_auroc"] == \
+        pytest.approx(0.744)

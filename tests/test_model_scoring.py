@@ -98,7 +98,7 @@ def test_uflow_has_no_condition_and_smaller_decoders():
 def test_location_whitening_is_optional_and_refuses_huge_encoders():
     assert _random_model(whitening="none").whitenings is None
     model = _random_model()
-    assert [w.locations for w in model.whitenings] == [64, 16, 4]  # 64 px at strides 8/16/32
+    assert [w.locations for w in model.whitenings] == [256, 64, 16, 4]  # 64 px at strides 4/8/16/32
     with pytest.raises(CflowInputError, match="--whitening none"):
         CFlowModel(CFlowConfig(encoder="wide_resnet50_2"), pretrained=False)
 
@@ -167,3 +167,26 @@ def test_image_score_modes_location_map_and_auto():
     with pytest.raises(CflowInputError, match="image-score map"):
         CFlowConfig(keep_aspect=True, image_score="location")
     assert CFlowConfig.from_dict({"seed": 1}).image_score == "map"  # checkpoints from before the option
+
+
+def test_blur_sigma_blurs_the_map_in_every_mode_and_not_the_location_score():
+    from cflow_ad.scoring import gaussian_blur
+
+    sharp = _random_model(pool_layers=2, last_stride=16, blur_sigma=0.0)
+    blurred = _random_model(pool_layers=2, last_stride=16, blur_sigma=2.0)
+    blurred.load_state_dict(sharp.state_dict())
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for mode in ("log", "stateless"):
+            (m0, s0), (m2, s2) = sharp(x, mode), blurred(x, mode)
+            assert torch.allclose(m2, gaussian_blur(m0[:, None], 2.0)[:, 0], atol=1e-5)
+            assert torch.equal(s0, s2)  # the location score reads the log-likelihoods, not the map
+            assert m2.std() < m0.std()
+    logs = [torch.randn(2, 8, 8), torch.randn(2, 4, 4)]
+    m0, _ = anomaly_maps(logs, torch.zeros(2), 1.0, (32, 32), "paper")
+    m2, top = anomaly_maps(logs, torch.zeros(2), 1.0, (32, 32), "paper", blur=2.0)
+    assert torch.allclose(m2, gaussian_blur(m0[:, None], 2.0)[:, 0]) and torch.equal(top, m2.flatten(1).amax(1))
+    # CFLOW-AD checkpoints saved before it read blur_sigma (they have no min_steps) keep their unblurred maps
+    assert CFlowConfig.from_dict({"seed": 1, "blur_sigma": 4.0}).blur_sigma == 0.0
+    assert CFlowConfig.from_dict({"seed": 1, "blur_sigma": 4.0, "min_steps": 0}).blur_sigma == 4.0
+    assert CFlowConfig.from_dict({"method": "padim", "blur_sigma": 4.0}).blur_sigma == 4.0

@@ -178,7 +178,7 @@ SHAPES = {
 def test_oblong_inputs_train_test_predict_serve_and_export(shape, oblong_root, tmp_path):
     pytest.importorskip("onnxruntime")
     tiny = ["--pool-layers", "2", "--last-stride", "16", "--coupling-layers", "2", "--condition-dim", "16",
-            "--epochs", "1", "--sub-epochs", "1", "--batch-size", "8", "--fiber-batch", "256"]
+            "--epochs", "1", "--sub-epochs", "1", "--min-steps", "0", "--batch-size", "8", "--fiber-batch", "256"]
     data = ["--data", str(oblong_root), "--category", "synthetic"]
     model = tmp_path / "m" / "model.safetensors"
     assert run(["--quiet", "train", *data, "--output", str(model.parent), *tiny, *SHAPES[shape]]) == 0

@@ -210,7 +210,7 @@ def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = 
     with torch.no_grad():
         if mode == "paper":
             logs = ((model.log_density_maps(model.features(compute.put(b["image"]))), meta(b)) for b in batches)
-            for maps, scores, (boxes, *m) in paper_stream(logs, model.image_size, compute.host):
+            for maps, scores, (boxes, *m) in paper_stream(logs, model.image_size, compute.host, model.config.blur_sigma):
                 yield *_restored(maps, scores, boxes, model.map_max_score), *m
             return
         own = mode == fixed_mode(model.config) or mode not in model.normalizations
@@ -365,7 +365,7 @@ def predict(
     if mode == "paper":  # the originals are read again in the second pass, not kept
         logs = ((runner.log_density_maps(runner.features(compute.put(inputs))), [files[i] for i in index])
                 for index, inputs, _ in batches)
-        for maps, scores, batch_paths in paper_stream(logs, runner.image_size, compute.host):
+        for maps, scores, batch_paths in paper_stream(logs, runner.image_size, compute.host, runner.config.blur_sigma):
             originals = [read(p, size)[1] for p in batch_paths]
             writer.add(batch_paths, originals, *inspector.restore(maps, scores, originals))
     else:

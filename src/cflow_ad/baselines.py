@@ -20,6 +20,7 @@ from .contract import AnomalyModel
 from .encoder import Encoder, encoder_for
 from .errors import CflowInputError
 from .flow_decoder import LocationWhitening
+from .scoring import gaussian_blur
 
 PADIM_RIDGE = 0.01  # PaDiM's Sigma + 0.01 I
 # PatchCore (Roth et al., CVPR 2022): each tap averaged over a 3x3 patch neighbourhood (Sec. 3.1), the coreset
@@ -38,18 +39,6 @@ def embedding(features: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([features[0], *(F.interpolate(f, size=size, mode="nearest") for f in features[1:])], 1)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B, 1, H, W] maps with reflected borders, radius 4 sigma.
-    torchvision's blur gives the same result (tested) but does not export to ONNX with a dynamic
-    batch and costs (8 sigma + 1)^2 instead of 2 (8 sigma + 1) multiply-adds per pixel."""
-    radius = int(4 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    return F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
-
-
 class DistanceModel(AnomalyModel):
     """Shared frame of the baselines: encoder, embedding grid, map upsampling and blur."""
 
@@ -61,6 +50,7 @@ class DistanceModel(AnomalyModel):
     fitted = ()  # buffers whose size fitting decides (a gallery, a memory bank): a checkpoint sets their shapes
     map_max_score = True  # PaDiM; SPADE and PatchCore score from the features
     quantizable = False  # no decoders: distances to Gaussians or patches stay fp32
+    paper_taps = (3, 16)  # PaDiM and SPADE: ResNet layers 1-3
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
@@ -219,6 +209,7 @@ class PatchCore(DistanceModel):
 
     fitted = ("memory", "neighbours")  # the coreset's size is a share of the training set's
     map_max_score = False  # the reweighted distance of the most distant patch
+    paper_taps = (2, 16)  # Sec. 4: WideResNet-50 layers 2 and 3
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__(config, encoder, pretrained)

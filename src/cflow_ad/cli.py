@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--seeds", nargs="+", type=int, help="compare: seeds per method (default: 0 1 2 3); suite:"
                     " seeds of the config (default: 0)")
     xp.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="compare: methods")
+    xp.add_argument("--paper-taps", action="store_true",
+                    help="compare: each method on the taps of its paper (CFLOW-AD, PaDiM, SPADE: strides 4/8/16;"
+                    " PatchCore: 8/16) instead of --pool-layers / --last-stride")
     xp.add_argument("--variants", nargs="+", help="ablation: variant names (default: all; see ablation.md)")
     _add_compute_flags(xp)
     _add_config_flags(xp)
@@ -400,7 +403,7 @@ def run(argv: list[str] | None = None) -> int:
             experiments.ablation(base, args.data, args.categories, args.output, args.variants, **common)
         elif args.name == "compare":
             experiments.compare(base, args.data, args.categories, args.output, args.methods, args.seeds or [0, 1, 2, 3],
-                                **common)
+                                paper_taps=args.paper_taps, **common)
         elif args.name == "suite":
             experiments.suite(base, args.data, args.categories, args.output, args.seeds or [0], **common)
         else:

@@ -44,8 +44,11 @@ class CFlowConfig:
     weights: str | None = _opt(
         None, "Local encoder weights file (.pth state dict); default: installed package, then torchvision download."
     )
-    pool_layers: int = _opt(3, "Number K of pooled feature scales (1-4).")
-    last_stride: int = _opt(32, "Stride of the deepest tap; the K taps sit at last_stride/2^i (32 -> 8/16/32).")
+    pool_layers: int = _opt(
+        4, "Number K of pooled feature scales (1-4). 4 with last_stride 32: taps at strides 4/8/16/32, the paper's"
+        " 4/8/16 (PaDiM's) and a coarse one for broad defects."
+    )
+    last_stride: int = _opt(32, "Stride of the deepest tap; the K taps sit at last_stride/2^i (32, K=3 -> 8/16/32).")
     image_size: tuple[int, int] = _opt(
         (256, 256), "Model input height and width (one value: a square); multiples of 32. Images are resized to it,"
         " without cropping."
@@ -88,13 +91,14 @@ class CFlowConfig:
         " selection (the paper's 0.01; fitting and test time grow with it)."
     )
     blur_sigma: float = _opt(
-        4.0, "PaDiM, SPADE, PatchCore: Gaussian blur (pixels) of the anomaly map, as their papers do."
+        4.0, "Gaussian blur (pixels) of the anomaly map, as PaDiM and PatchCore do; 0: none. CFLOW-AD too: its finest"
+        " scale's map is noisy from place to place (image scores by --image-score location are not blurred)."
     )
     # training (Eq. 7)
     epochs: int = _opt(2, "Meta-epochs: the learning-rate schedule and optional validation run per meta-epoch.")
     sub_epochs: int = _opt(2, "Passes over the training images inside each meta-epoch.")
     min_steps: int = _opt(
-        0, "Raise the meta-epochs until every scale's flow takes at least this many optimiser steps (a small set"
+        100, "Raise the meta-epochs until every scale's flow takes at least this many optimiser steps (a small set"
         " then trains as long as a large one); 0: exactly --epochs."
     )
     batch_size: int = _opt(16, "Images per encoder batch; all their fibers are used before the next batch.")
@@ -213,6 +217,8 @@ class CFlowConfig:
     def from_dict(cls, data: dict[str, Any]) -> "CFlowConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         data = {"image_score": "map", **data}  # checkpoints from before the option scored by the map's maximum
+        if data.get("method", "cflow") == "cflow" and "min_steps" not in data:
+            data["blur_sigma"] = 0.0  # CFLOW-AD read blur_sigma from the release that added min_steps on
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> "CFlowConfig":

@@ -10,7 +10,8 @@ from torch import nn
 
 from .thresholds import Thresholds
 
-CAPABILITIES = ("runtimes", "normalizations", "training_loop", "deterministic", "map_max_score", "quantizable")
+CAPABILITIES = ("runtimes", "normalizations", "training_loop", "deterministic", "map_max_score", "quantizable",
+                "paper_taps")
 
 
 class AnomalyModel(nn.Module):
@@ -30,6 +31,9 @@ class AnomalyModel(nn.Module):
     map_max_score: bool
     # `export --quantize int8` applies: decoder products with input ranges recorded in training (quantize.py)
     quantizable: bool
+    # the taps its paper used, as (pool_layers, last_stride): ResNet layers 1-3 are strides 4/8/16
+    # (`experiment compare --paper-taps` runs each method at its own)
+    paper_taps: tuple[int, int]
     thresholds: Thresholds | None = None  # decision thresholds, from calibration or the checkpoint
 
     def __init_subclass__(cls, **kwargs):

@@ -71,7 +71,7 @@ _BASELINE = {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "
              "whitening_eps", "epochs", "sub_epochs", "min_steps", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
              "val_fraction", "normalization", "target_fpr", "memory_mb"}
 _UNUSED = {
-    "cflow": {"padim_channels", "knn_images", "coreset_ratio", "blur_sigma", "target_fpr", "memory_mb"},
+    "cflow": {"padim_channels", "knn_images", "coreset_ratio", "target_fpr", "memory_mb"},
     "padim": _BASELINE | {"coreset_ratio"},
     "spade": _BASELINE | {"coreset_ratio"},
     "patchcore": _BASELINE | {"padim_channels", "knn_images"},
@@ -211,20 +211,26 @@ def _describe(config: CFlowConfig) -> str:
 
 def compare(base: CFlowConfig, data: Path | Sequence[Path], chosen_categories: Sequence[str] | None, output: Path,
             methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2, 3), progress: bool = False,
-            log: Callable[[str], None] = print, compute: dict | None = None) -> dict:
-    """Tables 3-4: every method on every category and seed (one seed for deterministic methods)."""
+            log: Callable[[str], None] = print, compute: dict | None = None, paper_taps: bool = False) -> dict:
+    """Tables 3-4: every method on every category and seed (one seed for deterministic methods), on the
+    taps of `base`, or with `paper_taps` each on the taps of its own paper."""
     found = categories(data, chosen_categories)
     cats = [c.name for c in found]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise CflowInputError(f"unknown methods {', '.join(bad)}: choose from {', '.join(METHODS)}")
     results: dict[str, dict[str, list[dict]]] = {m: {} for m in methods}
+    configs = {m: base.replace(method=m) for m in methods}
+    if paper_taps:
+        configs = {m: c.replace(**dict(zip(("pool_layers", "last_stride"), METHOD_CLASSES[m].paper_taps)))
+                   for m, c in configs.items()}
     for m in methods:
         for c in found:
             runs = seeds[:1] if m in DETERMINISTIC else seeds
-            results[m][c.name] = [run_once(base.replace(method=m, seed=s), c.root, c.category, output, progress, log,
+            results[m][c.name] = [run_once(configs[m].replace(seed=s), c.root, c.category, output, progress, log,
                                            compute, name=c.name) for s in runs]
-    lines = [f"Encoder and taps for every method: {_describe(base)}. Seeds {', '.join(map(str, seeds))}"
+    taps = "; ".join(f"{m} strides {'/'.join(map(str, c.strides))}" for m, c in configs.items())
+    lines = [f"Encoder for every method: {_describe(base)}; taps: {taps}. Seeds {', '.join(map(str, seeds))}"
              f" (mean ± std); {', '.join(DETERMINISTIC)}: deterministic, one run.", ""]
     for metric, title in zip(METRICS, ("Image AUROC (%)", "Pixel AUROC (%)", "AUPRO (%)")):
         lines += [f"### {title}", "", "| category | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]

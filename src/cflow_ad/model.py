@@ -37,6 +37,7 @@ class CFlowModel(AnomalyModel):
     # uses: the score is retaken from the map only where padding was cut off, so only for map scores
     map_max_score = True
     quantizable = True  # int8 decoder products (quantize.py)
+    paper_taps = (3, 16)  # Sec. 5.1: the pyramid of PaDiM, ResNet layers 1-3
 
     def __init__(self, config: CFlowConfig, encoder: Encoder | None = None, pretrained: bool = True):
         super().__init__()
@@ -191,7 +192,7 @@ class CFlowModel(AnomalyModel):
         (`log` or `stateless`; default: the checkpoint's, `fixed_mode`)."""
         logs = self.log_density_maps(self.features(images))
         amap, score = anomaly_maps(logs, self.ref_log_density, self.map_offset, tuple(images.shape[-2:]),
-                                   mode or fixed_mode(self.config))
+                                   mode or fixed_mode(self.config), self.config.blur_sigma)
         return amap, self.location_deficit(logs) if self.config.location_score else score
 
 
