@@ -66,10 +66,10 @@ def test_patches_average_each_tap_over_its_3x3_neighbourhood():
     x = PatchCore.patches(feats)  # [2, 64, 11]
     f0 = feats[0]
     centre = f0[:, :, 2:5, 3:6].mean((2, 3))  # location (3, 4): a full window
-    corner = f0[:, :, :2, :2].mean((2, 3))  # location (0, 0): the window's part inside the map
+    corner = f0[:, :, :2, :2].sum((2, 3)) / 9  # location (0, 0): zeros outside the map count, as in PatchCore's code
     assert torch.allclose(x[:, 3 * 8 + 4, :6], centre, atol=1e-6)
     assert torch.allclose(x[:, 0, :6], corner, atol=1e-6)
-    deep = F.avg_pool2d(feats[1], 3, 1, 1, count_include_pad=False)
+    deep = F.avg_pool2d(feats[1], 3, 1, 1, count_include_pad=True)
     assert torch.allclose(x[:, 3 * 8 + 4, 6:], deep[:, :, 1, 2], atol=1e-6)  # the deep tap, nearest-upsampled
 
 

@@ -218,10 +218,13 @@ class PatchCore(DistanceModel):
 
     @staticmethod
     def patches(features: list[torch.Tensor]) -> torch.Tensor:
-        """Locally aware patch features [B, h_0 * w_0, D]: every tap averaged over its 3x3 neighbourhood
-        (borders over the part inside the map), then the embedding."""
+        """Locally aware patch features [B, h_0 * w_0, D]: every tap averaged over its 3x3 neighbourhood,
+        then the embedding. At the borders the window counts zeros outside the map, as the PatchCore
+        authors' and anomalib's pooling does: averaging only the part inside kept the encoder's border
+        artefacts at full strength, and good images' most distant patch sat there (magnetic_tile image
+        AUROC 83.0 against 93.3 zero-padded; anomalib 93.0)."""
         pad = PATCH_NEIGHBOURHOOD // 2
-        local = [F.avg_pool2d(f, PATCH_NEIGHBOURHOOD, 1, pad, count_include_pad=False) for f in features]
+        local = [F.avg_pool2d(f, PATCH_NEIGHBOURHOOD, 1, pad, count_include_pad=True) for f in features]
         return embedding(local).flatten(2).transpose(1, 2)
 
     def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
