@@ -135,8 +135,7 @@ def test_location_whitening_is_the_per_location_gaussian_density():
     n, p, d, eps = 400, 5, 6, 0.05
     x = _correlated(n, p, d)
     layer = LocationWhitening(p, d).double()
-    total, outer = LocationWhitening.moments(x)
-    layer.fit_moments(total, outer, n, eps)
+    layer.fit_moments(LocationWhitening.moments(x), n, eps)
     y, log_det = layer(x)
     assert torch.allclose(y.mean(0), torch.zeros(p, d, dtype=torch.float64), atol=1e-9)
     eye = torch.eye(d, dtype=torch.float64)
@@ -155,13 +154,41 @@ def test_location_whitening_moments_add_up_over_batches_and_sizes_are_checked():
     x = _correlated(50, 3, 4)
     whole = LocationWhitening.moments(x)
     parts = [LocationWhitening.moments(x[:20]), LocationWhitening.moments(x[20:])]
-    assert torch.allclose(whole[0], parts[0][0] + parts[1][0]) and torch.allclose(whole[1], parts[0][1] + parts[1][1])
+    assert all(torch.allclose(w, a + b) for w, a, b in zip(whole, *parts))
     layer = LocationWhitening(3, 4)
     with pytest.raises(ValueError, match="feed images at the model's image size"):
         layer(torch.zeros(2, 5, 4))
     singular = torch.zeros(10, 3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="raise whitening_eps"):
-        LocationWhitening(3, 4).double().fit_moments(*LocationWhitening.moments(singular), 10, 0.0)
+        LocationWhitening(3, 4).double().fit_moments(LocationWhitening.moments(singular), 10, 0.0)
+    # Ledoit-Wolf keeps a constant location (zero variance) invertible through the ridge on top
+    LocationWhitening(3, 4).double().fit_moments(LocationWhitening.moments(singular), 10, 0.01, "ledoit-wolf")
+
+
+@pytest.mark.parametrize("n,dim", [(12, 24), (40, 8), (600, 6)])
+def test_ledoit_wolf_intensity_equals_scikit_learn(n, dim):
+    covariance = pytest.importorskip("sklearn.covariance")
+    x = _correlated(n, 4, dim, seed=n) + 5.0  # an offset mean: the intensity is computed about the sample mean
+    ours = LocationWhitening.ledoit_wolf(LocationWhitening.moments(x), n)
+    ref = torch.tensor([covariance.ledoit_wolf_shrinkage(x[:, i].numpy()) for i in range(4)], dtype=torch.float64)
+    assert torch.allclose(ours, ref, rtol=1e-7, atol=1e-10)
+    if n < dim:
+        assert (ours > 0.3).all()  # fewer samples than channels: strong shrinkage
+
+
+def test_ledoit_wolf_whitening_uses_the_shrunk_covariance():
+    n, p, d, eps = 30, 3, 10, 0.01
+    x = _correlated(n, p, d)
+    layer = LocationWhitening(p, d).double()
+    moments = LocationWhitening.moments(x)
+    layer.fit_moments(moments, n, eps, "ledoit-wolf")
+    share = LocationWhitening.ledoit_wolf(moments, n)
+    eye = torch.eye(d, dtype=torch.float64)
+    for i in range(p):
+        cov = torch.cov(x[:, i].T)
+        mu = cov.diagonal().mean()
+        shrunk = (1 - share[i]) * cov + share[i] * mu * eye + eps * mu * eye
+        assert torch.allclose(layer.weight[i] @ shrunk @ layer.weight[i].T, eye, atol=1e-8)
 
 
 @pytest.mark.parametrize("permutation", ["soft", "hard"])

@@ -111,13 +111,13 @@ class PaDiM(DistanceModel):
         return embedding(features)[:, self.channels].flatten(2).transpose(1, 2)
 
     def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        total = outer = None
+        moments = None
         count = 0
         for features in feature_batches:
-            s, o = LocationWhitening.moments(self.fibers(features))
-            total, outer = (s, o) if total is None else (total + s, outer + o)
+            m = LocationWhitening.moments(self.fibers(features))
+            moments = m if moments is None else tuple(a + b for a, b in zip(moments, m))
             count += features[0].shape[0]
-        self.gaussian.fit_moments(total, outer, count, PADIM_RIDGE, relative=False)
+        self.gaussian.fit_moments(moments, count, PADIM_RIDGE, relative=False)
 
     def distance_maps(self, features, gallery_index=None):
         z, _ = self.gaussian(self.fibers(features))

@@ -21,6 +21,7 @@ IMAGE_SCORES = ("auto", "location", "map")
 QUANTIZE = ("int8",)  # `export --quantize`: the decoders' matrix products in int8 (quantize.py)
 PERMUTATIONS = ("soft", "hard")
 WHITENINGS = ("location", "none")
+SHRINKAGES = ("ledoit-wolf", "ridge")
 METHODS = ("cflow", "padim", "spade", "patchcore")
 
 
@@ -76,6 +77,11 @@ class CFlowConfig:
         "First decoder layer. location: whiten each position with its training mean and covariance, then the flow"
         " (an addition to the paper; image AUROC 76 -> 92 with the same taps on magnetic_tile); none: the paper's decoder.",
         WHITENINGS,
+    )
+    whitening_shrinkage: str = _opt(
+        "ledoit-wolf", "How each location's covariance is regularised before whitening. ledoit-wolf: shrunk towards"
+        " its mean variance by the Ledoit-Wolf intensity estimated from the training features (strongly for a few"
+        " dozen images, hardly for hundreds), then the ridge; ridge: the ridge alone.", SHRINKAGES
     )
     whitening_eps: float = _opt(
         0.01, "Ridge added to each per-location covariance before whitening, relative to its mean variance."
@@ -170,7 +176,8 @@ class CFlowConfig:
                 bad(f"tile_overlap must be a multiple of last_stride ({self.last_stride}) below tile, got"
                     f" {self.tile_overlap}")
         for name, choices in (("method", METHODS), ("loss", LOSSES), ("normalization", NORMALIZATIONS), ("permutation", PERMUTATIONS),
-                              ("whitening", WHITENINGS), ("image_score", IMAGE_SCORES)):
+                              ("whitening", WHITENINGS), ("whitening_shrinkage", SHRINKAGES),
+                              ("image_score", IMAGE_SCORES)):
             if getattr(self, name) not in choices:
                 bad(f"{name} '{getattr(self, name)}' is not one of {', '.join(choices)}")
         if self.min_steps < 0:
@@ -219,6 +226,7 @@ class CFlowConfig:
         data = {"image_score": "map", **data}  # checkpoints from before the option scored by the map's maximum
         if data.get("method", "cflow") == "cflow" and "min_steps" not in data:
             data["blur_sigma"] = 0.0  # CFLOW-AD read blur_sigma from the release that added min_steps on
+        data.setdefault("whitening_shrinkage", "ridge")  # how checkpoints before the option were whitened
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> "CFlowConfig":

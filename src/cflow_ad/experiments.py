@@ -68,7 +68,7 @@ def ablation_variants(base: CFlowConfig) -> dict[str, dict]:
 # Fields a method never reads, or that never change the metrics: runs differing only in them
 # are the same run. The calibration hold-out is not one of them: it takes images from training.
 _BASELINE = {"coupling_layers", "condition_dim", "conditional", "clamp_alpha", "permutation", "whitening",
-             "whitening_eps", "epochs", "sub_epochs", "min_steps", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
+             "whitening_eps", "whitening_shrinkage", "epochs", "sub_epochs", "min_steps", "fiber_batch", "lr", "warmup_epochs", "loss", "rotation",
              "val_fraction", "normalization", "target_fpr", "memory_mb"}
 _UNUSED = {
     "cflow": {"padim_channels", "knn_images", "coreset_ratio", "target_fpr", "memory_mb"},

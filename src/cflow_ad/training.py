@@ -206,7 +206,7 @@ class _Features:
                 mine = real[idx].to(finite.device)
                 self.dropped += int((~finite & mine).sum())
                 m = [LocationWhitening.moments(f[finite & mine].flatten(2).transpose(1, 2)) for f in feats]
-                moments = m if moments is None else [(a + c, b + d) for (a, b), (c, d) in zip(moments, m)]
+                moments = m if moments is None else [tuple(a + b for a, b in zip(mk, nk)) for mk, nk in zip(moments, m)]
             if keep and self.cache is None:  # filled in place: concatenating batches would need twice the budget
                 per_image = sum(f[0].numel() * f.element_size() for f in feats)
                 keep = per_image * len(images) <= budget_bytes
@@ -217,13 +217,13 @@ class _Features:
         if fit_whitening:
             n_real = int(all_reduce(torch.tensor(int(real.sum())), "sum"))
             self.dropped = int(all_reduce(torch.tensor(self.dropped), "sum"))
-            moments = [(all_reduce(a, "sum"), all_reduce(b, "sum")) for a, b in moments]
+            moments = [tuple(all_reduce(v, "sum") for v in mk) for mk in moments]
             if self.dropped:
                 log(f"warning: {self.dropped} training image(s) with non-finite features left out of the whitening fit")
             if self.dropped == n_real:
                 raise CflowInputError("every training image gave non-finite features: check the training images")
-            for w, (total, outer) in zip(model.whitenings, moments):
-                w.fit_moments(total, outer, n_real - self.dropped, config.whitening_eps)
+            for w, mk in zip(model.whitenings, moments):
+                w.fit_moments(mk, n_real - self.dropped, config.whitening_eps, config.whitening_shrinkage)
         if keep:
             images.cache.clear()  # never read again: the features stand in for them
 
