@@ -114,8 +114,7 @@ class PaDiM(DistanceModel):
         moments = None
         count = 0
         for features in feature_batches:
-            m = LocationWhitening.moments(self.fibers(features))
-            moments = m if moments is None else tuple(a + b for a, b in zip(moments, m))
+            moments = LocationWhitening.add_moments(moments, LocationWhitening.moments(self.fibers(features)))
             count += features[0].shape[0]
         self.gaussian.fit_moments(moments, count, PADIM_RIDGE, relative=False)
 

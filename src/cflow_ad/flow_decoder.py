@@ -269,6 +269,11 @@ class LocationWhitening(nn.Module):
         return x.sum(1), x.transpose(1, 2) @ x, norm2.square().sum(1), (norm2.unsqueeze(1) @ x).squeeze(1)
 
     @staticmethod
+    def add_moments(acc: tuple[torch.Tensor, ...] | None, more: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The `moments` of two sets of fibers together (`acc` None: none yet)."""
+        return more if acc is None else tuple(a + b for a, b in zip(acc, more))
+
+    @staticmethod
     def ledoit_wolf(moments: tuple[torch.Tensor, ...], count: int) -> torch.Tensor:
         """Ledoit and Wolf's (2004) shrinkage intensity per location [P] for the covariance of `count`
         samples, from `moments`, as scikit-learn's `ledoit_wolf_shrinkage` computes it from the samples
@@ -285,7 +290,7 @@ class LocationWhitening(nn.Module):
                     + 4 * (mean.unsqueeze(1) @ outer @ mean.unsqueeze(2)).view(-1) - 3 * n * mm.square())
         mu = torch.diagonal(cov, dim1=1, dim2=2).sum(-1) / dim
         frob = cov.square().sum((1, 2))
-        delta = (frob - 2 * mu * mu * dim + dim * mu.square()) / dim  # |cov - mu I|_F^2 / D
+        delta = frob / dim - mu.square()  # |cov - mu I|_F^2 / D
         beta = torch.minimum((centred4 / n - frob) / (dim * n), delta)
         return torch.where(delta > 0, beta / delta.clamp_min(1e-300), torch.zeros_like(delta)).clamp(0.0, 1.0)
 

@@ -196,7 +196,7 @@ class _Features:
         fit_whitening = fit_whitening and model.whitenings is not None
         if not keep and not fit_whitening:
             return
-        moments = None
+        moments = [None] * len(model.whitenings) if fit_whitening else None
         order = _batches(len(images), config.batch_size)
         for idx, x in zip(order, tqdm(images.batches(order), total=len(order), desc="features", disable=not progress,
                                       leave=False)):
@@ -205,8 +205,8 @@ class _Features:
                 finite = _finite_rows(feats)
                 mine = real[idx].to(finite.device)
                 self.dropped += int((~finite & mine).sum())
-                m = [LocationWhitening.moments(f[finite & mine].flatten(2).transpose(1, 2)) for f in feats]
-                moments = m if moments is None else [tuple(a + b for a, b in zip(mk, nk)) for mk, nk in zip(moments, m)]
+                moments = [LocationWhitening.add_moments(a, LocationWhitening.moments(f[finite & mine].flatten(2).transpose(1, 2)))
+                           for a, f in zip(moments, feats)]
             if keep and self.cache is None:  # filled in place: concatenating batches would need twice the budget
                 per_image = sum(f[0].numel() * f.element_size() for f in feats)
                 keep = per_image * len(images) <= budget_bytes
