@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict] = {
     "ridge-1": {"whitening_shrinkage": "ridge", "whitening_eps": 1.0},
     "no-whitening": {"whitening": "none"},
     "4-couplings": {"coupling_layers": 4},
+    "condition-64": {"condition_dim": 64},
     "320px": {"image_size": (320, 320)},
 }
 

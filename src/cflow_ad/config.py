@@ -67,7 +67,10 @@ class CFlowConfig:
         0, "Mirror-pad images by this many pixels before the encoder and crop the features back (multiple of last_stride)."
     )
     # decoders g_k(theta_k)
-    coupling_layers: int = _opt(8, "Coupling layers per flow decoder.")
+    coupling_layers: int = _opt(
+        4, "Coupling layers per flow decoder. The paper's 8 cost 1.5x the time after the encoder and 1.6x the"
+        " training, for a suite mean within 0.7 (benchmarks/RESULTS.md); set 8 for its exact decoder."
+    )
     condition_dim: int = _opt(128, "Size C of the 2D sin/cos positional condition (multiple of 4).")
     conditional: bool = _opt(True, "Condition the flows on position (CFLOW); false gives UFLOW.")
     clamp_alpha: float = _opt(1.9, "Soft clamp alpha of the affine coupling scale.")
