@@ -49,7 +49,7 @@ def test_baseline_checkpoint_round_trip_and_predict(baseline, synthetic_root, tm
 
     with torch.no_grad():
         _, scores = model(torch.stack([load_image(f, 128) for f in files]))
-    assert np.allclose([r["score"] for r in rows], scores.numpy(), rtol=1e-5)
+    assert np.allclose([r["raw_score"] for r in rows], scores.numpy(), rtol=1e-5)
     assert float(model.train_max_score) > 0
 
 

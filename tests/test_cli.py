@@ -107,7 +107,8 @@ def test_predict_paper_mode_scores_the_set_and_names_outputs_uniquely(tiny_check
     rows = api.predict(tiny_checkpoint, [test_dir], tmp_path, normalization="paper", progress=False)
     assert len(rows) == 12 and all(not r["error"] for r in rows)
     assert len({r["heatmap"] for r in rows}) == 12  # good/000 and spot/000 do not overwrite each other
-    scores = [r["score"] for r in rows]
+    scores = [r["raw_score"] for r in rows]
     assert min(scores) >= -1e-6  # paper offset is the set's maximum summed probability
+    assert all(r["score"] is None for r in rows)  # relative to the set: not on the model's one scale
     stateless = api.predict(tiny_checkpoint, [test_dir], tmp_path / "s", progress=False)
     assert [r["path"] for r in stateless] == [r["path"] for r in rows]

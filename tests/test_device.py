@@ -157,9 +157,9 @@ def test_a_bad_file_in_a_worker(synthetic_root, tiny_checkpoint, tmp_path):
                        device="cpu", workers=2)
     assert [r["path"] for r in rows if r["error"]] == [str(bad)]
     assert len(rows) == len(list(bad.parent.iterdir()))
-    assert sum(1 for r in rows if r["score"] is not None) == len(rows) - 1
+    assert sum(1 for r in rows if r.get("raw_score") is not None) == len(rows) - 1
     assert len(warnings) == 2 and str(bad) in warnings[1]  # the missing-thresholds note, then the skipped file
-    assert np.isfinite([r["score"] for r in rows if not r["error"]]).all()
+    assert np.isfinite([r["raw_score"] for r in rows if not r["error"]]).all()
 
 
 def test_onnxruntime_provider_follows_the_device(monkeypatch):

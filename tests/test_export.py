@@ -179,4 +179,4 @@ def test_test_and_predict_score_int8_in_onnxruntime(tiny_checkpoint, synthetic_r
         assert abs(int8[key] - fp32[key]) <= 0.05
     rows = api.predict(tiny_checkpoint, [synthetic_root / "synthetic" / "test"], tmp_path / "p", progress=False,
                        runtime="onnx", quantize="int8")
-    assert len(rows) == 12 and all(r["score"] is not None for r in rows)
+    assert len(rows) == 12 and all(r["raw_score"] is not None for r in rows)

@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from cflow_ad import api
 from cflow_ad.cli import run
@@ -57,7 +59,7 @@ def exported(calibrated) -> Path:
 def _tie(row: dict) -> bool:
     """A score on its threshold to float precision: calibration puts the threshold on a good image's
     score, and onnxruntime's 1e-6 differences from PyTorch may flip that image's label either way."""
-    return abs(row["score"] - row["image_threshold"]) <= 1e-4 * abs(row["image_threshold"])
+    return abs(row["raw_score"] - row["image_threshold"]) <= 1e-4 * abs(row["image_threshold"])
 
 
 def _lean(env: dict, *argv: str) -> subprocess.CompletedProcess:
@@ -75,6 +77,7 @@ def test_predict_without_torch_gives_the_full_packages_verdicts(lean_env, export
     assert len(lean) == len(full) == 12
     for a, b in zip(lean, full):
         assert Path(a["path"]).name == Path(b["path"]).name
+        assert a["raw_score"] == pytest.approx(b["raw_score"], rel=1e-4, abs=1e-4)
         assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-4)
         assert a["label"] == b["label"] or _tie(b)
         assert abs(a["defect_area_px"] - b["defect_area_px"]) <= 0.01 * a["width"] * a["height"]
@@ -82,8 +85,34 @@ def test_predict_without_torch_gives_the_full_packages_verdicts(lean_env, export
     assert len(list((tmp_path / "lean").rglob("*_mask.png"))) == 12
 
 
+def _edge_images(folder: Path) -> list[Path]:
+    """A blank image, a 1 x 1 image and pure noise: inputs a line meets when a camera fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    images = {"blank.png": np.full((96, 96, 3), 255, np.uint8), "pixel.png": np.full((1, 1, 3), 128, np.uint8),
+              "noise.png": noise}
+    for name, rgb in images.items():
+        Image.fromarray(rgb).save(folder / name)
+    return [folder / name for name in images]
+
+
+def test_edge_inputs_get_a_finite_score_and_a_verdict_with_and_without_torch(lean_env, exported, calibrated, tmp_path):
+    files = _edge_images(tmp_path / "edge")
+    done = _lean(lean_env, "predict", "--model", str(exported), *map(str, files), "--output", str(tmp_path / "lean"))
+    assert done.returncode == 0, done.stderr
+    lean = json.loads((tmp_path / "lean" / "predictions.json").read_text())["predictions"]
+    full = api.predict(calibrated, files, tmp_path / "full", progress=False)
+    for rows in (lean, full):
+        assert [Path(r["path"]).name for r in rows] == [f.name for f in files]
+        for r in rows:
+            assert np.isfinite(r["score"]) and np.isfinite(r["raw_score"]) and r["label"] in ("ok", "defect"), r
+            assert (r["label"] == "defect") == (r["raw_score"] > r["image_threshold"])
+            assert r["label"] == "defect" or r["region_count"] == 0
+    assert lean[0]["score"] == pytest.approx(full[0]["score"], rel=1e-4, abs=1e-4)
+
+
 def test_serve_without_torch_answers_like_the_cli(lean_env, exported, calibrated, synthetic_root, tmp_path):
-    files = sorted((synthetic_root / "synthetic" / "test").rglob("*.png"))[::4]
+    files = sorted((synthetic_root / "synthetic" / "test").rglob("*.png"))[::4] + _edge_images(tmp_path / "edge")
     want = api.predict(calibrated, files, tmp_path, progress=False)
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cflow_ad", "--threads", "2", "serve", "--model", str(exported),
@@ -96,6 +125,7 @@ def test_serve_without_torch_answers_like_the_cli(lean_env, exported, calibrated
             r = requests.post(url + "/predict", files={"file": (f.name, f.read_bytes(), "image/png")}, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["score"] == pytest.approx(expected["score"], rel=1e-4, abs=1e-4)
+            assert np.isfinite(r.json()["score"]) and r.json()["label"] in ("ok", "defect")
             assert r.json()["label"] == expected["label"] or _tie(expected)
         assert requests.get(url + "/model", timeout=10).json()["runtime"] == "onnx"
     finally:

@@ -73,7 +73,8 @@ def test_cases_are_the_worst_scored_images_with_outlined_masks(results):
         assert rgb.shape == (128, 128, 3)
         has_outline = bool(np.all(rgb == GT_OUTLINE, axis=-1).any())
         assert has_outline == (c["label"] == 1), c  # synthetic defects all have masks
-        assert c["wrong"] == ((c["score"] > threshold) == (c["kind"] == "false positive"))
+        assert c["wrong"] == ((c["raw_score"] > threshold) == (c["kind"] == "false positive"))
+        assert (c["score"] > 1) == (c["raw_score"] > threshold)  # one scale: 1 is the image threshold
 
 
 def test_report_holds_metrics_and_embedded_figures_only(results, report):
@@ -83,7 +84,8 @@ def test_report_holds_metrics_and_embedded_figures_only(results, report):
         assert f"{100 * metrics[key]:.1f}%" in page
     for name, m in metrics["per_type"].items():
         assert name in page and f"{100 * m['image_auroc']:.1f}%" in page
-    assert page.count("data:image/png;base64,") == 2 + 8  # curves, histogram, 4 + 4 cases
+    assert page.count("data:image/png;base64,") == 3 + 8  # curves, histogram, colour bar, 4 + 4 cases
+    assert "heat-map colour bar" in page and "Defect regions" in page and "region recall" in page
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
     assert "<script" not in page.lower() and "<link" not in page.lower()
     assert "Decision at threshold" in page and f"{100 * metrics['at_threshold']['image_recall']:.1f}" in page
@@ -135,8 +137,10 @@ def test_report_renders_offline_in_chromium(report):
         page.goto(report.resolve().as_uri())
         page.wait_for_load_state("load")
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+        bar = page.eval_on_selector("img[alt='heat-map colour bar']", "e => e.naturalHeight")
         png = page.screenshot(full_page=True)
-    assert len(images) == 10 and all(done and width > 0 for done, width in images), images
+    assert len(images) == 11 and all(done and width > 0 for done, width in images), images
+    assert bar == 256  # the colour bar is drawn
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     shot = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert shot.shape[1] == 1280 and shot.shape[0] > 1500

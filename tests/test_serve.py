@@ -195,7 +195,10 @@ def test_web_page_uploads_an_image_and_shows_verdict_and_overlay(server, synthet
         page.wait_for_selector("#result:not([hidden])", timeout=60_000)
         assert page.inner_text("#verdict") == "DEFECT"
         assert "score" in page.inner_text("#facts") and "defect area" in page.inner_text("#facts")
-        assert " regions" in page.inner_text("#facts")
+        assert " regions" in page.inner_text("#facts") and "(threshold 1)" in page.inner_text("#facts")
+        regions = int(page.inner_text("#facts").split(" in ")[1].split(" regions")[0])
+        assert regions >= 1 and page.locator("#regions li.region").count() == min(regions, 20)
+        page.wait_for_function("document.getElementById('legend').naturalHeight == 256")  # the colour bar
         page.wait_for_function("document.getElementById('overlay').naturalWidth > 0")
         assert page.evaluate("document.getElementById('overlay').naturalWidth") == Image.open(f).size[0]
         # a bad upload shows the service's message instead of a result

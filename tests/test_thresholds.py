@@ -91,8 +91,9 @@ def test_test_reports_the_rates_the_thresholds_reach(padim_checkpoint, synthetic
     t, at = metrics["thresholds"], metrics["at_threshold"]
     with open(tmp_path / "scores.csv") as f:
         rows = list(csv.DictReader(f))
-    good = [float(r["score"]) for r in rows if r["label"] == "0"]
-    bad = [float(r["score"]) for r in rows if r["label"] == "1"]
+    good = [float(r["raw_score"]) for r in rows if r["label"] == "0"]
+    bad = [float(r["raw_score"]) for r in rows if r["label"] == "1"]
+    assert all((float(r["score"]) > 1) == (r["verdict"] == "defect") for r in rows)  # 1: the image threshold
     assert at["image_fpr"] == pytest.approx(_flagged(good, t["image"]))
     assert at["image_recall"] == pytest.approx(_flagged(bad, t["image"]))
     assert at["image_recall"] >= 0.8 and at["pixel_recall"] > 0.5 and at["pixel_fpr"] < 0.2
@@ -159,7 +160,8 @@ def test_a_model_without_thresholds_still_scores_and_says_why_there_are_no_label
     warnings: list[str] = []
     rows = api.predict(model, [synthetic_root / "synthetic" / "test" / "good"], tmp_path, progress=False,
                        warn=warnings.append)
-    assert all(r["label"] is None and r["score"] is not None for r in rows)
+    # raw scores only: the one scale needs the good images' scores that calibration keeps
+    assert all(r["label"] is None and r["score"] is None and np.isfinite(r["raw_score"]) for r in rows)
     assert any("calibrate" in w for w in warnings) and not list(tmp_path.glob("*_mask.png"))
     with pytest.raises(CflowInputError, match="no calibrated thresholds"):
         api.predict(model, [synthetic_root / "synthetic" / "test" / "good"], tmp_path, progress=False, target_fpr=0.1)

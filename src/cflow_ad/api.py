@@ -30,7 +30,7 @@ from .model import METHOD_CLASSES, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
 from .scoring import fixed_mode, paper_stream
 from .source import DataSource
-from .thresholds import PIXEL_SAMPLE, Thresholds
+from .thresholds import PIXEL_SAMPLE, ScoreScale, Thresholds
 from .training import fit, fit_baseline
 
 STATE_FILE = "training_state.pt"  # CFLOW-AD's resumable training state, beside model.safetensors
@@ -87,8 +87,12 @@ def train(
         if held_out is not None:
             model.thresholds = calibrate_thresholds(model, held_out, config.target_fpr, progress=progress,
                                                     compute=compute)
+            t = model.thresholds
             log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"
-                f" image {model.thresholds.image:.4g}, pixel {model.thresholds.pixel:.4g}")
+                f" image {t.image:.4g}, pixel {t.pixel:.4g}, region {t.region_threshold:.4g}")
+            if len(held_out) * config.target_fpr < 1:
+                log(f"note: {len(held_out)} held-out images cannot show a {config.target_fpr:.2%} tail, so expect more"
+                    " false alarms than that; 'cflow-ad calibrate --normal-dir MORE_GOOD_IMAGES' sets them on more")
         path = save_checkpoint(model, final, extra={"history": history})
         state.unlink(missing_ok=True)
         return path
@@ -117,11 +121,11 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
             evaluation.add(labels, scores.numpy(), masks.numpy(), maps.numpy(), types, has_mask)
         return Thresholds.f1_with_pixel(evaluation.labels, evaluation.scores, evaluation.f1_optimal_threshold()[0])
     # Streamed, so memory does not grow with the set: the image scores, and per image a fixed-size
-    # random sample of its map values (all of them while the set has fewer than PIXEL_SAMPLE pixels),
-    # drawn on the device and copied back once per batch.
+    # random sample of its map values (all of them while the set has fewer than PIXEL_SAMPLE pixels)
+    # and its map maximum, drawn on the device and copied back once per batch.
     per_image = max(1, PIXEL_SAMPLE // max(len(dataset), 1))
     gen = torch.Generator().manual_seed(model.config.seed)
-    scores, pixels = [], []
+    scores, pixels, maxima = [], [], []
     loader = D.image_loader(dataset, compute, model.config.batch_size)
     with torch.no_grad():
         for batch in tqdm(D.checked(loader), total=len(loader), desc="calibrate", disable=not progress, leave=False):
@@ -131,6 +135,7 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
             maps, s = _restored(*compute.host(*model(compute.put(batch["image"][good]))), batch["box"][good],
                                 model.map_max_score)
             flat = maps.flatten(1)
+            maxima.append(flat.amax(1))
             if flat.shape[1] > per_image:
                 flat = flat[:, torch.randint(flat.shape[1], (per_image,), generator=gen)]
             scores.append(s)
@@ -138,7 +143,8 @@ def calibrate_thresholds(model: torch.nn.Module, dataset, target_fpr: float | No
     n = sum(len(s) for s in scores)
     pixels = torch.cat(pixels).numpy() if n else []  # the parts are freed: at most twice the sample in memory
     return Thresholds.from_good(torch.cat(scores).numpy() if n else [], pixels,
-                                target_fpr or model.config.target_fpr, f"{n} {source}", model.config.seed)
+                                target_fpr or model.config.target_fpr, f"{n} {source}", model.config.seed,
+                                torch.cat(maxima).numpy() if n else [])
 
 
 def calibrate(
@@ -183,7 +189,8 @@ def _evaluation(model: torch.nn.Module, mode: str, memory_mb: int | None = None,
     just under which strong anomalies sit (log maps have no bound, and no such pile)."""
     budget = (model.config.memory_mb if memory_mb is None else memory_mb) * 2**20 // 8
     centre = float(model.map_offset) if mode == "stateless" and mode in model.normalizations else None
-    return Evaluation(budget, None if thresholds is None else (thresholds.image, thresholds.pixel), FPR_LIMIT, centre)
+    limits = None if thresholds is None else (thresholds.image, thresholds.pixel, thresholds.region_threshold)
+    return Evaluation(budget, limits, FPR_LIMIT, centre)
 
 
 def scored_batches(model: torch.nn.Module, dataset, mode: str, progress: bool = False, compute: Compute | None = None,
@@ -292,11 +299,13 @@ def test(
         (out / "metrics.json").write_text(to_json(metrics))
         with open(out / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "defect_type", "label", "score", "verdict"])
-            w.writerows([p, t, lab, f"{s:.6f}", "" if thresholds is None else ("defect" if s > thresholds.image else "ok")]
-                        for p, t, lab, s in zip(paths, evaluation.types, evaluation.labels, evaluation.scores))
-        write_test_artifacts(out, evaluation.curves(), cases, model.config.image_size,
-                             2 * float(model.train_max_score), metrics.get("thresholds", {}).get("image"))
+            w.writerow(["path", "defect_type", "label", "score", "raw_score", "verdict"])
+            normal = [None] * len(paths) if thresholds is None else [thresholds.normalized(v) for v in evaluation.scores]
+            w.writerows([p, t, lab, "" if n is None else f"{n:.6f}", f"{s:.6f}",
+                         "" if thresholds is None else ("defect" if s > thresholds.image else "ok")]
+                        for p, t, lab, n, s in zip(paths, evaluation.types, evaluation.labels, normal, evaluation.scores))
+        heat_scale = thresholds.pixel_scale if thresholds is not None else ScoreScale(0.0, float(model.train_max_score))
+        write_test_artifacts(out, evaluation.curves(), cases, model.config.image_size, thresholds, heat_scale)
     return metrics
 
 
@@ -322,11 +331,14 @@ def predict(
     workers: int | None = None,
     min_defect_area: int = 0,
     quantize: str | None = None,
+    all_regions: bool = False,
+    legend: bool = False,
 ) -> list[dict]:
     """Score images/folders: per image a score, an OK / defect label at the model's thresholds (or
     `target_fpr`, or the given thresholds), the defect area in its own pixels and the defect regions
-    (those of at least `min_defect_area` pixels; see `Inspector.verdicts`); optionally a heat
-    map, an overlay and a mask PNG each, and predictions.csv / predictions.json for the run.
+    (those of at least `min_defect_area` pixels; every part of the mask with `all_regions`; see
+    `Inspector.verdicts`); optionally a heat map, an overlay (with a colour bar under `legend`) and a mask
+    PNG each, and predictions.csv / predictions.json for the run.
 
     Images stream through in batches, so memory does not grow with the folder size.
     Unreadable files are skipped, reported through `warn` and listed with their error, so
@@ -338,7 +350,7 @@ def predict(
     """
     compute = Compute(device, precision, workers)
     inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute, min_defect_area,
-                          quantize=quantize)
+                          quantize=quantize, all_regions=all_regions)
     runner = inspector.runner
     mode = normalization or runner.config.normalization
     thresholds = inspector.thresholds
@@ -353,7 +365,7 @@ def predict(
     elif thresholds is None:
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
     size, bs = runner.config, runner.config.batch_size  # the config: its input size and aspect handling
-    writer = Predictions(inspector, output, thresholds, overlays, masks, heatmaps)
+    writer = Predictions(inspector, output, thresholds, overlays, masks, heatmaps, legend)
     files = D.list_images(paths)
 
     def skipped(i: int, exc: CflowInputError) -> None:

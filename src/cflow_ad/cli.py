@@ -95,6 +95,10 @@ def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-defect-area", type=int, default=0, metavar="PX",
                    help="defect regions smaller than this (in the image's own pixels) are dropped; an image over the"
                         " image threshold with none left is ok (default: 0, keep all)")
+    g.add_argument("--all-regions", action="store_true",
+                   help="list every part of the map over the pixel threshold as a region, on every image (faint specks,"
+                        " ok images too); default: only defect images have regions, the parts of the map over the"
+                        " calibrated region threshold")
 
 
 def _add_compute_flags(parser: argparse.ArgumentParser, workers: bool = True) -> None:
@@ -168,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("overlays", "<name>_overlay.png: heat map over the image, defect outline in white"),
                        ("masks", "<name>_mask.png: the defect mask at the pixel threshold"),
                        ("heatmaps", "<name>_heatmap.png: the anomaly map, colours fixed by the model"),
+                       ("legend", "a colour bar with the thresholds beside each overlay (default: off)"),
                        ("csv", "predictions.csv: one row per image"),
                        ("json", "predictions.json: thresholds, counts per folder and one entry per image")):
-        out.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=text)
+        out.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=name != "legend", help=text)
 
     c = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds on new images",
                        formatter_class=_Help)
@@ -237,8 +242,16 @@ def _print_metrics(metrics: dict) -> None:
     used = metrics.get("images_used", {})
     if used.get("pixel_metrics") != used.get("image_metrics"):
         print(f"pixel metrics on the {used['pixel_metrics']} of {used['image_metrics']} images that have masks")
+    rates = metrics.get("at_threshold") or {}
+    regions = rates.get("regions_per_type", {})
     for name, m in metrics.get("per_type", {}).items():
-        print(f"  {name:<12} image AUROC {_pc(m['image_auroc'])}  pixel AUROC {_pc(m['pixel_auroc'])}")
+        found = regions.get(name, {}).get("region_recall")
+        print(f"  {name:<12} image AUROC {_pc(m['image_auroc'])}  pixel AUROC {_pc(m['pixel_auroc'])}"
+              + ("" if found is None else f"  region recall {_pc(found)}"))
+    if rates:
+        print(f"at the thresholds: image FPR {_pc(rates['image_fpr'])}, recall {_pc(rates['image_recall'])};"
+              f" good images with a region {_pc(rates.get('region_false_alarm_rate'))},"
+              f" defects a region finds {_pc(rates.get('region_recall'))}")
 
 
 def _print_predictions(rows: list[dict]) -> None:
@@ -248,12 +261,13 @@ def _print_predictions(rows: list[dict]) -> None:
 
     used = next((r for r in rows if r.get("image_threshold") is not None), None)
     if used:
-        print(f"thresholds: image {used['image_threshold']:.6g}, pixel {used['pixel_threshold']:.6g}"
-              " (a score or map value above is a defect)")
+        print(f"thresholds: image {used['image_threshold']:.6g}, pixel {used['pixel_threshold']:.6g}, region"
+              f" {used['region_threshold']:.6g} (raw; a score over 1 is a defect: 0 is a typical good image)")
     for r in rows:
         if not r["error"]:
             area = "" if r["defect_area_px"] is None else f"  {r['defect_area_px']:>7} px in {r['region_count']:>2} regions"
-            print(f"{r['score']:.4f}  {r['label'] or '-':<6}{area}  {r['path']}")
+            score = f"{r['raw_score']:.6g} raw" if r["score"] is None else f"{r['score']:7.3f}"
+            print(f"{score}  {r['label'] or '-':<6}{area}  {r['path']}")
     summary = summarize(rows, None)
     mvtec = "good" in summary["folders"]  # then the other folders are defect types
     for name, f in summary["folders"].items():
@@ -298,7 +312,8 @@ def _score_onnx(args: argparse.Namespace) -> int:
 
     check_quantize(args.quantize, "onnx", onnx_file=True)
     thresholds = {"target_fpr": args.target_fpr, "image_threshold": args.image_threshold,
-                  "pixel_threshold": args.pixel_threshold, "min_defect_area": args.min_defect_area}
+                  "pixel_threshold": args.pixel_threshold, "min_defect_area": args.min_defect_area,
+                  "all_regions": args.all_regions}
     if args.command == "serve":
         from .serve import Limits, serve
 
@@ -310,7 +325,7 @@ def _score_onnx(args: argparse.Namespace) -> int:
     rows = predict_onnx(args.model, args.paths, args.output, overlays=args.overlays, progress=not args.quiet,
                         warn=lambda m: print(m, file=sys.stderr), masks=args.masks, heatmaps=args.heatmaps,
                         csv_summary=args.csv, json_summary=args.json, device=args.device, workers=args.workers,
-                        threads=args.threads, **thresholds)
+                        threads=args.threads, legend=args.legend, **thresholds)
     _print_predictions(rows)
     print(f"-> {args.output}")
     return 0
@@ -378,7 +393,8 @@ def run(argv: list[str] | None = None) -> int:
             warn=lambda m: print(m, file=sys.stderr), runtime=args.runtime, masks=args.masks, heatmaps=args.heatmaps,
             csv_summary=args.csv, json_summary=args.json, target_fpr=args.target_fpr,
             image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold,
-            min_defect_area=args.min_defect_area, quantize=args.quantize, **_compute(args))
+            min_defect_area=args.min_defect_area, all_regions=args.all_regions, legend=args.legend,
+            quantize=args.quantize, **_compute(args))
         _print_predictions(rows)
         print(f"-> {args.output}")
     elif args.command == "calibrate":
@@ -390,7 +406,8 @@ def run(argv: list[str] | None = None) -> int:
 
         limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
         serve(args.model, args.host, args.port, args.runtime, limits, args.target_fpr, args.image_threshold,
-              args.pixel_threshold, min_defect_area=args.min_defect_area, threads=threads, quantize=args.quantize,
+              args.pixel_threshold, min_defect_area=args.min_defect_area, all_regions=args.all_regions,
+              threads=threads, quantize=args.quantize,
               **_compute(args))
     elif args.command == "export":
         print(api.export(args.model, args.output, args.format, args.quantize))

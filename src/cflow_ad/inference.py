@@ -12,21 +12,19 @@ exported .onnx model is scored here, in `predict_onnx` and in `serve`, without t
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .errors import CflowInputError
 from .geometry import InputFrame, resize_bilinear, restore
-from .regions import regions
+from .regions import defect_regions
 from .runtime import OnnxModel
-from .thresholds import Thresholds
-from .visualize import draw_boxes, heat_rgb, outline, overlay_rgb, save_png
+from .thresholds import ScoreScale, Thresholds
+from .visualize import draw_boxes, heat_rgb, outline, overlay_rgb, save_png, with_legend
 
 RUNTIMES = ("torch", "onnx")
 
@@ -102,16 +100,19 @@ def resolve_thresholds(stored: Thresholds | None, target_fpr: float | None = Non
 
 @dataclass
 class Verdict:
-    """One image's answer. Without thresholds, `label`, `reason`, the mask, its area and regions are None."""
+    """One image's answer. Without thresholds, `label`, `reason`, the mask, its area and regions are None.
+    `score` is on the model's image scale (`ScoreScale`: 0 typical good, 1 the threshold; None without the
+    good images' scores), `raw_score` as the model computes it."""
 
-    score: float
+    score: float | None
+    raw_score: float
     label: str | None
     reason: str | None
     width: int
     height: int
     amap: np.ndarray  # [H0, W0] at the image's own size
     image: np.ndarray  # [3, H0, W0] in [0, 1]
-    mask: np.ndarray | None  # [H0, W0] bool: pixels over the pixel threshold, in regions of the minimum area
+    mask: np.ndarray | None  # [H0, W0] bool: the pixels of the defect regions
     regions: list[dict] | None  # `regions.regions` of the mask, highest peak first
 
     @property
@@ -131,10 +132,10 @@ class Inspector:
     def __init__(self, model, runtime: str = "torch", target_fpr: float | None = None,
                  image_threshold: float | None = None, pixel_threshold: float | None = None,
                  compute=None, min_defect_area: int = 0, threads: int | None = None, device: str = "cpu",
-                 quantize: str | None = None):
+                 quantize: str | None = None, all_regions: bool = False):
         if min_defect_area < 0:
             raise CflowInputError(f"--min-defect-area must be >= 0 pixels, not {min_defect_area}")
-        self.min_defect_area = int(min_defect_area)
+        self.min_defect_area, self.all_regions = int(min_defect_area), bool(all_regions)
         self.runner = load_runner(model, runtime, compute, threads, device, quantize)
         self.runtime = "onnx" if isinstance(self.runner, OnnxModel) else "torch"
         self.quantize = self.runner.quantize if self.runtime == "onnx" else "none"
@@ -148,7 +149,9 @@ class Inspector:
         self.frame = InputFrame.of(self.config)
         # where it computes, in words: the device and precision, or onnxruntime's execution provider
         self.device = self.runner.provider if self.runtime == "onnx" else self.compute.describe()
-        self.heat_scale = 2 * float(self.runner.train_max_score)  # colours mean the same on every image
+        # colours mean the same on every image: the thresholds' pixel scale, else up to the largest training value
+        t = self.thresholds
+        self.heat_scale = t.pixel_scale if t is not None else ScoreScale(0.0, float(self.runner.train_max_score))
 
     def score(self, inputs, originals: list) -> tuple[np.ndarray, np.ndarray]:
         """(maps [B, H, W], scores [B]) as numpy for a host batch of model inputs [B, 3, H, W] (numpy or a
@@ -175,25 +178,39 @@ class Inspector:
     def verdicts(self, maps: np.ndarray, scores: np.ndarray, originals: list,
                  thresholds: Thresholds | None) -> list[Verdict]:
         """An image is a defect when its score is over the image threshold and, with a minimum defect
-        area, at least one region of the pixel mask is that large."""
+        area, at least one defect region is that large. A defect region is a connected part of the map over
+        the region threshold, which good images rarely reach anywhere; an `ok` image has none
+        (`all_regions`: every part of the map over the pixel threshold on every image, faint ones included)."""
         out = []
         for amap, score, image in zip(maps, np.asarray(scores).tolist(), originals):
             image = np.asarray(image)
             h, w = image.shape[-2:]
             big = resize_bilinear(amap, (h, w))
-            label = reason = mask = found = None
+            label = reason = mask = found = normal = None
             if thresholds is not None:
-                mask, found = regions(big > thresholds.pixel, big, self.min_defect_area)
+                normal = thresholds.normalized(score)
                 label = "defect" if score > thresholds.image else "ok"
                 reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
-                if label == "defect" and self.min_defect_area and not found:
-                    label = "ok"
-                    reason += f", but no defect region of {self.min_defect_area} px or more"
-            out.append(Verdict(float(score), label, reason, int(w), int(h), big, image, mask, found))
+                if self.all_regions:
+                    mask, found = defect_regions(big, thresholds.pixel, self.min_defect_area)
+                elif label == "ok":
+                    mask, found = np.zeros((h, w), dtype=bool), []
+                else:
+                    mask, found = defect_regions(big, thresholds.region_threshold, self.min_defect_area)
+                if label == "defect" and not found:
+                    if self.min_defect_area:
+                        label, reason = "ok", reason + f", but no defect region of {self.min_defect_area} px or more"
+                    else:
+                        reason += ", but no part of the map reaches the region threshold"
+            out.append(Verdict(normal, float(score), label, reason, int(w), int(h), big, image, mask, found))
         return out
 
     def heat(self, v: Verdict) -> np.ndarray:
         return heat_rgb(v.amap, self.heat_scale)
+
+    def legend(self, rgb: np.ndarray) -> np.ndarray:
+        """`rgb` with the heat map's colour bar beside it."""
+        return with_legend(rgb, self.heat_scale)
 
     def overlay(self, v: Verdict, heat: np.ndarray | None = None) -> np.ndarray:
         """Heat map (`heat`, when already drawn) blended over the image, with the outline of the defect
@@ -214,8 +231,9 @@ class Inspector:
         """The JSON-ready facts of a verdict, with the thresholds that made it."""
         t = self.thresholds
         return {
-            "score": v.score, "good_share": t.good_share(v.score) if t else None, "label": v.label,
-            "reason": v.reason, "image_threshold": t.image if t else None, "pixel_threshold": t.pixel if t else None,
+            "score": v.score, "raw_score": v.raw_score, "good_share": t.good_share(v.raw_score) if t else None,
+            "label": v.label, "reason": v.reason, "image_threshold": t.image if t else None,
+            "pixel_threshold": t.pixel if t else None, "region_threshold": t.region_threshold if t else None,
             "min_defect_area_px": self.min_defect_area,
             "defect_area_px": v.defect_area_px,
             "defect_fraction": None if v.defect_area_px is None else v.defect_area_px / (v.width * v.height),
@@ -225,15 +243,9 @@ class Inspector:
         }
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-PREDICTION_FIELDS = ["path", "score", "good_share", "label", "reason", "image_threshold", "pixel_threshold",
-                     "defect_area_px", "defect_fraction", "region_count", "largest_region_px", "width", "height",
-                     "error", "heatmap", "overlay", "mask"]
+PREDICTION_FIELDS = ["path", "score", "label", "raw_score", "good_share", "reason", "image_threshold",
+                     "pixel_threshold", "region_threshold", "defect_area_px", "defect_fraction", "region_count",
+                     "largest_region_px", "width", "height", "error", "heatmap", "overlay", "mask"]
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -269,9 +281,9 @@ class Predictions:
     for the run predictions.csv and predictions.json. `thresholds` None: scores only."""
 
     def __init__(self, inspector: Inspector, output: str | Path, thresholds: Thresholds | None,
-                 overlays: bool = True, masks: bool = True, heatmaps: bool = True):
+                 overlays: bool = True, masks: bool = True, heatmaps: bool = True, legend: bool = False):
         self.inspector, self.thresholds = inspector, thresholds
-        self.overlays, self.masks, self.heatmaps = overlays, masks, heatmaps
+        self.overlays, self.masks, self.heatmaps, self.legend = overlays, masks, heatmaps, legend
         self.out = Path(output)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
@@ -283,18 +295,20 @@ class Predictions:
             stem = _unique_stem(Path(p), self.used)
             row = {"path": str(p), **inspector.describe(v), "error": ""}
             if self.thresholds is None:
-                row.update(image_threshold=None, pixel_threshold=None, good_share=None, min_defect_area_px=None)
+                row.update(score=None, image_threshold=None, pixel_threshold=None, region_threshold=None,
+                           good_share=None, min_defect_area_px=None)
             heat = inspector.heat(v) if self.heatmaps or self.overlays else None  # drawn once for both
             if self.heatmaps:
                 row["heatmap"] = str(save_png(heat, out / f"{stem}_heatmap.png"))
             if self.overlays:
-                row["overlay"] = str(save_png(inspector.overlay(v, heat), out / f"{stem}_overlay.png"))
+                overlay = inspector.overlay(v, heat)
+                row["overlay"] = str(save_png(inspector.legend(overlay) if self.legend else overlay, out / f"{stem}_overlay.png"))
             if self.masks and v.mask is not None:
                 row["mask"] = str(save_png(inspector.mask_image(v), out / f"{stem}_mask.png"))
             self.rows.append(row)
 
     def skipped(self, path: Path, exc: CflowInputError) -> None:
-        self.rows.append({"path": str(path), "score": None, "label": None, "error": str(exc)})
+        self.rows.append({"path": str(path), "score": None, "raw_score": None, "label": None, "error": str(exc)})
 
     def finish(self, model, mode: str, csv_summary: bool = True, json_summary: bool = True) -> list[dict]:
         if csv_summary:
@@ -314,17 +328,18 @@ def predict_onnx(model: str | Path, paths, output: str | Path, overlays: bool = 
                  warn: Callable[[str], None] = print, masks: bool = True, heatmaps: bool = True,
                  csv_summary: bool = True, json_summary: bool = True, target_fpr: float | None = None,
                  image_threshold: float | None = None, pixel_threshold: float | None = None, device: str = "cpu",
-                 workers: int | None = None, threads: int | None = None, min_defect_area: int = 0) -> list[dict]:
+                 workers: int | None = None, threads: int | None = None, min_defect_area: int = 0,
+                 all_regions: bool = False, legend: bool = False) -> list[dict]:
     """`api.predict` for an exported .onnx model, without PyTorch: the same verdicts and files. Images
     are decoded by `workers` threads (default: `device.default_workers()`) while onnxruntime scores."""
     from .device import default_workers
     from .images import list_images, read_batches
 
     inspector = Inspector(model, "onnx", target_fpr, image_threshold, pixel_threshold, None, min_defect_area,
-                          threads, device)
+                          threads, device, all_regions=all_regions)
     if inspector.thresholds is None:
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
-    writer = Predictions(inspector, output, inspector.thresholds, overlays, masks, heatmaps)
+    writer = Predictions(inspector, output, inspector.thresholds, overlays, masks, heatmaps, legend)
     files = list_images(paths)
 
     def skipped(i: int, exc: CflowInputError) -> None:

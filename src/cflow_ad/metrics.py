@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .regions import defect_regions
+
 GOOD = "good"
 
 # 8-connectivity inside each image and none across images, so one ndimage.label call
@@ -442,7 +444,10 @@ class Evaluation:
     `PixelHistograms` and dropped, so memory stays bounded however many images there are (the
     result's "pixel_metrics" says which). Image metrics are always exact: one score per image.
     Images without a mask (`add`'s `has_mask`) count in the image metrics only. With `thresholds`
-    (image, pixel) it also counts what they flag (`at_threshold`). `centre` is where the
+    (image, pixel, and optionally region) it also counts what they flag (`at_threshold`); with a region
+    threshold, the defect regions as `predict` reports them (`regions.defect_regions` over the region threshold,
+    on images over the image threshold): the share of good images with any, and the share of ground-truth defects (connected
+    parts of the masks) that one overlaps, overall and per defect type. `centre` is where the
     histograms' bins are finest (see `value_bins`): the maps' upper bound if known."""
 
     def __init__(self, budget_bytes: int, thresholds: tuple[float, float] | None = None, fpr_limit: float = 0.3,
@@ -458,6 +463,8 @@ class Evaluation:
         self.binned: PixelHistograms | None = None
         # flagged pixels of good images, pixels of good images, defect pixels flagged, defect pixels
         self.hot = np.zeros(4, dtype=np.int64)
+        # per defect type ("good" too): images, images with a region, ground-truth defects, those a region overlaps
+        self.region_counts: dict[str, np.ndarray] = {}
 
     def add(self, labels, scores, masks, maps, defect_types: Sequence[str], has_mask=None) -> None:
         """One batch: labels [B], scores [B], masks [B, H, W], maps [B, H, W], a defect type per image, and
@@ -471,6 +478,8 @@ class Evaluation:
         self.scores += s.tolist()
         self.types += [str(t) for t in defect_types]
         self.has_mask += keep.tolist()
+        if self.thresholds is not None and len(self.thresholds) > 2:
+            self._count_regions(y, s, gt, m, keep, defect_types)
         if not keep.any():
             return
         if not keep.all():
@@ -490,6 +499,33 @@ class Evaluation:
                 self.binned.add(g, mm, kept_types)
             self.kept = None
         self.binned.add(gt, m, types)
+
+    def _count_regions(self, y, s, gt, m, keep, defect_types) -> None:
+        image, _, region = self.thresholds[:3]
+        for i in range(y.size):
+            found_mask, found = defect_regions(m[i], region) if s[i] > image else (None, [])
+            c = self.region_counts.setdefault(str(defect_types[i]) if y[i] else "good", np.zeros(4, dtype=np.int64))
+            c[0] += 1
+            c[1] += bool(found)
+            if y[i] and keep[i]:
+                parts, n = ndimage.label(gt[i], structure=np.ones((3, 3)))  # 8-connected, as PRO's defects
+                c[2] += n
+                if found_mask is not None and n:
+                    c[3] += np.unique(parts[found_mask & (parts > 0)]).size
+
+    def _region_rates(self) -> dict:
+        def rates(c: np.ndarray, good: bool) -> dict:
+            rate = (c[1] / c[0] if c[0] else None) if good else (c[3] / c[2] if c[2] else None)
+            return {"images": int(c[0]), "images_with_regions": int(c[1]),
+                    "region_false_alarm_rate" if good else "region_recall": None if rate is None else float(rate)}
+
+        defects = [c for t, c in self.region_counts.items() if t != "good"]
+        total = np.sum(defects, axis=0) if defects else np.zeros(4, dtype=np.int64)
+        good = self.region_counts.get("good", np.zeros(4, dtype=np.int64))
+        return {"region_false_alarm_rate": float(good[1] / good[0]) if good[0] else None,
+                "region_recall": float(total[3] / total[2]) if total[2] else None,
+                "defects": int(total[2]), "defects_found": int(total[3]),
+                "regions_per_type": {t: rates(c, t == "good") for t, c in sorted(self.region_counts.items())}}
 
     def _kept_types(self):
         start = 0
@@ -535,7 +571,8 @@ class Evaluation:
                 "image_fpr": float(flagged[~y].mean()) if (~y).any() else None,
                 "image_recall": float(flagged[y].mean()) if y.any() else None,
                 "pixel_fpr": int(self.hot[0]) / int(self.hot[1]) if self.hot[1] else None,
-                "pixel_recall": int(self.hot[2]) / int(self.hot[3]) if self.hot[3] else None}
+                "pixel_recall": int(self.hot[2]) / int(self.hot[3]) if self.hot[3] else None,
+                **(self._region_rates() if len(self.thresholds) > 2 else {})}
 
     def f1_optimal_threshold(self) -> tuple[float, float]:
         """(pixel threshold, F1) maximising pixel F1 over the images with masks: exact or binned, as `result`."""

@@ -98,3 +98,12 @@ def regions(mask: np.ndarray, amap: np.ndarray, min_area: int = 0,
               "area_px": int(area[i]), "peak_score": float(peak[i]), "mean_score": float(total[i] / area[i])}
              for i in np.flatnonzero(keep)]
     return kept, sorted(found, key=lambda r: -r["peak_score"])
+
+
+def defect_regions(amap: np.ndarray, threshold: float, min_area: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """The defect regions of an [H, W] map, as `regions` gives them: the connected parts of the pixels over
+    `threshold` of at least `min_area` pixels. With the calibrated region threshold (`Thresholds.region`), which
+    good images rarely reach anywhere, they are what `predict` reports; with the pixel threshold, which lets
+    a share of good pixels through, they include faint specks on most good images (`--all-regions`)."""
+    amap = np.asarray(amap)
+    return regions(amap > threshold, amap, min_area)

@@ -24,7 +24,9 @@ from matplotlib.figure import Figure
 from .data import load_image
 from .errors import CflowInputError
 from .metrics import to_json
-from .visualize import heat_rgb, outline, overlay_rgb, save_png
+from .regions import defect_regions
+from .thresholds import ScoreScale, Thresholds
+from .visualize import colour_bar, draw_boxes, heat_rgb, outline, overlay_rgb, png_bytes, save_png
 
 FPR_LIMIT = 0.3
 GT_OUTLINE = np.array([0, 255, 0], dtype=np.uint8)  # green: white marks predicted defects in predict's overlays
@@ -56,9 +58,10 @@ class WorstCases:
         return [row for *_, row in sorted(self.fp if kind == "fp" else self.fn, key=lambda t: t[:2], reverse=True)]
 
 
-def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_size: int, heat_scale: float,
-                         image_threshold: float | None) -> None:
-    """curves.json (from `metrics.Evaluation.curves`) and cases/ (overlays of the worst cases)."""
+def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_size: int, thresholds: Thresholds | None,
+                         heat_scale: ScoreScale) -> None:
+    """curves.json (from `metrics.Evaluation.curves`) and cases/ (overlays of the worst cases on `heat_scale`, with
+    the defect regions that `predict` would report drawn as boxes)."""
     out = Path(output)
     (out / "curves.json").write_text(to_json(curves, indent=None))
     (out / "cases").mkdir(parents=True, exist_ok=True)
@@ -67,11 +70,14 @@ def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_si
         for rank, (amap, mask, label, dtype, path, score) in enumerate(cases.worst(tag), 1):
             rgb = overlay_rgb(load_image(path, image_size), heat_rgb(amap, heat_scale))
             rgb[outline(mask.numpy())] = GT_OUTLINE
+            flagged = None if thresholds is None else score > thresholds.image  # api.test's verdict rule
+            if flagged:
+                draw_boxes(rgb, [r["box"] for r in defect_regions(amap.numpy(), thresholds.region_threshold)[1]])
             name = f"{tag}{rank}.png"
             save_png(rgb, out / "cases" / name)
-            flagged = None if image_threshold is None else score > image_threshold  # api.test's verdict rule
-            rows.append({"file": name, "path": path, "defect_type": dtype, "label": label, "score": score, "kind": kind,
-                         "wrong": None if flagged is None else flagged == (kind == "false positive")})
+            rows.append({"file": name, "path": path, "defect_type": dtype, "label": label,
+                         "score": None if thresholds is None else thresholds.normalized(score), "raw_score": score,
+                         "kind": kind, "wrong": None if flagged is None else flagged == (kind == "false positive")})
     (out / "cases" / "cases.json").write_text(to_json(rows))
 
 
@@ -133,18 +139,47 @@ def _curves_figure(curves: dict, metrics: dict) -> str:
     return _figure_uri(fig)
 
 
-def _histogram_figure(scores: list[tuple[int, float]], threshold: float | None) -> str:
-    fig = Figure(figsize=(9, 3.6))
+def _histogram_figure(scores: list[tuple[int, float]], threshold: float | None, scale: ScoreScale | None) -> str:
+    """Image scores on the model's one scale (0 typical good, 1 the threshold), the raw score on the top axis;
+    raw scores alone without a scale."""
+    fig = Figure(figsize=(9, 3.8))
     ax = fig.subplots()
-    values = np.array([s for _, s in scores])
+    raw = np.array([s for _, s in scores], dtype=np.float64)
+    values = scale(raw) if scale is not None else raw
+    labels = np.array([y != 0 for y, _ in scores], dtype=bool)
     bins = np.histogram_bin_edges(values, bins=40) if values.size else 10
-    for lab, name, color in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
-        ax.hist([s for y, s in scores if (y != 0) == bool(lab)], bins=bins, alpha=0.55, color=color, label=name)
+    for defect, name, color in ((False, "normal", "tab:blue"), (True, "anomalous", "tab:red")):
+        ax.hist(values[labels == defect], bins=bins, alpha=0.55, color=color, label=name)
     if threshold is not None:
-        ax.axvline(threshold, color="black", ls="--", label=f"image threshold {threshold:.4g}")
-    ax.set(title="Image scores", xlabel="score", ylabel="images")
+        at = 1.0 if scale is not None else threshold
+        ax.axvline(at, color="black", ls="--", label=f"image threshold: {at:g}" + (f" (raw {threshold:.4g})" if scale else ""))
+    if scale is not None:
+        ax.axvline(0.0, color="grey", ls=":", label=f"median good (raw {scale.typical:.4g})")
+        top = ax.secondary_xaxis("top", functions=(lambda v: scale.raw(v), lambda r: scale(r)))
+        top.set_xlabel("raw score")
+        top_value, ticks = float(values.max(initial=1.0)), [0.0]
+        for t in (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0):  # raw labels far enough apart to read
+            if t <= top_value and t - ticks[-1] >= top_value / 10:
+                ticks.append(t)
+        top.set_xticks([float(scale.raw(t)) for t in ticks], [f"{float(scale.raw(t)):.3g}" for t in ticks])
+    ax.set(title="Image scores", xlabel="score (0: median good, 1: threshold; log above)" if scale else "score",
+           ylabel="images")
     ax.legend()
     return _figure_uri(fig)
+
+
+def _regions_html(rates: dict) -> str:
+    """The defect regions at the thresholds: false alarms on good images, recall of ground-truth defects."""
+    if rates.get("region_false_alarm_rate") is None and rates.get("region_recall") is None:
+        return ""
+    rows = [[escape(t), str(r["images"]), str(r["images_with_regions"]),
+             percent(r.get("region_false_alarm_rate")) if t == "good" else "", percent(r.get("region_recall"))]
+            for t, r in rates.get("regions_per_type", {}).items()]
+    rows.append(["<b>all</b>", "", "", percent(rates.get("region_false_alarm_rate")), percent(rates.get("region_recall"))])
+    return ("<h3>Defect regions</h3><p class=info>The regions <code>predict</code> reports: connected parts of the"
+            " map over the region threshold, on images over the image threshold. False alarm: a good image with any"
+            " region. Recall: the share of ground-truth defects (connected parts of the masks) a region overlaps.</p>"
+            + _table(["images", "count", "with regions", "false-alarm rate", "region recall"], rows))
 
 
 def _cases_html(results: Path, cases: list[dict], kind: str) -> str:
@@ -152,7 +187,9 @@ def _cases_html(results: Path, cases: list[dict], kind: str) -> str:
     for c in (c for c in cases if c["kind"] == kind):
         uri = _data_uri(_need(results, f"cases/{c['file']}").read_bytes())
         verdict = {None: "", True: " · <b class=bad>wrong at threshold</b>", False: " · right at threshold"}[c["wrong"]]
-        cells.append(f"<figure><img src=\"{uri}\" alt=\"{escape(c['file'])}\"><figcaption>score {c['score']:.4g}"
+        score = "" if c.get("score") is None else f"score {c['score']:.3g} · "
+        raw = c.get("raw_score", c.get("score"))
+        cells.append(f"<figure><img src=\"{uri}\" alt=\"{escape(c['file'])}\"><figcaption>{score}raw {raw:.4g}"
                      f" · {escape(c['defect_type'])}{verdict}<br><small>{escape(Path(c['path']).name)}</small>"
                      "</figcaption></figure>")
     return "<div class=cases>" + "".join(cells) + "</div>" if cells else "<p>none in this test set</p>"
@@ -163,7 +200,8 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.info{color:#555}
 img{max-width:100%}.cases{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0;width:256px}
 figure img{width:256px;image-rendering:pixelated}figcaption{font-size:.9em}.bad{color:#b00}
-details{margin-bottom:1em}code{background:#f4f4f4}"""
+details{margin-bottom:1em}code{background:#f4f4f4}.legend{display:flex;gap:1em;align-items:center}
+.legend img{width:120px}.legend p{max-width:40em}"""
 
 
 def write_report(results: Path, output: Path | None = None) -> Path:
@@ -172,9 +210,11 @@ def write_report(results: Path, output: Path | None = None) -> Path:
     metrics = json.loads(_need(res, "metrics.json").read_text())
     with open(_need(res, "scores.csv"), newline="") as f:
         reader = csv.DictReader(f)
-        if not {"label", "score"} <= set(reader.fieldnames or ()):
+        fields = set(reader.fieldnames or ())
+        if not {"label", "score"} <= fields:
             raise CflowInputError(f"{res / 'scores.csv'} has no label and score columns: rerun 'cflow-ad test --output {res}'")
-        scores = [(int(r["label"]), float(r["score"])) for r in reader]
+        raw = "raw_score" if "raw_score" in fields else "score"  # results written before the one scale
+        scores = [(int(r["label"]), float(r[raw])) for r in reader]
     curves = json.loads(_need(res, "curves.json").read_text())
     cases = json.loads(_need(res, "cases/cases.json").read_text())
 
@@ -190,14 +230,25 @@ def write_report(results: Path, output: Path | None = None) -> Path:
     coverage = "" if not used else (f"<p class=info>image metrics on {used['image_metrics']} images, pixel metrics on"
                                     f" the {used['pixel_metrics']} of them with a mask</p>")
     thresholds, rates = metrics.get("thresholds"), metrics.get("at_threshold")
-    decision = ""
+    decision, legend, scale = "", "", None
+    if thresholds and thresholds.get("typical_good_score") is not None:
+        scale = ScoreScale(thresholds["typical_good_score"], thresholds["image"])
+    if thresholds and thresholds.get("typical_good_pixel") is not None:
+        bar = _data_uri(png_bytes(colour_bar(256, ScoreScale(thresholds["typical_good_pixel"], thresholds["pixel"]))))
+        legend = (f"<div class=legend><img src=\"{bar}\" alt=\"heat-map colour bar\"><p class=info>Heat-map colours,"
+                  " the same on every image of this model: black is a typical good pixel, the white line the pixel"
+                  " threshold, pale yellow a clear defect (values above stay pale yellow). Yellow boxes: the defect"
+                  " regions <code>predict</code> reports at the thresholds; green outline: the ground truth.</p></div>")
     if thresholds and rates:
         decision = ("<h2>Decision at threshold</h2>"
                     f"<p class=info>set by {escape(str(thresholds.get('source', 'n/a')))}, target false-positive rate "
                     f"{percent(thresholds.get('target_fpr'))}; a score or map value above the threshold is a defect</p>"
                     + _table(["level", "threshold", "false-positive rate", "recall"],
                              [[lvl, _num(thresholds.get(lvl)), percent(rates.get(f"{lvl}_fpr")), percent(rates.get(f"{lvl}_recall"))]
-                              for lvl in ("image", "pixel")]))
+                              for lvl in ("image", "pixel")]
+                             + ([["region", _num(thresholds.get("region")), percent(rates.get("region_false_alarm_rate")),
+                                  percent(rates.get("region_recall"))]] if "region_recall" in rates else []))
+                    + _regions_html(rates))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cflow-ad report: {escape(res.name)}</title>
 <style>{CSS}</style></head><body>
@@ -213,8 +264,9 @@ def write_report(results: Path, output: Path | None = None) -> Path:
 <h2>Curves</h2>
 <img src="{_curves_figure(curves, metrics)}" alt="ROC and PRO curves">
 <h2>Score distribution</h2>
-<img src="{_histogram_figure(scores, (thresholds or {}).get("image"))}" alt="histogram of image scores">
+<img src="{_histogram_figure(scores, (thresholds or {}).get("image"), scale)}" alt="histogram of image scores">
 <h2>Worst false positives</h2>
+{legend}
 <p class=info>The highest-scored good images: what the model takes for defects.</p>
 {_cases_html(res, cases, "false positive")}
 <h2>Worst false negatives</h2>

@@ -26,8 +26,11 @@ from . import __version__
 from .device import available_cores
 from .errors import CflowInputError, ImageTooLargeError
 from .images import read
-from .inference import Inspector, is_onnx_file, png_bytes
+from .inference import Inspector, is_onnx_file
+from .thresholds import ScoreScale
+from .visualize import colour_bar, png_bytes
 
+MAX_REGION_HEADER = 20
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp", "application/octet-stream")
 OUTPUTS = ("json", "overlay", "mask", "heatmap")
 
@@ -130,6 +133,13 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
     async def index():
         return page
 
+    legend = png_bytes(colour_bar(256, inspector.heat_scale))
+
+    @app.get("/legend.png", include_in_schema=False)
+    async def legend_png():
+        """The heat map's colour bar: its colours and thresholds are fixed by the model."""
+        return Response(legend, media_type="image/png")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "version": __version__, "uptime_s": round(time.time() - stats["started"], 1),
@@ -140,7 +150,8 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
         t = inspector.thresholds
         return {"config": json.loads(inspector.config.to_json()), "runtime": inspector.runtime, "quantize": inspector.quantize,
                 "device": inspector.device, "thresholds": t.summary() if t else None,
-                "heat_scale": inspector.heat_scale, "limits": asdict(limits)}
+                "heat_scale": {**asdict(inspector.heat_scale), "top": float(inspector.heat_scale.raw(ScoreScale.TOP))},
+                "limits": asdict(limits)}
 
     @app.post("/predict")
     async def predict(request: Request, output: str = "json"):
@@ -167,10 +178,14 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
         stats["requests"] += 1
         if png is None:
             return result
-        headers = {"X-Cflow-Score": f"{result['score']:.6g}", "X-Cflow-Label": str(result["label"]),
+        headers = {"X-Cflow-Score": "None" if result["score"] is None else f"{result['score']:.4g}",
+                   "X-Cflow-Raw-Score": f"{result['raw_score']:.6g}", "X-Cflow-Label": str(result["label"]),
                    "X-Cflow-Image-Threshold": str(result["image_threshold"]),
                    "X-Cflow-Defect-Area": str(result["defect_area_px"]),
                    "X-Cflow-Regions": str(result["region_count"]),
+                   # the first MAX_REGION_HEADER region boxes, x,y,width,height in the image's pixels
+                   "X-Cflow-Region-Boxes": ";".join(
+                       "{x},{y},{width},{height}".format(**r["box"]) for r in (result["regions"] or [])[:MAX_REGION_HEADER]),
                    "X-Cflow-Total-Ms": f"{result['timing']['total_ms']:.1f}"}
         return Response(png, media_type="image/png", headers=headers)
 
@@ -180,7 +195,8 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime: str = "onnx",
           limits: Limits | None = None, target_fpr: float | None = None, image_threshold: float | None = None,
           pixel_threshold: float | None = None, device: str = "auto", precision: str = "fp32",
-          min_defect_area: int = 0, threads: int | None = None, quantize: str | None = None) -> None:
+          min_defect_area: int = 0, threads: int | None = None, quantize: str | None = None,
+          all_regions: bool = False) -> None:
     """Load the model once on `device` and serve it until interrupted (uploads are decoded in the
     request threads, so no loader workers). An .onnx file is served without PyTorch."""
     import uvicorn
@@ -194,7 +210,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
         if precision != "fp32":
             raise CflowInputError(f"--precision {precision} applies to --runtime torch: onnxruntime runs the"
                                   " exported fp32 model")
-        inspector = Inspector(model, "onnx", *thresholds, None, min_defect_area, share, device, quantize)
+        inspector = Inspector(model, "onnx", *thresholds, None, min_defect_area, share, device, quantize, all_regions)
     else:
         from .checkpoint import read_metadata
         from .config import CFlowConfig
@@ -206,7 +222,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
             runtime = "torch"  # the method has no ONNX form (SPADE's gallery search)
         share = set_threads(share)
         inspector = Inspector(model, runtime, *thresholds, Compute(device, precision, workers=0), min_defect_area,
-                              share, quantize=quantize)
+                              share, quantize=quantize, all_regions=all_regions)
     print(f"cflow-ad: serving {model} ({inspector.config.method}, {inspector.runtime} on {inspector.device},"
           f" {limits.max_concurrency} x {share} threads) on http://{host}:{port}", flush=True)
     uvicorn.run(create_app(inspector, limits), host=host, port=port, log_level="warning")

@@ -1,11 +1,14 @@
-"""Decision thresholds: turning anomaly scores into OK / defect and maps into masks.
+"""Decision thresholds: turning anomaly scores into OK / defect, maps into masks and defect regions.
 
 Thresholds are calibrated without defect examples: on held-out defect-free images, the
 image threshold is the score that at most a target fraction (the false-positive rate,
 1% by default) of them exceed, and the pixel threshold does the same for their pixels.
-The calibration keeps those images' score distribution (all image scores, pixel scores
-at a log-spaced grid of rates), so a different rate can be chosen at predict time without
-the images. With a labelled validation set the F1-optimal thresholds are the alternative.
+A defect region is a connected part of the map over the region threshold, set so that at most
+that fraction of good images reach it anywhere (`extreme_quantile`).
+The calibration keeps those images' score distribution (all image scores and map maxima,
+pixel scores at a log-spaced grid of rates), so a different rate can be chosen at predict
+time without the images, and every score can be put on one scale (`ScoreScale`).
+With a labelled validation set the F1-optimal thresholds are the alternative.
 """
 
 from __future__ import annotations
@@ -38,6 +41,56 @@ def _upper_quantile(values: np.ndarray, fpr: float, presorted: bool = False) -> 
     return float(v[v.size - 1 - min(k, v.size - 1)])
 
 
+EULER_GAMMA = 0.5772156649015329
+
+
+def extreme_quantile(maxima, fpr: float) -> float:
+    """The value that at most `fpr` of good images' map maxima exceed: a Gumbel (the law of the largest of
+    many pixels) fitted to `maxima` by moments, and never below their empirical quantile. Why: a held-out
+    set of n images cannot show a 1% tail, and its largest value is exceeded by 1/(n+1) of new good images
+    (a quarter with PIPED's 3), which would put defect regions on them."""
+    x = np.asarray(maxima, dtype=np.float64).ravel()
+    empirical = _upper_quantile(x, fpr)
+    if x.size < 2:
+        return empirical
+    beta = float(x.std(ddof=1)) * math.sqrt(6.0) / math.pi
+    mu = float(x.mean()) - EULER_GAMMA * beta
+    return max(empirical, mu - beta * math.log(-math.log1p(-fpr)))
+
+
+@dataclass(frozen=True)
+class ScoreScale:
+    """Raw scores on one scale for every model: 0 at a typical good value, 1 at the threshold, linear between
+    and log-compressed above it (1 + ln r for r = (v - typical) / (threshold - typical) > 1): monotone, smooth
+    at the threshold, and finite, so that a defect scoring 1e14 raw reads as a number in the tens."""
+
+    typical: float
+    threshold: float
+
+    # Where the heat-map colours end, on this scale: about 7 threshold steps above a typical good value.
+    TOP = 3.0
+
+    @property
+    def unit(self) -> float:
+        """threshold - typical, kept positive (a degenerate calibration still gives a monotone scale)."""
+        return max(self.threshold - self.typical, 1e-6 * max(abs(self.threshold), abs(self.typical), 1.0))
+
+    def __call__(self, raw):
+        r = (np.asarray(raw, dtype=np.float64) - self.typical) / self.unit
+        return np.where(r <= 1.0, r, 1.0 + np.log(np.maximum(r, 1.0)))
+
+    def raw(self, value):
+        """The raw score at a point of this scale (the inverse)."""
+        v = np.asarray(value, dtype=np.float64)
+        return self.typical + self.unit * np.where(v <= 1.0, v, np.exp(np.minimum(v, 700.0) - 1.0))
+
+    def colour_position(self, raw) -> np.ndarray:
+        """Where raw values sit on the heat-map colour bar, 0-1: a typical good value at 0, the threshold at
+        0.5 (where the colours turn warm), `TOP` and above at 1."""
+        v = self(raw)
+        return np.where(v <= 1.0, 0.5 * np.clip(v, 0.0, 1.0), 0.5 + 0.5 * np.clip((v - 1.0) / (self.TOP - 1.0), 0.0, 1.0))
+
+
 @dataclass
 class Thresholds:
     """A score above `image` flags the image; a map value above `pixel` is a defect pixel."""
@@ -49,10 +102,14 @@ class Thresholds:
     calibration_images: int = 0
     good_image_scores: list[float] = field(default_factory=list, repr=False)
     pixel_fpr_thresholds: list[float] = field(default_factory=list, repr=False)
+    good_map_maxima: list[float] = field(default_factory=list, repr=False)
+    region: float | None = None  # defect regions are the map over it; None (older models): the pixel threshold
 
     @classmethod
-    def from_good(cls, image_scores, maps, target_fpr: float, source: str, seed: int = 0) -> "Thresholds":
-        """Calibrate on defect-free images: their scores [N] and anomaly maps [N, H, W]."""
+    def from_good(cls, image_scores, maps, target_fpr: float, source: str, seed: int = 0,
+                  map_maxima=None) -> "Thresholds":
+        """Calibrate on defect-free images: their scores [N] and anomaly maps [N, H, W] (or a sample of their
+        values, with each image's `map_maxima` [N] given; without them, the region threshold is the pixel one)."""
         target_fpr = _check_fpr(target_fpr)
         scores = np.sort(np.asarray(image_scores, dtype=np.float64).ravel())
         if scores.size == 0:
@@ -62,7 +119,11 @@ class Thresholds:
             pixels = np.random.default_rng(seed).choice(pixels, PIXEL_SAMPLE, replace=False)
         pixels = np.sort(pixels)
         grid = [_upper_quantile(pixels, f, presorted=True) for f in PIXEL_FPR_GRID]
-        t = cls(0.0, 0.0, source, target_fpr, int(scores.size), scores.tolist(), grid)
+        if map_maxima is None:  # from the maps themselves where they are one per image; else no region threshold
+            maps = np.asarray(maps, dtype=np.float32)
+            map_maxima = maps.reshape(len(maps), -1).max(1) if maps.ndim > 1 and len(maps) == scores.size else []
+        t = cls(0.0, 0.0, source, target_fpr, int(scores.size), scores.tolist(), grid,
+                np.asarray(map_maxima, dtype=np.float64).ravel().tolist())
         return t.at_fpr(target_fpr)
 
     def at_fpr(self, fpr: float) -> "Thresholds":
@@ -75,8 +136,9 @@ class Thresholds:
         log_grid = np.log(PIXEL_FPR_GRID)
         pixel = float(np.interp(np.log(fpr), log_grid, self.pixel_fpr_thresholds))
         image = _upper_quantile(np.asarray(self.good_image_scores), fpr)
+        region = max(extreme_quantile(self.good_map_maxima, fpr), pixel) if self.good_map_maxima else None
         return Thresholds(image, pixel, self.source, fpr, self.calibration_images,
-                          self.good_image_scores, self.pixel_fpr_thresholds)
+                          self.good_image_scores, self.pixel_fpr_thresholds, self.good_map_maxima, region)
 
     @classmethod
     def f1(cls, labels, scores, masks, maps) -> "Thresholds":
@@ -108,17 +170,51 @@ class Thresholds:
             return None
         return int(np.searchsorted(self.good_image_scores, score, side="left")) / len(self.good_image_scores)
 
+    @property
+    def region_threshold(self) -> float:
+        """Where defect regions start: the calibrated region threshold, never below the pixel threshold."""
+        return self.pixel if self.region is None else max(self.region, self.pixel)
+
+    @property
+    def image_scale(self) -> ScoreScale | None:
+        """Image scores on one scale: 0 at the median good image, 1 at the image threshold (None without the
+        good images' scores, e.g. F1 or manual thresholds)."""
+        if not self.good_image_scores:
+            return None
+        return ScoreScale(float(np.median(self.good_image_scores)), self.image)
+
+    @property
+    def pixel_scale(self) -> ScoreScale:
+        """Map values on one scale, for the heat map's colours: 0 at the median good pixel (the grid's 50% rate),
+        1 at the pixel threshold. Without the good pixels' quantiles, 0 at zero (or one below a threshold <= 0)."""
+        if self.pixel_fpr_thresholds:
+            typical = float(self.pixel_fpr_thresholds[-1])
+        else:
+            typical = 0.0 if self.pixel > 0 else self.pixel - 1.0
+        return ScoreScale(typical, self.pixel)
+
+    def normalized(self, score: float) -> float | None:
+        """`score` on the image scale (None without one)."""
+        scale = self.image_scale
+        return None if scale is None else float(scale(score))
+
     def with_overrides(self, image: float | None = None, pixel: float | None = None) -> "Thresholds":
         if image is None and pixel is None:
             return self
-        return Thresholds(self.image if image is None else float(image), self.pixel if pixel is None else float(pixel),
-                          "manual" if image is not None and pixel is not None else f"{self.source} + manual",
-                          self.target_fpr, self.calibration_images, self.good_image_scores, self.pixel_fpr_thresholds)
+        source = "manual" if image is not None and pixel is not None else f"{self.source} + manual"
+        pixel = self.pixel if pixel is None else float(pixel)
+        region = None if self.region is None else max(self.region, pixel)
+        return Thresholds(self.image if image is None else float(image), pixel, source,
+                          self.target_fpr, self.calibration_images, self.good_image_scores, self.pixel_fpr_thresholds,
+                          self.good_map_maxima, region)
 
     def summary(self) -> dict:
         """The fields people read (no stored distributions)."""
-        return {"image": self.image, "pixel": self.pixel, "source": self.source, "target_fpr": self.target_fpr,
-                "calibration_images": self.calibration_images}
+        image_scale, pixel_scale = self.image_scale, self.pixel_scale
+        return {"image": self.image, "pixel": self.pixel, "region": self.region_threshold, "source": self.source,
+                "target_fpr": self.target_fpr, "calibration_images": self.calibration_images,
+                "typical_good_score": None if image_scale is None else image_scale.typical,
+                "typical_good_pixel": pixel_scale.typical}
 
     def to_dict(self) -> dict:
         return asdict(self)
