@@ -30,7 +30,7 @@ from .model import METHOD_CLASSES, build_model
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
 from .scoring import fixed_mode, paper_stream
 from .source import DataSource
-from .thresholds import PIXEL_SAMPLE, ScoreScale, Thresholds
+from .thresholds import PIXEL_SAMPLE, Thresholds, heat_scale
 from .training import fit, fit_baseline
 
 STATE_FILE = "training_state.pt"  # CFLOW-AD's resumable training state, beside model.safetensors
@@ -304,8 +304,8 @@ def test(
             w.writerows([p, t, lab, "" if n is None else f"{n:.6f}", f"{s:.6f}",
                          "" if thresholds is None else ("defect" if s > thresholds.image else "ok")]
                         for p, t, lab, n, s in zip(paths, evaluation.types, evaluation.labels, normal, evaluation.scores))
-        heat_scale = thresholds.pixel_scale if thresholds is not None else ScoreScale(0.0, float(model.train_max_score))
-        write_test_artifacts(out, evaluation.curves(), cases, model.config.image_size, thresholds, heat_scale)
+        write_test_artifacts(out, evaluation.curves(), cases, model.config.image_size, thresholds,
+                             heat_scale(thresholds, model.train_max_score))
     return metrics
 
 

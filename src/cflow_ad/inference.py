@@ -23,7 +23,7 @@ from .errors import CflowInputError
 from .geometry import InputFrame, resize_bilinear, restore
 from .regions import defect_regions
 from .runtime import OnnxModel
-from .thresholds import ScoreScale, Thresholds
+from .thresholds import Thresholds, heat_scale
 from .visualize import draw_boxes, heat_rgb, outline, overlay_rgb, save_png, with_legend
 
 RUNTIMES = ("torch", "onnx")
@@ -149,9 +149,7 @@ class Inspector:
         self.frame = InputFrame.of(self.config)
         # where it computes, in words: the device and precision, or onnxruntime's execution provider
         self.device = self.runner.provider if self.runtime == "onnx" else self.compute.describe()
-        # colours mean the same on every image: the thresholds' pixel scale, else up to the largest training value
-        t = self.thresholds
-        self.heat_scale = t.pixel_scale if t is not None else ScoreScale(0.0, float(self.runner.train_max_score))
+        self.heat_scale = heat_scale(self.thresholds, self.runner.train_max_score)  # the same colours on every image
 
     def score(self, inputs, originals: list) -> tuple[np.ndarray, np.ndarray]:
         """(maps [B, H, W], scores [B]) as numpy for a host batch of model inputs [B, 3, H, W] (numpy or a

@@ -91,6 +91,12 @@ class ScoreScale:
         return np.where(v <= 1.0, 0.5 * np.clip(v, 0.0, 1.0), 0.5 + 0.5 * np.clip((v - 1.0) / (self.TOP - 1.0), 0.0, 1.0))
 
 
+def heat_scale(thresholds: "Thresholds | None", train_max_score: float) -> ScoreScale:
+    """The colour scale of a model's heat maps: its thresholds' pixel scale, or without thresholds one that
+    ends its cool half at the largest training map value."""
+    return thresholds.pixel_scale if thresholds is not None else ScoreScale(0.0, float(train_max_score))
+
+
 @dataclass
 class Thresholds:
     """A score above `image` flags the image; a map value above `pixel` is a defect pixel."""
