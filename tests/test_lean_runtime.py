@@ -111,23 +111,30 @@ def test_edge_inputs_get_a_finite_score_and_a_verdict_with_and_without_torch(lea
     assert lean[0]["score"] == pytest.approx(full[0]["score"], rel=1e-4, abs=1e-4)
 
 
-def test_serve_without_torch_answers_like_the_cli(lean_env, exported, calibrated, synthetic_root, tmp_path):
+@pytest.mark.parametrize("runtime", ["lean", "torch"])
+def test_serve_answers_like_the_cli_with_and_without_torch(runtime, lean_env, exported, calibrated, synthetic_root,
+                                                          tmp_path):
+    """Lean: the exported model where torch cannot be imported; torch: the checkpoint in PyTorch. Both score
+    the edge inputs too."""
     files = sorted((synthetic_root / "synthetic" / "test").rglob("*.png"))[::4] + _edge_images(tmp_path / "edge")
     want = api.predict(calibrated, files, tmp_path, progress=False)
+    model, env = (exported, lean_env) if runtime == "lean" else (calibrated, None)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cflow_ad", "--threads", "2", "serve", "--model", str(exported),
-                             "--port", str(port)], env=lean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cflow_ad", "--threads", "2", "serve", "--model", str(model),
+                             "--port", str(port), "--runtime", "onnx" if runtime == "lean" else "torch"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, proc)
         for f, expected in zip(files, want):
             r = requests.post(url + "/predict", files={"file": (f.name, f.read_bytes(), "image/png")}, timeout=60)
             assert r.status_code == 200, r.text
-            assert r.json()["score"] == pytest.approx(expected["score"], rel=1e-4, abs=1e-4)
-            assert np.isfinite(r.json()["score"]) and r.json()["label"] in ("ok", "defect")
-            assert r.json()["label"] == expected["label"] or _tie(expected)
-        assert requests.get(url + "/model", timeout=10).json()["runtime"] == "onnx"
+            got = r.json()
+            assert got["score"] == pytest.approx(expected["score"], rel=1e-4, abs=1e-4)
+            assert np.isfinite(got["score"]) and np.isfinite(got["raw_score"]) and got["label"] in ("ok", "defect")
+            assert got["label"] == expected["label"] or _tie(expected)
+            assert got["label"] == "defect" or got["region_count"] == 0
+        assert requests.get(url + "/model", timeout=10).json()["runtime"] == ("onnx" if runtime == "lean" else "torch")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

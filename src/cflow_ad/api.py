@@ -91,8 +91,9 @@ def train(
             log(f"thresholds at {config.target_fpr:.2%} false positives on {len(held_out)} held-out good images:"
                 f" image {t.image:.4g}, pixel {t.pixel:.4g}, region {t.region_threshold:.4g}")
             if len(held_out) * config.target_fpr < 1:
-                log(f"note: {len(held_out)} held-out images cannot show a {config.target_fpr:.2%} tail, so expect more"
-                    " false alarms than that; 'cflow-ad calibrate --normal-dir MORE_GOOD_IMAGES' sets them on more")
+                log(f"note: {len(held_out)} held-out images cannot show a {config.target_fpr:.2%} tail: expect more"
+                    " images flagged than that, and few regions (their threshold is widened for so few images);"
+                    " 'cflow-ad calibrate --normal-dir MORE_GOOD_IMAGES' sets them on more")
         path = save_checkpoint(model, final, extra={"history": history})
         state.unlink(missing_ok=True)
         return path
