@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from cflow_ad import cli
 from cflow_ad.cli import build_parser, run
 from cflow_ad.config import CFlowConfig
+from cflow_ad.errors import CflowInputError
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cflow_ad", *args], capture_output=True, text=True, timeout=600)
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line on stderr of a command that failed as it should, without a traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
 
 
 def test_help_lists_every_config_field(capsys):
@@ -112,3 +123,48 @@ def test_predict_paper_mode_scores_the_set_and_names_outputs_uniquely(tiny_check
     assert all(r["score"] is None for r in rows)  # relative to the set: not on the model's one scale
     stateless = api.predict(tiny_checkpoint, [test_dir], tmp_path / "s", progress=False)
     assert [r["path"] for r in stateless] == [r["path"] for r in rows]
+
+
+@pytest.mark.parametrize("count,flags,needle", [
+    (2, [], "besides the 1 that --calibration-fraction 0.1 holds out"),
+    (1, [], "besides the 1 that --calibration-fraction 0.1 holds out"),
+    (1, ["--calibration-fraction", "0"], "training needs 2 to train on: add"),
+    (3, ["--calibration-fraction", "0.3", "--val-fraction", "0.4"], "--val-fraction 0.4 holds out"),
+])
+def test_too_few_training_images_is_one_line_naming_the_folder(count, flags, needle, synthetic_root, tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted((synthetic_root / "synthetic" / "train" / "good").glob("*.png"))[:count]:
+        shutil.copy(p, good / p.name)
+    proc = _cli("train", "--normal-dir", str(good), "--output", str(tmp_path / "m"), *flags)
+    line = _one_line(proc)
+    assert proc.returncode == 2 and f"'{good}' has {count} training image(s)" in line and needle in line, line
+    if count >= 2 and needle.startswith("besides"):
+        assert line.endswith("(or pass --calibration-fraction 0)")
+    if "--val-fraction" in needle:
+        assert line.endswith("(or pass --calibration-fraction 0 and --val-fraction 0)")
+
+
+def test_every_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    def fail(exc):
+        def run(args, argv):
+            raise exc
+        return run
+
+    cases = [(ValueError("bad\nvalue"), 70, "cflow-ad: internal error: ValueError: bad value (run 'cflow-ad --debug"),
+             (OSError(28, "No space left on device"), 2, "cflow-ad: error: OSError: [Errno 28] No space left"),
+             (CflowInputError("model 'm' does not exist"), 2, "cflow-ad: error: model 'm' does not exist")]
+    for exc, code, start in cases:
+        for debug in ([], ["--debug"]):
+            monkeypatch.setattr(cli, "_run", fail(exc))
+            with pytest.raises(SystemExit) as info:
+                cli.main([*debug, "report", "--results", "r"])
+            err = capsys.readouterr().err
+            lines = err.strip().splitlines()
+            assert info.value.code == code and lines[-1].startswith(start.split(" (run")[0]), err
+            assert ("Traceback" in err) == bool(debug) and (len(lines) == 1) != bool(debug)
+            assert ("--debug" in lines[-1]) == (not debug and not isinstance(exc, CflowInputError))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--debug" in text and all(f"\n  {code} " in text for code in (0, 1, 2, 70, 130))

@@ -34,6 +34,28 @@ from .thresholds import PIXEL_SAMPLE, Thresholds, heat_scale
 from .training import fit, fit_baseline
 
 STATE_FILE = "training_state.pt"  # CFLOW-AD's resumable training state, beside model.safetensors
+# CFLOW-AD's location whitening and PaDiM's Gaussian need a covariance, so two images at least
+MIN_TRAIN_IMAGES = 2
+
+
+def _check_count(n: int, config: CFlowConfig, source: DataSource) -> None:
+    """At least MIN_TRAIN_IMAGES left to train on after the images held out for the thresholds and for
+    validation, or one line naming the folder and the options that hold images out."""
+    held = D.held_out_count(n, config.calibration_fraction) if config.calibration_fraction > 0 else 0
+    loop = METHOD_CLASSES[config.method].training_loop
+    val = D.held_out_count(n - held, config.val_fraction) if loop and config.val_fraction > 0 else 0
+    if n - held - val >= MIN_TRAIN_IMAGES:
+        return
+    parts = [(k, flag, f, why) for k, flag, f, why in (
+        (held, "--calibration-fraction", config.calibration_fraction, "to set the thresholds"),
+        (val, "--val-fraction", config.val_fraction, "for validation")) if k]
+    besides = " and ".join(f"the {k} that {flag} {f:g} holds out {why}" for k, flag, f, why in parts)
+    fix = " and ".join(f"{flag} 0" for _, flag, _, _ in parts)
+    raise CflowInputError(f"'{source}' has {n} training image(s): training needs {MIN_TRAIN_IMAGES} to train on"
+                          + (f" besides {besides}" if parts else "") + ": add defect-free images"
+                          + (f" (or pass {fix})" if parts and n >= MIN_TRAIN_IMAGES else ""))
+
+
 
 
 def train(
@@ -65,6 +87,7 @@ def train(
             log(f"nothing to resume: training already finished ({final})")
             return final
         dataset = source.open("train", config)
+        _check_count(len(dataset), config, source)
         held_out = None
         if config.calibration_fraction > 0:
             dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)

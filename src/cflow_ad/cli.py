@@ -1,7 +1,7 @@
 """`cflow-ad` command line: train, test, predict, export, the paper's experiments and an offline demo.
 
 Training flags are generated from `CFlowConfig`, so `--help` always shows the real
-options and defaults. User errors print one line and exit with status 2.
+options and defaults. Every error prints one line, with the exit status of EXIT_STATUS.
 """
 
 from __future__ import annotations
@@ -11,12 +11,20 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
 from .config import METHODS, NORMALIZATIONS, QUANTIZE, CFlowConfig, default_text
 from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
+
+EXIT_STATUS = """exit status:
+  0    done; predict also when it skipped files (each is reported with its reason)
+  1    train --category all: a category failed (the others finished; see summary.md)
+  2    an error you can fix, in one line: an option, a file, a folder, a model
+  70   an internal error (a bug), in one line: rerun with 'cflow-ad --debug ...' and report the traceback
+  130  interrupted"""
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -120,8 +128,10 @@ def _compute(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cflow-ad", description="CFLOW-AD anomaly detection with localization.")
+    p = argparse.ArgumentParser(prog="cflow-ad", description="CFLOW-AD anomaly detection with localization.",
+                                epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"cflow-ad {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error above its one line")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the cores available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
@@ -348,8 +358,12 @@ def _require_torch(args: argparse.Namespace) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    """The command `argv` asks for; its exit status, or its `CflowInputError` (and any other error) raised."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    return _run(build_parser().parse_args(argv), argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command in ("predict", "serve") and _lean(args):
         return _score_onnx(args)
     _require_torch(args)
@@ -433,13 +447,30 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _error_line(exc: BaseException, debug: bool) -> tuple[str, int]:
+    """The one line and exit status for an error that reached the command line (see EXIT_STATUS)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, CflowInputError):
+        return f"cflow-ad: error: {text}", 2
+    hint = "" if debug else " (run 'cflow-ad --debug ...' for the traceback)"
+    if isinstance(exc, OSError):  # the system refused: a full disk, permissions, a file that went away
+        return f"cflow-ad: error: {type(exc).__name__}: {text}{hint}", 2
+    return f"cflow-ad: internal error: {type(exc).__name__}: {text}{hint}; please report it", 70
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The `cflow-ad` command: every error ends as one line on stderr and an exit status (EXIT_STATUS),
+    with the traceback above it under --debug."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     try:
-        code = run(argv)
-    except CflowInputError as exc:
-        print(f"cflow-ad: error: {exc}", file=sys.stderr)
-        code = 2
+        code = _run(args, argv)
     except KeyboardInterrupt as exc:
         print(f"cflow-ad: {exc or 'interrupted'}", file=sys.stderr)
         code = 130
+    except Exception as exc:  # noqa: BLE001  (the last line of defence: one line, never a bare traceback)
+        if args.debug:
+            traceback.print_exc()
+        line, code = _error_line(exc, args.debug)
+        print(line, file=sys.stderr)
     sys.exit(code)

@@ -292,6 +292,12 @@ def folder_dataset(normal_dir: _PathLike, size, abnormal_dir: _PathLike | None =
     return AnomalyDataset(records, size)
 
 
+def held_out_count(n: int, fraction: float) -> int:
+    """How many of `n` images `split_train_val` holds out for `fraction` > 0 (at least one), while n - 1 or
+    fewer."""
+    return max(round(n * fraction), 1)
+
+
 def split_train_val(dataset: AnomalyDataset, val_fraction: float,
                     seed: int) -> tuple[AnomalyDataset, AnomalyDataset]:
     """Deterministic random split of the records; both parts keep their original order."""
@@ -299,8 +305,9 @@ def split_train_val(dataset: AnomalyDataset, val_fraction: float,
         raise CflowInputError(f"validation fraction {val_fraction} is invalid: use a value between 0 and 1")
     n = len(dataset)
     if n < 2:
-        raise CflowInputError(f"cannot split {n} image(s) into train and validation: add more images")
-    n_val = min(max(round(n * val_fraction), 1), n - 1)
+        where = f" in '{Path(dataset.records[0][0]).parent}'" if n else ""
+        raise CflowInputError(f"cannot hold out a share of {n} image(s){where} and train on the rest: add images")
+    n_val = min(held_out_count(n, val_fraction), n - 1)
     val_idx = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
     train = [r for i, r in enumerate(dataset.records) if i not in val_idx]
     val = [r for i, r in enumerate(dataset.records) if i in val_idx]
