@@ -24,9 +24,10 @@ from .errors import CflowInputError
 from .export import export_onnx
 from .geometry import full_boxes, restore
 from .images import read
-from .inference import Inspector, Predictions, as_model, exportable, is_onnx_file, load_runner
-from .metrics import Evaluation, to_json
+from .inference import Inspector, Predictions, as_model, exportable, is_onnx_file, load_runner, predict_inputs
+from .metrics import Evaluation
 from .model import METHOD_CLASSES, build_model
+from .outputs import NAMES, OutputFolder, check_writable, check_writable_file, replacing, to_json
 from .report import FPR_LIMIT, WorstCases, write_test_artifacts
 from .scoring import fixed_mode, paper_stream
 from .source import DataSource
@@ -56,8 +57,6 @@ def _check_count(n: int, config: CFlowConfig, source: DataSource) -> None:
                           + (f" (or pass {fix})" if parts and n >= MIN_TRAIN_IMAGES else ""))
 
 
-
-
 def train(
     config: CFlowConfig,
     output: str | Path,
@@ -75,7 +74,7 @@ def train(
     `resume=True` continues from it (and returns a finished run's model as it is). `device`,
     `precision` and `workers` say where and how it computes (`device.Compute`); the checkpoint is the
     same file whatever the device."""
-    final, state = Path(output) / "model.safetensors", Path(output) / STATE_FILE
+    final, state = check_writable(output) / "model.safetensors", Path(output) / STATE_FILE
     compute = Compute(device, precision, workers)
     with process_group(compute.torch_device) as (rank, world):  # under torchrun: one rank of data-parallel training
         if rank > 0:
@@ -186,12 +185,14 @@ def calibrate(
     place). Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
     with `f1` the set must hold defect images with masks (the pixel threshold uses those with one)."""
     path = Path(model) if isinstance(model, (str, Path)) else None
+    target = output or path
+    if target is not None:  # before any scoring: an unwritable target is a one-line error, not a lost run
+        check_writable_file(target, "--output" if output else "--model")
     compute = Compute(device, precision, workers)
     model = as_model(model).eval()
     dataset = source.open("test", model.config)
     model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress, f"good images of {source}",
                                             compute)
-    target = output or path
     if target is not None:
         extra = read_metadata(path)["extra"] if path is not None else {}
         save_checkpoint(model, target, extra=extra)
@@ -286,6 +287,7 @@ def test(
     bounded: pixel metrics are exact while the set's maps and masks fit in an eighth of `memory_mb`
     (default: the config's), else binned."""
     model_path = model if isinstance(model, (str, Path)) else None
+    folder = None if output is None else OutputFolder(output, "test")  # unwritable: one line, before any work
     compute = Compute(device, precision, workers)
     onnx_file = is_onnx_file(model)  # an .onnx file's config, thresholds and heat-map scale are in its metadata
     model = load_runner(model, "onnx", compute, quantize=quantize) if onnx_file else as_model(model).eval()
@@ -317,19 +319,19 @@ def test(
                    quantize=quantize or "none")
     if thresholds is not None:
         metrics["thresholds"] = thresholds.summary()
-    if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(to_json(metrics))
-        with open(out / "scores.csv", "w", newline="") as f:
+    if folder is not None:  # the last run's files go first; metrics.json last, so it marks a finished set
+        folder.begin()
+        with replacing(folder.file("scores.csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                               errors=NAMES) as f:
             w = csv.writer(f)
             w.writerow(["path", "defect_type", "label", "score", "raw_score", "verdict"])
             normal = [None] * len(paths) if thresholds is None else [thresholds.normalized(v) for v in evaluation.scores]
             w.writerows([p, t, lab, "" if n is None else f"{n:.6f}", f"{s:.6f}",
                          "" if thresholds is None else ("defect" if s > thresholds.image else "ok")]
                         for p, t, lab, n, s in zip(paths, evaluation.types, evaluation.labels, normal, evaluation.scores))
-        write_test_artifacts(out, evaluation.curves(), cases, model.config.image_size, thresholds,
+        write_test_artifacts(folder, evaluation.curves(), cases, model.config.image_size, thresholds,
                              heat_scale(thresholds, model.train_max_score))
+        folder.write_text("metrics.json", to_json(metrics))
     return metrics
 
 
@@ -373,6 +375,7 @@ def predict(
     int8 decoders under `quantize="int8"`. Images are decoded by `workers` processes and scored on `device` (see `device.Compute`).
     """
     compute = Compute(device, precision, workers)
+    folder, files = predict_inputs(paths, output)
     inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute, min_defect_area,
                           quantize=quantize, all_regions=all_regions)
     runner = inspector.runner
@@ -389,15 +392,11 @@ def predict(
     elif thresholds is None:
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
     size, bs = runner.config, runner.config.batch_size  # the config: its input size and aspect handling
-    writer = Predictions(inspector, output, thresholds, overlays, masks, heatmaps, legend)
-    files = D.list_images(paths)
-
-    def skipped(i: int, exc: CflowInputError) -> None:
-        warn(f"skipped: {exc}")
-        writer.skipped(files[i], exc)
-
+    writer = Predictions(inspector, folder, thresholds, overlays, masks, heatmaps, legend, csv_summary, json_summary,
+                         warn)
     loader = D.image_loader(D.ImageFiles(files, size), compute, bs, collate=D.collate_files)
-    batches = tqdm(D.checked(loader, skipped), total=len(loader), desc="predict", disable=not progress)
+    batches = tqdm(D.checked(loader, lambda i, exc: writer.skipped(files[i], exc)), total=len(loader), desc="predict",
+                   disable=not progress)
     if mode == "paper":  # the originals are read again in the second pass, not kept
         logs = ((runner.log_density_maps(runner.features(compute.put(inputs))), [files[i] for i in index])
                 for index, inputs, _ in batches)
@@ -407,7 +406,7 @@ def predict(
     else:
         for index, inputs, originals in batches:
             writer.add([files[i] for i in index], originals, *inspector.score(inputs, originals))
-    return writer.finish(model, mode, csv_summary, json_summary)
+    return writer.finish(model, mode)
 
 
 def export(model: torch.nn.Module | str | Path, output: str | Path, format: str = "onnx",
@@ -416,4 +415,5 @@ def export(model: torch.nn.Module | str | Path, output: str | Path, format: str 
     `quantize="int8"`; returns the file."""
     if format != "onnx":
         raise CflowInputError(f"unknown export format '{format}': the supported format is onnx")
+    check_writable_file(output)
     return export_onnx(exportable(as_model(model)), output, quantize)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import CFlowConfig
 from .errors import CflowInputError
-from .metrics import to_json
+from .outputs import check_writable, to_json, write_text
 from .report import percent
 from .source import DataSource
 
@@ -81,8 +81,7 @@ def train_all(config: CFlowConfig, source: DataSource, output: str | Path, jobs:
     and test each on its test split; returns one summary row per category. `compute`: device,
     precision, workers as for `api.train`."""
     names = categories_of(source)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(output)
     per_job = max(1, (threads or 1) // jobs) if threads else None
     args = [(config, dataclasses.replace(source, category=name), str(out), per_job, resume, compute) for name in names]
     rows: list[dict] = []
@@ -100,6 +99,6 @@ def train_all(config: CFlowConfig, source: DataSource, output: str | Path, jobs:
             for future in as_completed([pool.submit(_one, *a) for a in args]):
                 done(future.result())
     rows.sort(key=lambda r: names.index(r["category"]))
-    (out / "summary.json").write_text(to_json(rows))
-    (out / "summary.md").write_text(summary_markdown(rows))
+    write_text(out / "summary.json", to_json(rows))
+    write_text(out / "summary.md", summary_markdown(rows))
     return rows

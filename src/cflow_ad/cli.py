@@ -18,11 +18,13 @@ from . import __version__
 from .config import METHODS, NORMALIZATIONS, QUANTIZE, CFlowConfig, default_text
 from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
 from .errors import CflowInputError
+from .outputs import NAMES, as_text
 
 EXIT_STATUS = """exit status:
   0    done; predict also when it skipped files (each is reported with its reason)
   1    train --category all: a category failed (the others finished; see summary.md)
-  2    an error you can fix, in one line: an option, a file, a folder, a model
+  2    an error you can fix, in one line: an option, a file, a folder, a model, an output that
+       cannot be written
   70   an internal error (a bug), in one line: rerun with 'cflow-ad --debug ...' and report the traceback
   130  interrupted"""
 
@@ -264,7 +266,7 @@ def _print_metrics(metrics: dict) -> None:
               f" defects a region finds {_pc(rates.get('region_recall'))}")
 
 
-def _print_predictions(rows: list[dict]) -> None:
+def _print_predictions(rows: list[dict], output: Path) -> None:
     """One line per image, then the share flagged per folder: for MVTec-style folders the false-positive
     rate on 'good' next to the recall on each defect type."""
     from .inference import summarize
@@ -277,7 +279,7 @@ def _print_predictions(rows: list[dict]) -> None:
         if not r["error"]:
             area = "" if r["defect_area_px"] is None else f"  {r['defect_area_px']:>7} px in {r['region_count']:>2} regions"
             score = f"{r['raw_score']:.6g} raw" if r["score"] is None else f"{r['score']:7.3f}"
-            print(f"{score}  {r['label'] or '-':<6}{area}  {r['path']}")
+            print(f"{score}  {r['label'] or '-':<6}{area}  {as_text(r['path'])}")
     summary = summarize(rows, None)
     mvtec = "good" in summary["folders"]  # then the other folders are defect types
     for name, f in summary["folders"].items():
@@ -285,6 +287,7 @@ def _print_predictions(rows: list[dict]) -> None:
             meaning = ", false-positive rate" if name == "good" else ", recall" if mvtec else ""
             print(f"{name}: {f['defect']}/{f['defect'] + f['ok']} flagged as defect ({f['flagged_rate']:.1%}{meaning})")
     print(f"{summary['scored']} scored, {summary['skipped']} skipped")
+    print(f"-> {as_text(str(output))}")
 
 
 def _torchrun(argv: list[str], nproc: int) -> int:
@@ -336,8 +339,7 @@ def _score_onnx(args: argparse.Namespace) -> int:
                         warn=lambda m: print(m, file=sys.stderr), masks=args.masks, heatmaps=args.heatmaps,
                         csv_summary=args.csv, json_summary=args.json, device=args.device, workers=args.workers,
                         threads=args.threads, legend=args.legend, **thresholds)
-    _print_predictions(rows)
-    print(f"-> {args.output}")
+    _print_predictions(rows, args.output)
     return 0
 
 
@@ -409,8 +411,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             image_threshold=args.image_threshold, pixel_threshold=args.pixel_threshold,
             min_defect_area=args.min_defect_area, all_regions=args.all_regions, legend=args.legend,
             quantize=args.quantize, **_compute(args))
-        _print_predictions(rows)
-        print(f"-> {args.output}")
+        _print_predictions(rows, args.output)
     elif args.command == "calibrate":
         t = api.calibrate(args.model, args.output, _source_from(args), target_fpr=args.target_fpr, f1=args.f1,
                           progress=progress, **_compute(args))
@@ -462,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     """The `cflow-ad` command: every error ends as one line on stderr and an exit status (EXIT_STATUS),
     with the traceback above it under --debug."""
     argv = sys.argv[1:] if argv is None else argv
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed as in the CSV, never fails
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=NAMES)
     args = build_parser().parse_args(argv)
     try:
         code = _run(args, argv)

@@ -12,7 +12,6 @@ exported .onnx model is scored here, in `predict_onnx` and in `serve`, without t
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 
 from .errors import CflowInputError
 from .geometry import InputFrame, resize_bilinear, restore
+from .outputs import NAMES, OutputFolder, to_json
 from .regions import defect_regions
 from .runtime import OnnxModel
 from .thresholds import Thresholds, heat_scale
@@ -274,21 +274,47 @@ def summarize(rows: Sequence[dict], thresholds: Thresholds | None) -> dict:
             "thresholds": thresholds.summary() if thresholds else None, "folders": folders}
 
 
-class Predictions:
-    """What `predict` writes: per image a row and, each optional, its heat map, overlay and mask PNGs;
-    for the run predictions.csv and predictions.json. `thresholds` None: scores only."""
+def predict_inputs(paths, output: str | Path) -> tuple[OutputFolder, list[Path]]:
+    """What a predict run knows before it loads a model: its output folder (checked writable: one line,
+    before any work) and the image files of `paths`."""
+    from .images import list_images
 
-    def __init__(self, inspector: Inspector, output: str | Path, thresholds: Thresholds | None,
-                 overlays: bool = True, masks: bool = True, heatmaps: bool = True, legend: bool = False):
-        self.inspector, self.thresholds = inspector, thresholds
+    return OutputFolder(output, "predict"), list_images(paths)
+
+
+class Predictions:
+    """What `predict` writes into `folder` (cleared first of the files of its last predict run): per image
+    a row and, each optional, its heat map, overlay and mask PNGs (each written whole or not at all); for
+    the run predictions.csv, a row per image written and flushed as it is scored, so a killed run leaves
+    complete rows, and at the end predictions.json, whose absence marks an unfinished run. `thresholds`
+    None: scores only."""
+
+    def __init__(self, inspector: Inspector, folder: OutputFolder, thresholds: Thresholds | None,
+                 overlays: bool = True, masks: bool = True, heatmaps: bool = True, legend: bool = False,
+                 csv_summary: bool = True, json_summary: bool = True, warn: Callable[[str], None] = print):
+        self.inspector, self.thresholds, self.warn = inspector, thresholds, warn
         self.overlays, self.masks, self.heatmaps, self.legend = overlays, masks, heatmaps, legend
-        self.out = Path(output)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.folder, self.json_summary = folder, json_summary
         self.rows: list[dict] = []
         self.used: set[str] = set()
+        folder.begin()
+        self.csv = None
+        if csv_summary:
+            self.csv = open(folder.file("predictions.csv"), "w", newline="", encoding="utf-8", errors=NAMES)
+            self.table = csv.DictWriter(self.csv, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
+            self.table.writeheader()
+
+    def _png(self, rgb: np.ndarray, name: str) -> str:
+        return str(save_png(rgb, self.folder.file(name)))
+
+    def _row(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.csv is not None:
+            self.table.writerow({k: ("" if row.get(k) is None else row[k]) for k in PREDICTION_FIELDS})
+            self.csv.flush()
 
     def add(self, paths: Sequence[Path], originals: list, maps: np.ndarray, scores: np.ndarray) -> None:
-        inspector, out = self.inspector, self.out
+        inspector = self.inspector
         for p, v in zip(paths, inspector.verdicts(maps, scores, originals, self.thresholds)):
             stem = _unique_stem(Path(p), self.used)
             row = {"path": str(p), **inspector.describe(v), "error": ""}
@@ -297,28 +323,26 @@ class Predictions:
                            good_share=None, min_defect_area_px=None)
             heat = inspector.heat(v) if self.heatmaps or self.overlays else None  # drawn once for both
             if self.heatmaps:
-                row["heatmap"] = str(save_png(heat, out / f"{stem}_heatmap.png"))
+                row["heatmap"] = self._png(heat, f"{stem}_heatmap.png")
             if self.overlays:
                 overlay = inspector.overlay(v, heat)
-                row["overlay"] = str(save_png(inspector.legend(overlay) if self.legend else overlay, out / f"{stem}_overlay.png"))
+                row["overlay"] = self._png(inspector.legend(overlay) if self.legend else overlay, f"{stem}_overlay.png")
             if self.masks and v.mask is not None:
-                row["mask"] = str(save_png(inspector.mask_image(v), out / f"{stem}_mask.png"))
-            self.rows.append(row)
+                row["mask"] = self._png(inspector.mask_image(v), f"{stem}_mask.png")
+            self._row(row)
 
     def skipped(self, path: Path, exc: CflowInputError) -> None:
-        self.rows.append({"path": str(path), "score": None, "raw_score": None, "label": None, "error": str(exc)})
+        self.warn(f"skipped: {exc}")
+        self._row({"path": str(path), "score": None, "raw_score": None, "label": None, "error": str(exc)})
 
-    def finish(self, model, mode: str, csv_summary: bool = True, json_summary: bool = True) -> list[dict]:
-        if csv_summary:
-            with open(self.out / "predictions.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
-                w.writeheader()
-                w.writerows({k: ("" if r.get(k) is None else r[k]) for k in PREDICTION_FIELDS} for r in self.rows)
-        if json_summary:
+    def finish(self, model, mode: str) -> list[dict]:
+        if self.csv is not None:
+            self.csv.close()
+        if self.json_summary:
             summary = {"model": str(model) if isinstance(model, (str, Path)) else None,
                        "runtime": self.inspector.runtime, "device": self.inspector.device, "normalization": mode,
                        **summarize(self.rows, self.thresholds), "predictions": self.rows}
-            (self.out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.folder.write_text("predictions.json", to_json(summary))
         return self.rows
 
 
@@ -331,24 +355,20 @@ def predict_onnx(model: str | Path, paths, output: str | Path, overlays: bool = 
     """`api.predict` for an exported .onnx model, without PyTorch: the same verdicts and files. Images
     are decoded by `workers` threads (default: `device.default_workers()`) while onnxruntime scores."""
     from .device import default_workers
-    from .images import list_images, read_batches
+    from .images import read_batches
 
+    folder, files = predict_inputs(paths, output)
     inspector = Inspector(model, "onnx", target_fpr, image_threshold, pixel_threshold, None, min_defect_area,
                           threads, device, all_regions=all_regions)
     if inspector.thresholds is None:
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
-    writer = Predictions(inspector, output, inspector.thresholds, overlays, masks, heatmaps, legend)
-    files = list_images(paths)
-
-    def skipped(i: int, exc: CflowInputError) -> None:
-        warn(f"skipped: {exc}")
-        writer.skipped(files[i], exc)
-
+    writer = Predictions(inspector, folder, inspector.thresholds, overlays, masks, heatmaps, legend, csv_summary,
+                         json_summary, warn)
     batches = read_batches(files, inspector.config, inspector.config.batch_size,
-                           default_workers() if workers is None else workers, skipped)
+                           default_workers() if workers is None else workers, lambda i, exc: writer.skipped(files[i], exc))
     for index, inputs, originals in _progress(batches, progress, -(-len(files) // inspector.config.batch_size)):
         writer.add([files[i] for i in index], originals, *inspector.score(inputs, originals))
-    return writer.finish(model, inspector.config.normalization, csv_summary, json_summary)
+    return writer.finish(model, inspector.config.normalization)
 
 
 def _progress(items, enabled: bool, total: int):

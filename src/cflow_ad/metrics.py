@@ -7,13 +7,12 @@ the data (e.g. only one class present). `Evaluation.result` and `to_json` turn i
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
+from .outputs import json_safe, to_json  # noqa: F401  (to_json: public here too)
 from .regions import defect_regions
 
 GOOD = "good"
@@ -419,23 +418,6 @@ class PixelHistograms:
     def aupro(self, fpr_limit: float = 0.3) -> float:
         fpr, pro = self.pro_curve(fpr_limit)
         return float(np.trapezoid(pro, fpr)) / fpr_limit if fpr.size else float("nan")
-
-
-def json_safe(value):
-    """`value` with every non-finite float replaced by None, through dicts and lists: a metric that
-    cannot be computed is null in JSON, never NaN (which strict parsers refuse)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def to_json(value, indent: int | None = 2) -> str:
-    """Strict JSON text of metrics or a summary (non-finite floats as null), newline-terminated."""
-    return json.dumps(json_safe(value), indent=indent, allow_nan=False) + "\n"
 
 
 class Evaluation:

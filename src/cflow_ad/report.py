@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from .data import load_image
 from .errors import CflowInputError
-from .metrics import to_json
+from .outputs import OutputFolder, check_writable_file, to_json, write_text
 from .regions import defect_regions
 from .thresholds import ScoreScale, Thresholds
 from .visualize import colour_bar, draw_boxes, heat_rgb, outline, overlay_rgb, png_bytes, save_png
@@ -58,13 +58,11 @@ class WorstCases:
         return [row for *_, row in sorted(self.fp if kind == "fp" else self.fn, key=lambda t: t[:2], reverse=True)]
 
 
-def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_size: int, thresholds: Thresholds | None,
-                         heat_scale: ScoreScale) -> None:
+def write_test_artifacts(folder: OutputFolder, curves: dict, cases: WorstCases, image_size: int,
+                         thresholds: Thresholds | None, heat_scale: ScoreScale) -> None:
     """curves.json (from `metrics.Evaluation.curves`) and cases/ (overlays of the worst cases on `heat_scale`, with
-    the defect regions that `predict` would report drawn as boxes)."""
-    out = Path(output)
-    (out / "curves.json").write_text(to_json(curves, indent=None))
-    (out / "cases").mkdir(parents=True, exist_ok=True)
+    the defect regions that `predict` would report drawn as boxes), each file written whole into `folder`."""
+    folder.write_text("curves.json", to_json(curves, indent=None))
     rows = []
     for kind, tag in (("false positive", "fp"), ("false negative", "fn")):
         for rank, (amap, mask, label, dtype, path, score) in enumerate(cases.worst(tag), 1):
@@ -74,11 +72,11 @@ def write_test_artifacts(output: Path, curves: dict, cases: WorstCases, image_si
             if flagged:
                 draw_boxes(rgb, [r["box"] for r in defect_regions(amap.numpy(), thresholds.region_threshold)[1]])
             name = f"{tag}{rank}.png"
-            save_png(rgb, out / "cases" / name)
+            save_png(rgb, folder.file(f"cases/{name}"))
             rows.append({"file": name, "path": path, "defect_type": dtype, "label": label,
                          "score": None if thresholds is None else thresholds.normalized(score), "raw_score": score,
                          "kind": kind, "wrong": None if flagged is None else flagged == (kind == "false positive")})
-    (out / "cases" / "cases.json").write_text(to_json(rows))
+    folder.write_text("cases/cases.json", to_json(rows))
 
 
 def _need(results: Path, name: str) -> Path:
@@ -207,16 +205,18 @@ details{margin-bottom:1em}code{background:#f4f4f4}.legend{display:flex;gap:1em;a
 def write_report(results: Path, output: Path | None = None) -> Path:
     """One HTML file, every figure embedded as a data URI, from a `cflow-ad test --output` folder."""
     res = Path(results)
-    metrics = json.loads(_need(res, "metrics.json").read_text())
-    with open(_need(res, "scores.csv"), newline="") as f:
+    metrics = json.loads(_need(res, "metrics.json").read_text(encoding="utf-8"))
+    with open(_need(res, "scores.csv"), newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or ())
         if not {"label", "score"} <= fields:
             raise CflowInputError(f"{res / 'scores.csv'} has no label and score columns: rerun 'cflow-ad test --output {res}'")
         raw = "raw_score" if "raw_score" in fields else "score"  # results written before the one scale
         scores = [(int(r["label"]), float(r[raw])) for r in reader]
-    curves = json.loads(_need(res, "curves.json").read_text())
-    cases = json.loads(_need(res, "cases/cases.json").read_text())
+    curves = json.loads(_need(res, "curves.json").read_text(encoding="utf-8"))
+    cases = json.loads(_need(res, "cases/cases.json").read_text(encoding="utf-8"))
+    # in the results folder it is listed with test's files: a rerun of test removes it with the results it shows
+    path = OutputFolder(res, "test").file("report.html") if output is None else check_writable_file(output)
 
     info = [f"<b>{escape(k)}</b> {escape(str(metrics[k]))}" for k in ("model", "normalization", "images", "seconds")
             if metrics.get(k) is not None]
@@ -274,7 +274,4 @@ def write_report(results: Path, output: Path | None = None) -> Path:
 {_cases_html(res, cases, "false negative")}
 </body></html>
 """
-    path = Path(output) if output is not None else res / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_text(path, page)

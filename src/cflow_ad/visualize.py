@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .outputs import replacing
 from .thresholds import ScoreScale
 
 # matplotlib's "inferno" sampled at 33 evenly spaced points (its colours, as hex); interpolated to 256 entries it
@@ -68,9 +69,11 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Written under a temporary name and renamed: a killed run leaves no half-written image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
+    with replacing(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
     return path
 
 
