@@ -279,8 +279,10 @@ def test_predict_reports_each_bad_file_and_scores_the_rest(fuzz, padim_checkpoin
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
+    # the listing's regular files, and each entry named like an image that is no file, skipped with its reason
+    unlisted = [folder / n for n in ("dangling.png", "loop_a.png", "loop_b.png", "pipe.png", "self_loop.png")]
     listed = list_images([folder])
-    assert sorted(Path(r["path"]) for r in rows) == listed
+    assert sorted(Path(r["path"]) for r in rows) == sorted(listed + unlisted)
     bad = [r for r in rows if r["error"]]
     for r in rows:
         path = Path(r["path"])
@@ -288,11 +290,13 @@ def test_predict_reports_each_bad_file_and_scores_the_rest(fuzz, padim_checkpoin
             assert not r["error"] and r["score"] is not None and np.isfinite(r["score"]), r
         else:
             assert r["score"] is None and path.name in r["error"] and "\n" not in r["error"], r
-    assert len(bad) == sum(not loads[p] for p in listed) > 200
+    assert len(bad) == sum(not loads[p] for p in listed) + len(unlisted) > 200
+    assert all(("FIFO" if p.name == "pipe.png" else "broken symbolic link") in r["error"]
+               for r in bad for p in unlisted if Path(r["path"]) == p)
     assert sum(f"'{Path(r['path'])}'" in w for r in bad for w in warnings) == len(bad)
     with open(out / "predictions.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert sorted(Path(r["path"]) for r in table) == listed
+    assert sorted(Path(r["path"]) for r in table) == sorted(listed + unlisted)
     assert all((r["error"] == "") == (r["score"] != "") for r in table)
     print(f"\npredict: {len(rows)} listed files, {len(rows) - len(bad)} scored, {len(bad)} skipped with an error, "
           f"{seconds:.1f} s")

@@ -4,6 +4,7 @@ earlier run, names that are not UTF-8, outputs that cannot be written, and one l
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -199,3 +200,51 @@ def test_an_output_that_is_a_file_or_a_read_only_folder(padim_checkpoint, synthe
     locked.mkdir(mode=0o500)
     proc = _cli("export", "--model", str(padim_checkpoint), "--output", str(locked / "m.onnx"))
     assert proc.returncode == 2 and "Permission denied" in _one_line(proc)
+
+
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return path
+
+
+def test_predict_that_scores_nothing_fails_after_writing_its_outputs(padim_checkpoint, tmp_path, capsys):
+    bad = [_corrupt(tmp_path / "a.png"), _corrupt(tmp_path / "b.png")]
+    with pytest.raises(CflowInputError, match="none of the 2 images could be scored"):
+        cli.run(["--quiet", "predict", "--model", str(padim_checkpoint), *map(str, bad), "--output",
+                 str(tmp_path / "p")])
+    assert "0 scored, 2 skipped (each with its reason above" in capsys.readouterr().out
+    assert [r["error"] != "" for r in _table(tmp_path / "p" / "predictions.csv")] == [True, True]
+    assert strict_json((tmp_path / "p" / "predictions.json").read_text())["skipped"] == 2
+
+
+def test_an_output_inside_the_input_folder_is_not_scored_again(padim_checkpoint, synthetic_root, tmp_path):
+    folder = shutil.copytree(synthetic_root / "synthetic" / "test" / "spot", tmp_path / "in")
+    n = len(list(folder.glob("*.png")))
+    for _ in range(2):
+        rows = api.predict(padim_checkpoint, [folder], folder / "out", progress=False)
+        assert len(rows) == n and all("/out/" not in r["path"] for r in rows)
+    with pytest.raises(CflowInputError, match="is the input folder"):
+        api.predict(padim_checkpoint, [folder], folder, progress=False)
+
+
+def test_broken_links_and_fifos_in_a_folder_are_reported_as_skipped(padim_checkpoint, synthetic_root, tmp_path,
+                                                                    capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted((synthetic_root / "synthetic" / "test" / "good").glob("*.png"))[:2]:
+        shutil.copy(p, folder / p.name)
+    (folder / "dangling.png").symlink_to("no_such_file.png")
+    (folder / "loop.png").symlink_to("loop.png")
+    os.mkfifo(folder / "pipe.png")
+    assert cli.run(["--quiet", "predict", "--model", str(padim_checkpoint), str(folder), "--output",
+                    str(tmp_path / "p")]) == 0
+    captured = capsys.readouterr()
+    assert "2 scored, 3 skipped" in captured.out
+    for name in ("dangling.png", "loop.png", "pipe.png"):
+        assert sum(name in line and "skipped: " in line for line in captured.err.splitlines()) == 1
+    reasons = {Path(r["path"]).name: r["error"] for r in _table(tmp_path / "p" / "predictions.csv") if r["error"]}
+    assert set(reasons) == {"dangling.png", "loop.png", "pipe.png"}
+    assert "broken symbolic link" in reasons["dangling.png"] and "broken symbolic link" in reasons["loop.png"]
+    assert "FIFO" in reasons["pipe.png"]
+    summary = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert summary["skipped"] == 3 and summary["scored"] == 2

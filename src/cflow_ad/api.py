@@ -375,7 +375,7 @@ def predict(
     int8 decoders under `quantize="int8"`. Images are decoded by `workers` processes and scored on `device` (see `device.Compute`).
     """
     compute = Compute(device, precision, workers)
-    folder, files = predict_inputs(paths, output)
+    folder, files, unlisted = predict_inputs(paths, output)
     inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute, min_defect_area,
                           quantize=quantize, all_regions=all_regions)
     runner = inspector.runner
@@ -393,7 +393,7 @@ def predict(
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
     size, bs = runner.config, runner.config.batch_size  # the config: its input size and aspect handling
     writer = Predictions(inspector, folder, thresholds, overlays, masks, heatmaps, legend, csv_summary, json_summary,
-                         warn)
+                         warn, unlisted)
     loader = D.image_loader(D.ImageFiles(files, size), compute, bs, collate=D.collate_files)
     batches = tqdm(D.checked(loader, lambda i, exc: writer.skipped(files[i], exc)), total=len(loader), desc="predict",
                    disable=not progress)

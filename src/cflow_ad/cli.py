@@ -21,10 +21,10 @@ from .errors import CflowInputError
 from .outputs import NAMES, as_text
 
 EXIT_STATUS = """exit status:
-  0    done; predict also when it skipped files (each is reported with its reason)
+  0    done; predict also when it skipped some files (each is listed with its reason)
   1    train --category all: a category failed (the others finished; see summary.md)
   2    an error you can fix, in one line: an option, a file, a folder, a model, an output that
-       cannot be written
+       cannot be written, or predict scoring none of its images
   70   an internal error (a bug), in one line: rerun with 'cflow-ad --debug ...' and report the traceback
   130  interrupted"""
 
@@ -268,7 +268,8 @@ def _print_metrics(metrics: dict) -> None:
 
 def _print_predictions(rows: list[dict], output: Path) -> None:
     """One line per image, then the share flagged per folder: for MVTec-style folders the false-positive
-    rate on 'good' next to the recall on each defect type."""
+    rate on 'good' next to the recall on each defect type. A run that scored no image is an error
+    (exit 2) once its outputs, which list each image's reason, are written."""
     from .inference import summarize
 
     used = next((r for r in rows if r.get("image_threshold") is not None), None)
@@ -286,8 +287,11 @@ def _print_predictions(rows: list[dict], output: Path) -> None:
         if f["flagged_rate"] is not None:
             meaning = ", false-positive rate" if name == "good" else ", recall" if mvtec else ""
             print(f"{name}: {f['defect']}/{f['defect'] + f['ok']} flagged as defect ({f['flagged_rate']:.1%}{meaning})")
-    print(f"{summary['scored']} scored, {summary['skipped']} skipped")
+    print(f"{summary['scored']} scored, {summary['skipped']} skipped" + (
+        " (each with its reason above, and in the error column)" if summary["skipped"] else ""))
     print(f"-> {as_text(str(output))}")
+    if rows and not summary["scored"]:
+        raise CflowInputError(f"none of the {len(rows)} images could be scored: see the reasons above")
 
 
 def _torchrun(argv: list[str], nproc: int) -> int:

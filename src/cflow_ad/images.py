@@ -207,15 +207,38 @@ def _is_hidden(path: Path, base: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(base).parts)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """All image files below a folder, recursive and sorted, hidden entries skipped."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and (_denied(p) or p.is_file())  # denied: reported on load
-                  and not _is_hidden(p, folder))
+def _not_a_file(p: Path) -> CflowInputError:
+    """Why a path with an image's name is neither a regular file nor a folder, as a one-line error."""
+    what = "a broken symbolic link (missing target or a loop)" if not p.exists() else "a FIFO, socket or device"
+    return CflowInputError(f"path '{p}' is not a regular file or folder but {what}: replace or remove it")
 
 
-def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
-    """Expand files and folders into image files, keeping the order of the arguments."""
+def _images_in(folder: Path, exclude: Path | None = None,
+               on_skip: Callable[[Path, CflowInputError], None] | None = None) -> list[Path]:
+    """All image files below a folder, recursive and sorted, hidden entries and the folder `exclude` (an
+    output folder inside it, whose PNGs are no inputs) left out. An entry named like an image that is
+    no file (a broken link, a FIFO) goes to `on_skip(path, error)` where given."""
+    inner = None
+    if exclude is not None and Path(exclude).resolve().is_relative_to(folder.resolve()):
+        inner = Path(exclude).resolve().relative_to(folder.resolve()).parts
+    found = []
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or _is_hidden(p, folder):
+            continue
+        if inner is not None and p.relative_to(folder).parts[:len(inner)] == inner:
+            continue
+        if _denied(p) or p.is_file():  # denied: reported on load
+            found.append(p)
+        elif on_skip is not None and not p.is_dir():
+            on_skip(p, _not_a_file(p))
+    return found
+
+
+def list_images(paths: _PathLike | Iterable[_PathLike], exclude: _PathLike | None = None,
+                on_skip: Callable[[Path, CflowInputError], None] | None = None) -> list[Path]:
+    """Expand files and folders into image files, keeping the order of the arguments. `exclude` (the
+    run's output folder) is left out of the folders, and may not be one of them; `on_skip` as in
+    `_images_in`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     result: list[Path] = []
@@ -224,7 +247,10 @@ def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
         if _denied(p):
             raise CflowInputError(f"cannot read '{p}': permission denied; fix the permissions of its folders")
         if p.is_dir():
-            found = _images_in(p)
+            if exclude is not None and p.resolve() == Path(exclude).resolve():
+                raise CflowInputError(f"--output '{exclude}' is the input folder '{p}': write the outputs to another"
+                                      " folder, or a subfolder, which is then left out of the inputs")
+            found = _images_in(p, exclude, on_skip)
             if not found:
                 raise CflowInputError(
                     f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder '{p}': add images or pass another folder")
@@ -232,7 +258,7 @@ def list_images(paths: _PathLike | Iterable[_PathLike]) -> list[Path]:
         elif p.is_file():
             result.append(p)
         elif p.exists() or p.is_symlink():  # a FIFO or device, or a broken or looping link: don't say "missing"
-            raise CflowInputError(f"path '{p}' is not a regular file or folder: pass image files or folders")
+            raise _not_a_file(p)
         else:
             raise CflowInputError(f"path '{p}' does not exist: check the spelling")
     return result

@@ -274,24 +274,29 @@ def summarize(rows: Sequence[dict], thresholds: Thresholds | None) -> dict:
             "thresholds": thresholds.summary() if thresholds else None, "folders": folders}
 
 
-def predict_inputs(paths, output: str | Path) -> tuple[OutputFolder, list[Path]]:
+def predict_inputs(paths, output: str | Path) -> tuple[OutputFolder, list[Path], list[tuple[Path, CflowInputError]]]:
     """What a predict run knows before it loads a model: its output folder (checked writable: one line,
-    before any work) and the image files of `paths`."""
+    before any work), the image files of `paths` without that folder, and the entries named like images
+    that are no files (a broken link, a FIFO), each with its error, to report as skipped."""
     from .images import list_images
 
-    return OutputFolder(output, "predict"), list_images(paths)
+    folder = OutputFolder(output, "predict")
+    unlisted: list[tuple[Path, CflowInputError]] = []
+    files = list_images(paths, folder.path, lambda p, exc: unlisted.append((p, exc)))
+    return folder, files, unlisted
 
 
 class Predictions:
     """What `predict` writes into `folder` (cleared first of the files of its last predict run): per image
     a row and, each optional, its heat map, overlay and mask PNGs (each written whole or not at all); for
     the run predictions.csv, a row per image written and flushed as it is scored, so a killed run leaves
-    complete rows, and at the end predictions.json, whose absence marks an unfinished run. `thresholds`
-    None: scores only."""
+    complete rows, and at the end predictions.json, whose absence marks an unfinished run. `unlisted`
+    (from `predict_inputs`) are reported as skipped first. `thresholds` None: scores only."""
 
     def __init__(self, inspector: Inspector, folder: OutputFolder, thresholds: Thresholds | None,
                  overlays: bool = True, masks: bool = True, heatmaps: bool = True, legend: bool = False,
-                 csv_summary: bool = True, json_summary: bool = True, warn: Callable[[str], None] = print):
+                 csv_summary: bool = True, json_summary: bool = True, warn: Callable[[str], None] = print,
+                 unlisted: Sequence[tuple[Path, CflowInputError]] = ()):
         self.inspector, self.thresholds, self.warn = inspector, thresholds, warn
         self.overlays, self.masks, self.heatmaps, self.legend = overlays, masks, heatmaps, legend
         self.folder, self.json_summary = folder, json_summary
@@ -303,6 +308,8 @@ class Predictions:
             self.csv = open(folder.file("predictions.csv"), "w", newline="", encoding="utf-8", errors=NAMES)
             self.table = csv.DictWriter(self.csv, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
             self.table.writeheader()
+        for path, exc in unlisted:
+            self.skipped(path, exc)
 
     def _png(self, rgb: np.ndarray, name: str) -> str:
         return str(save_png(rgb, self.folder.file(name)))
@@ -357,13 +364,13 @@ def predict_onnx(model: str | Path, paths, output: str | Path, overlays: bool = 
     from .device import default_workers
     from .images import read_batches
 
-    folder, files = predict_inputs(paths, output)
+    folder, files, unlisted = predict_inputs(paths, output)
     inspector = Inspector(model, "onnx", target_fpr, image_threshold, pixel_threshold, None, min_defect_area,
                           threads, device, all_regions=all_regions)
     if inspector.thresholds is None:
         warn("this model has no thresholds, so no labels or masks: run 'cflow-ad calibrate' to set them")
     writer = Predictions(inspector, folder, inspector.thresholds, overlays, masks, heatmaps, legend, csv_summary,
-                         json_summary, warn)
+                         json_summary, warn, unlisted)
     batches = read_batches(files, inspector.config, inspector.config.batch_size,
                            default_workers() if workers is None else workers, lambda i, exc: writer.skipped(files[i], exc))
     for index, inputs, originals in _progress(batches, progress, -(-len(files) // inspector.config.batch_size)):
