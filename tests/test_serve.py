@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -154,22 +156,42 @@ class _SlowRunner:
         return self.runner(images)
 
 
-def test_bounded_concurrency_answers_503_beyond_the_queue(padim_checkpoint, synthetic_root):
+@contextlib.contextmanager
+def _serving(inspector, limits):
+    """`create_app` on a free port in a thread of this process (for what a test must reach inside: a slow
+    model, tracemalloc), yielding its URL."""
     import uvicorn
 
-    from cflow_ad.inference import Inspector
-    from cflow_ad.serve import Limits, create_app
+    from cflow_ad.serve import create_app
 
-    inspector = Inspector(padim_checkpoint, "torch")
-    inspector.runner = _SlowRunner(inspector.runner, 0.5)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(inspector, Limits(max_concurrency=1, max_queue=1)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(inspector, limits), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def padim_inspector(padim_checkpoint):
+    from cflow_ad.inference import Inspector
+
+    return Inspector(padim_checkpoint, "torch")
+
+
+def test_bounded_concurrency_answers_503_beyond_the_queue(padim_checkpoint, synthetic_root):
+    from cflow_ad.inference import Inspector
+    from cflow_ad.serve import Limits
+
+    inspector = Inspector(padim_checkpoint, "torch")
+    inspector.runner = _SlowRunner(inspector.runner, 0.5)
+    with _serving(inspector, Limits(max_concurrency=1, max_queue=1)) as url:
         body = _png(_sample(synthetic_root, "good"))
         send = lambda _: requests.post(url + "/predict", data=body, headers={"Content-Type": "image/png"}, timeout=60)  # noqa: E731
         with ThreadPoolExecutor(6) as pool:
@@ -180,9 +202,91 @@ def test_bounded_concurrency_answers_503_beyond_the_queue(padim_checkpoint, synt
         assert all(r.headers["Retry-After"] == "1" and "busy" in r.json()["error"] for r in busy)
         health = requests.get(url + "/health", timeout=10).json()
         assert health["requests"] == 2 and health["rejected_busy"] == 4 and health["waiting"] == 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+
+
+def _png_of(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_large_upload_is_drawn_at_a_bounded_size_with_regions_in_its_own_pixels(padim_inspector, synthetic_root):
+    """Issue 33: a 6000 x 6000 PNG of 35 KB took 1.55 GB, the image and its map held at full size in float32.
+    Now it is decoded shrunk to --max-output-side and drawn there; its regions are scaled back to its pixels."""
+    from cflow_ad.serve import Limits
+
+    small = np.asarray(Image.open(_sample(synthetic_root, "spot")).convert("RGB"))
+    k = 12  # the same picture at 1536 x 1536, each pixel a k x k block
+    big = _png_of(np.kron(small, np.ones((k, k, 1), dtype=np.uint8)))
+    post = lambda url, data, output="json": requests.post(  # noqa: E731
+        url + f"/predict?output={output}", files={"file": ("x.png", data, "image/png")}, timeout=60)
+    with _serving(padim_inspector, Limits(max_output_side=2048)) as url:  # drawn at its own size, as before
+        want = post(url, big).json()
+        assert Image.open(io.BytesIO(post(url, big, "overlay").content)).size == (1536, 1536)
+    with _serving(padim_inspector, Limits(max_output_side=256)) as url:
+        got = post(url, big).json()
+        for output in ("overlay", "heatmap", "mask"):
+            r = post(url, big, output)
+            assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (256, 256), output
+    assert (got["width"], got["height"]) == (want["width"], want["height"]) == (1536, 1536)
+    assert got["label"] == want["label"] == "defect" and got["score"] == pytest.approx(want["score"], rel=0.05)
+    assert got["defect_area_px"] == sum(r["area_px"] for r in got["regions"])
+    assert got["defect_area_px"] == pytest.approx(want["defect_area_px"], rel=0.05)
+    a, b = got["regions"][0]["box"], want["regions"][0]["box"]
+    for key in ("x", "y", "width", "height"):
+        assert abs(a[key] - b[key]) <= k, (key, a, b)  # within 2 pixels of the 256-pixel drawing
+
+
+def test_memory_of_a_request_does_not_grow_with_the_upload(padim_inspector):
+    """The arrays of a 12-megapixel upload (numpy's are traced) stay far below one float32 copy of it (151 MB)."""
+    from cflow_ad.serve import Limits
+
+    ramp = np.linspace(0, 255, 4096, dtype=np.float32).astype(np.uint8)
+    body = _png_of(np.repeat(np.broadcast_to(ramp[None, :, None], (3072, 4096, 1)), 3, axis=2))
+    with _serving(padim_inspector, Limits(max_output_side=512)) as url:
+        for output in ("json", "overlay"):
+            tracemalloc.start()
+            try:
+                r = requests.post(url + f"/predict?output={output}", data=body,
+                                  headers={"Content-Type": "image/png"}, timeout=60)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert r.status_code == 200, r.text
+            assert peak < 40e6, (output, peak)
+
+
+def test_a_jpeg_is_decoded_shrunk_and_turned_as_its_exif_says(tmp_path):
+    from cflow_ad.images import read_scaled
+
+    rgb = np.zeros((3000, 4000, 3), np.uint8)
+    rgb[:1500] = 200  # the top half light: which way up the image came back shows
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(rgb).save(path, quality=90, exif=exif)
+    x, original, stored = read_scaled(path, 64, max_side=500)
+    assert stored == (4000, 3000) and original.shape == (3, 500, 375) and x.shape == (3, 64, 64)
+    assert original[:, :, -10:].mean() > 0.7 and original[:, :, :10].mean() < 0.1  # the light half on the right
+    plain = read_scaled(path, 64)[1]
+    assert plain.shape == (3, 4000, 3000)  # without max_side: the image's own size, as predict reads it
+
+
+def test_sixteen_bit_images_are_brought_to_8_bit_exactly():
+    from cflow_ad.images import _to_8bit
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = np.asarray(_to_8bit(Image.fromarray(values), Path("x.png"), "image"))
+    assert got.dtype == np.uint8 and np.array_equal(got, np.round(values / 257.0))
+
+
+def test_a_gif_is_refused_by_its_content_as_by_its_type(server, synthetic_root):
+    """Issue 33: image/gif got 415, the same GIF sent as application/octet-stream was scored."""
+    buf = io.BytesIO()
+    Image.open(_sample(synthetic_root, "good")).save(buf, "GIF")
+    for ctype in ("image/gif", "application/octet-stream", "image/png"):
+        r = requests.post(server + "/predict", files={"file": ("a.gif", buf.getvalue(), ctype)}, timeout=60)
+        assert r.status_code == 415 and "a.gif" in r.json()["error"], (ctype, r.text)
 
 
 def test_web_page_uploads_an_image_and_shows_verdict_and_overlay(server, synthetic_root, tmp_path):

@@ -24,8 +24,8 @@ from starlette.datastructures import UploadFile
 
 from . import __version__
 from .device import available_cores
-from .errors import CflowInputError, ImageTooLargeError
-from .images import read
+from .errors import CflowInputError, ImageFormatError, ImageTooLargeError
+from .images import UPLOAD_FORMATS, read_scaled
 from .inference import Inspector, is_onnx_file
 from .thresholds import ScoreScale
 from .visualize import colour_bar, png_bytes
@@ -43,6 +43,10 @@ class Limits:
     max_pixels: int = field(default=40_000_000, metadata={"help": "largest image in pixels, width x height (413 above)"})
     max_concurrency: int = field(default=2, metadata={"help": "inferences at once; each gets --threads / this many threads"})
     max_queue: int = field(default=32, metadata={"help": "requests that may wait for inference (503 above)"})
+    max_output_side: int = field(default=2048, metadata={
+        "help": "longest side in px to which a larger upload is decoded and its overlay, heat map and mask drawn (not"
+                " below the model's input size): memory per request is bounded by this, not by the upload;"
+                " regions and areas stay in the upload's pixels"})
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -114,13 +118,14 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
     slots = asyncio.Semaphore(limits.max_concurrency)
     stats = {"started": time.time(), "requests": 0, "waiting": 0, "rejected_busy": 0}
     size = inspector.config  # its input size and aspect handling
+    side = max(limits.max_output_side, *inspector.frame.size)
     page = resources.files("cflow_ad").joinpath("web/index.html").read_text()
 
     def infer(data: bytes, name: str, output: str):
         t0 = time.perf_counter()
-        x, original = read(data, size, name, limits.max_pixels)
+        x, original, stored = read_scaled(data, size, name, limits.max_pixels, side, UPLOAD_FORMATS)
         t1 = time.perf_counter()
-        verdict = inspector(x[None], [original])[0]
+        verdict = inspector(x[None], [original], [stored])[0]
         t2 = time.perf_counter()
         image = {"overlay": inspector.overlay, "mask": inspector.mask_image,
                  "heatmap": inspector.heat, "json": None}[output]
@@ -172,7 +177,8 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> BodyLimit:
             async with slots:
                 result, png = await run_in_threadpool(infer, *got, output)
         except CflowInputError as exc:
-            return _error(413 if isinstance(exc, ImageTooLargeError) else 400, str(exc))
+            status = 413 if isinstance(exc, ImageTooLargeError) else 415 if isinstance(exc, ImageFormatError) else 400
+            return _error(status, str(exc))
         finally:
             stats["waiting"] -= 1
         stats["requests"] += 1
