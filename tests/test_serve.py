@@ -20,6 +20,7 @@ from PIL import Image
 
 from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint
+from cflow_ad.cli import main
 
 from .browser import chromium_page
 
@@ -45,9 +46,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float
 
 @pytest.fixture(scope="module")
 def server(padim_checkpoint):
-    """`cflow-ad serve` as users start it, in its own process, with small limits to test against."""
+    """`cflow-ad serve` as users start it, in its own process, with small limits to test against; one thread, so
+    one inference at a time (not the default 2 x 1 threads)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "cflow_ad", "--threads", "2", "serve", "--model", str(padim_checkpoint),
+    cmd = [sys.executable, "-m", "cflow_ad", "--threads", "1", "serve", "--model", str(padim_checkpoint),
            "--port", str(port), "--max-upload-mb", "0.2", "--max-pixels", "1000000", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -77,6 +79,54 @@ def test_health_and_model_report_the_loaded_model(server, padim_checkpoint):
     assert info["thresholds"]["image"] == pytest.approx(stored.image)
     assert info["thresholds"]["pixel"] == pytest.approx(stored.pixel)
     assert info["limits"]["max_pixels"] == 1_000_000
+    assert info["limits"]["max_concurrency"] == 1  # --threads 1: one inference at a time, not 2 x 1 threads
+
+
+def test_threads_are_shared_by_the_inferences_at_once_never_exceeded():
+    from cflow_ad.serve import thread_plan
+
+    assert thread_plan(1, 2) == (1, 1) and thread_plan(2, 2) == (2, 1) and thread_plan(8, 2) == (2, 4)
+    assert thread_plan(3, 4) == (3, 1) and thread_plan(7, 1) == (1, 7)
+
+
+def test_head_answers_like_get_and_there_are_no_api_pages(server):
+    """Issue 33: HEAD got 405, which breaks HEAD health checks; /docs and /redoc loaded scripts from a CDN."""
+    for path in ("/", "/health", "/model", "/legend.png"):
+        get, head = requests.get(server + path, timeout=10), requests.head(server + path, timeout=10)
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert requests.get(server + path, timeout=10).status_code == 404, path
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--max-concurrency", "0"), ("--max-concurrency", "-1"), ("--max-upload-mb", "nan"), ("--max-upload-mb", "-1"),
+    ("--max-queue", "-1"), ("--max-pixels", "0"), ("--max-output-side", "0"), ("--upload-timeout-s", "inf"),
+    ("--max-connections", "0"), ("--port", "99999"), ("--port", "0"),
+])
+def test_invalid_serve_limits_are_one_line_before_anything_starts(flag, value, padim_checkpoint, capsys):
+    """Issue 33: 0 concurrency raised ZeroDivisionError, nan a ValueError, port 99999 an OverflowError, and
+    -1 MB, -1 queue or 0 pixels started a service that refused every request."""
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--model", str(padim_checkpoint), flag, value])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and f"{flag} {value}" in lines[0], err
+    assert "serving" not in out
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(padim_checkpoint, capsys):
+    """Issue 33: the service printed "serving on" and then exited 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit:
+            main(["serve", "--model", str(padim_checkpoint), "--port", str(port)])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "--port" in lines[0]
+    assert "serving" not in out
 
 
 def test_predict_returns_the_same_verdict_as_the_cli(server, padim_checkpoint, synthetic_root, tmp_path):
@@ -202,6 +252,54 @@ def test_bounded_concurrency_answers_503_beyond_the_queue(padim_checkpoint, synt
         assert all(r.headers["Retry-After"] == "1" and "busy" in r.json()["error"] for r in busy)
         health = requests.get(url + "/health", timeout=10).json()
         assert health["requests"] == 2 and health["rejected_busy"] == 4 and health["waiting"] == 0
+
+
+def _stalled_upload(url: str, size: int = 200_000) -> socket.socket:
+    """A connection that sent the headers of a raw upload of `size` bytes and all of it but the last byte."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {size}\r\n\r\n"
+    sock.sendall(head.encode() + bytes(size - 1))
+    return sock
+
+
+def _answer(sock: socket.socket) -> int:
+    """The status of the answer on `sock`, read to the end: the server must close the connection after it (with
+    a reset where it left the rest of the body unread)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError), sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def _health_until(url: str, **want) -> dict:
+    """/health once it reports `want` (the server takes the uploads' bytes in its own time)."""
+    for _ in range(300):
+        health = requests.get(url + "/health", timeout=10).json()
+        if all(health[k] == v for k, v in want.items()):
+            return health
+        time.sleep(0.1)
+    raise AssertionError(f"/health never reported {want}: {health}")
+
+
+def test_uploads_still_arriving_are_counted_in_the_queue_and_time_out(padim_inspector):
+    """Issue 33: the whole body was buffered before the queue was checked, with no timeout: 40 stalled uploads
+    held 750 MB while /health said none were waiting, and were still open after 70 s."""
+    from cflow_ad.serve import Limits
+
+    with _serving(padim_inspector, Limits(max_concurrency=1, max_queue=1, upload_timeout_s=2)) as url:
+        first = _stalled_upload(url)
+        _health_until(url, waiting=1, uploading=1)
+        second = _stalled_upload(url)
+        _health_until(url, waiting=2, uploading=2)
+        assert _answer(_stalled_upload(url)) == 503  # the queue is full of uploads
+        assert _answer(first) == _answer(second) == 408  # and closed
+        health = _health_until(url, waiting=0, uploading=0)
+        assert health["rejected_busy"] == 1
+        r = requests.post(url + "/predict", data=_png_of(np.zeros((64, 64, 3), np.uint8)),
+                          headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200, r.text  # and serving as before
 
 
 def _png_of(rgb: np.ndarray) -> bytes:
