@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint
-from cflow_ad.inference import Inspector
+from cflow_ad.inference import Inspector, Verdict
 from cflow_ad.regions import label, regions
 from cflow_ad.visualize import draw_boxes
 
@@ -86,6 +86,20 @@ def test_known_components_and_the_minimum_area():
     assert not kept[8, 12] and kept.sum() == 70  # the dropped region is out of the mask too
     assert len(regions(mask, amap)[1]) == 3 and len(regions(mask, amap, connectivity=4)[1]) == 4
     assert regions(np.zeros((4, 4), dtype=bool), np.zeros((4, 4)))[1] == []
+
+
+def test_regions_of_a_shrunk_mask_come_in_the_images_pixels():
+    """A service finds regions on a large upload's shrunk copy (issue 33): boxes, areas and the minimum area
+    are in the upload's pixels, here 4 x 3 of them per mask pixel."""
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[0:4, 0:5] = True  # 20 px: 240 in the image
+    mask[10:20, 25:30] = True  # 50 px: 600
+    amap = mask.astype(float)
+    kept, found = regions(mask, amap, min_area=300, scale=(4.0, 3.0))
+    assert [(r["box"], r["area_px"]) for r in found] == [({"x": 75, "y": 40, "width": 15, "height": 40}, 600)]
+    assert kept.sum() == 50
+    verdict = Verdict(None, 0.0, None, None, 90, 80, amap, np.zeros((3, 20, 30)), kept, found)
+    assert verdict.defect_area_px == 600 and verdict.drawn_boxes() == [{"x": 25, "y": 10, "width": 5, "height": 10}]
 
 
 def test_boxes_are_drawn_inside_the_image():

@@ -11,3 +11,7 @@ class CflowInputError(Exception):
 
 class ImageTooLargeError(CflowInputError):
     """An image above the pixel limit: a service answers 413 rather than 400."""
+
+
+class ImageFormatError(CflowInputError):
+    """An image in a format the service does not take, known by its content: 415 like a wrong content type."""

@@ -8,6 +8,7 @@ file or folder is a one-line `CflowInputError` naming the path, never a Pillow t
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import warnings
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
-from .errors import CflowInputError, ImageTooLargeError
+from .errors import CflowInputError, ImageFormatError, ImageTooLargeError
 from .geometry import InputFrame
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -32,6 +33,9 @@ MAX_PIXELS = 100_000_000
 # Everything Pillow's decoders raise for a bad file.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
+
+# What a service takes (Pillow's format names): a format decoded only to be refused is attack surface.
+UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")
 
 _PathLike = str | os.PathLike
 
@@ -70,6 +74,15 @@ def _denied(p: Path) -> bool:
 def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """Fully decode an image file, or the bytes of one called `name` (an upload), with EXIF
     orientation applied, or explain what is wrong with it. `max_pixels` defaults to MAX_PIXELS."""
+    return _decode(path, kind, name, max_pixels)[0]
+
+
+def _decode(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixels: int | None = None,
+            max_side: int | None = None, formats: Sequence[str] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`_open`, and the image's (height, width) as stored and oriented. With `max_side`, an image longer than
+    that comes back shrunk to it, in 8-bit L or RGB (`_to_8bit`), so that nothing past the decoder holds the
+    full size: a JPEG is decoded at 1/2 to 1/8 scale (`draft`), others are reduced by Pillow after decoding.
+    `formats`: the Pillow formats taken (`ImageFormatError` for others, told apart by their content)."""
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(path, bytes):
         p, source = name or "upload", io.BytesIO(path)
@@ -93,13 +106,26 @@ def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixel
             # Our own pixel limit below replaces Pillow's bomb warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as im:
+                if formats is not None and im.format not in formats:
+                    raise ImageFormatError(f"{kind} '{p}' is a {im.format} image, which is not taken here: "
+                                           "send a PNG, JPEG, BMP, TIFF or WebP")
                 width, height = im.size
                 if width * height > limit:
                     raise ImageTooLargeError(
                         f"{kind} '{p}' is {width}x{height} pixels, above the limit of "
                         f"{limit / 1_000_000:g} megapixels: downscale it first")
+                shrink = max_side is not None and max(width, height) > max_side
+                if shrink:
+                    scale = max_side / max(width, height)
+                    im.draft(im.mode, (math.ceil(width * scale), math.ceil(height * scale)))  # JPEG only
                 im.load()
-                return ImageOps.exif_transpose(im)
+                orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+                stored = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+                if not shrink:
+                    return ImageOps.exif_transpose(im), stored
+                small = _shrink(_to_8bit(im, Path(p), kind), max_side)
+        small.getexif()[ExifTags.Base.Orientation] = orientation  # the copy lacks a TIFF's tags
+        return ImageOps.exif_transpose(small), stored
     except CflowInputError:
         raise
     except PermissionError:
@@ -125,6 +151,16 @@ def _open(path: _PathLike | bytes, kind: str, name: str | None = None, max_pixel
             "replace or remove it") from None
 
 
+def _shrink(im: Image.Image, max_side: int) -> Image.Image:
+    """`im` with its longest side `max_side` (if longer): integer box reduction first, which costs memory
+    for the small image only, then bilinear as `InputFrame.place` resizes."""
+    scale = max_side / max(im.size)
+    if scale >= 1:
+        return im
+    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    return im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
 def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
     """Bring any Pillow mode to 8-bit 'L' or 'RGB' so resizing works on real intensities.
 
@@ -133,8 +169,12 @@ def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
     stored colour kept; palettes are expanded before any interpolation.
     """
     if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im).astype(np.float64)
-        return Image.fromarray(np.round(np.clip(arr, 0, 65535) / 257.0).astype(np.uint8))
+        arr = np.asarray(im)
+        out = np.empty(arr.shape, dtype=np.uint8)
+        for r in range(0, len(arr), 256):  # in blocks of rows: temporaries of a few MB at any image size
+            v = np.clip(arr[r : r + 256], 0, 65535).astype(np.uint32)
+            out[r : r + 256] = (2 * v + 257) // 514  # round(v / 257), exactly: v / 257 is never a half
+        return Image.fromarray(out)
     if im.mode in ("L", "RGB"):
         return im
     target = "L" if im.mode in ("1", "LA", "F") else "RGB"
@@ -147,8 +187,10 @@ def _to_8bit(im: Image.Image, path: Path, kind: str) -> Image.Image:
 
 
 def as_chw(arr: np.ndarray | Image.Image) -> np.ndarray:
-    """An 8-bit L / RGB image or uint8 [H, W, 3] array as float32 [3, H, W] in [0, 1]."""
-    arr = np.asarray(arr.convert("RGB") if isinstance(arr, Image.Image) else arr, dtype=np.float32) / 255.0
+    """An 8-bit L / RGB image or uint8 [H, W, 3] array as float32 [3, H, W] in [0, 1] (scaled in place: one
+    float copy fewer at a service's largest drawing size)."""
+    arr = np.array(arr.convert("RGB") if isinstance(arr, Image.Image) else arr, dtype=np.float32)
+    arr /= 255.0
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -157,9 +199,19 @@ def read(source: _PathLike | bytes, size, name: str | None = None,
     """The model input [3, H, W] and the image at its own size [3, H0, W0], float32 in [0, 1], from a
     file or from the bytes of an upload called `name`: predictions are drawn on the original. `size`:
     an int, (H, W), an `InputFrame` or a config (then its aspect handling too)."""
+    return read_scaled(source, size, name, max_pixels)[:2]
+
+
+def read_scaled(source: _PathLike | bytes, size, name: str | None = None, max_pixels: int | None = None,
+                max_side: int | None = None, formats: Sequence[str] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """`read`, and the image's (height, width) as stored. With `max_side`, the memory of a service's request:
+    a longer image is decoded shrunk to that side (`_decode`), and both arrays come from the shrunk image, so
+    none is the upload's full size in float32. `formats`: as `_decode`'s."""
     label = Path(name or "upload") if isinstance(source, bytes) else Path(source)
-    im = _to_8bit(_open(source, "image", name, max_pixels), label, "image")
-    return as_chw(InputFrame.of(size).place(im)[0]), as_chw(im)
+    im, stored = _decode(source, "image", name, max_pixels, max_side, formats)
+    im = _to_8bit(im, label, "image")
+    return as_chw(InputFrame.of(size).place(im)[0]), as_chw(im), stored
 
 
 def read_batches(files: Sequence[Path], size, batch_size: int, threads: int = 0,

@@ -3,7 +3,8 @@
 `Inspector` loads a model once (PyTorch or onnxruntime) with its decision thresholds; both
 `cflow-ad predict` and `cflow-ad serve` go through it, so a folder run and an HTTP call
 give the same answer for the same image. Maps are drawn at the image's own size, so the
-defect area is in the image's own pixels. `Predictions` writes what `predict` leaves behind.
+defect area is in the image's own pixels; a service draws a large upload at a bounded size, and scales
+its regions and areas back to the image's pixels. `Predictions` writes what `predict` leaves behind.
 
 Everything after the model is numpy, and PyTorch is imported only to run a checkpoint: an
 exported .onnx model is scored here, in `predict_onnx` and in `serve`, without torch installed.
@@ -12,6 +13,7 @@ exported .onnx model is scored here, in `predict_onnx` and in `serve`, without t
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -102,7 +104,9 @@ def resolve_thresholds(stored: Thresholds | None, target_fpr: float | None = Non
 class Verdict:
     """One image's answer. Without thresholds, `label`, `reason`, the mask, its area and regions are None.
     `score` is on the model's image scale (`ScoreScale`: 0 typical good, 1 the threshold; None without the
-    good images' scores), `raw_score` as the model computes it."""
+    good images' scores), `raw_score` as the model computes it. `width` and `height` are the image's as
+    stored, and so are the regions' boxes and areas; the arrays are at its own size too, or at the bounded
+    size a service decoded it to (`images.read_scaled`)."""
 
     score: float | None
     raw_score: float
@@ -110,14 +114,25 @@ class Verdict:
     reason: str | None
     width: int
     height: int
-    amap: np.ndarray  # [H0, W0] at the image's own size
-    image: np.ndarray  # [3, H0, W0] in [0, 1]
-    mask: np.ndarray | None  # [H0, W0] bool: the pixels of the defect regions
+    amap: np.ndarray  # [H, W] at the image's own size, or its bounded size
+    image: np.ndarray  # [3, H, W] in [0, 1]
+    mask: np.ndarray | None  # [H, W] bool: the pixels of the defect regions
     regions: list[dict] | None  # `regions.regions` of the mask, highest peak first
 
     @property
     def defect_area_px(self) -> int | None:
-        return None if self.mask is None else int(self.mask.sum())
+        """The regions' area in the image's pixels (the mask is their union)."""
+        return None if self.regions is None else sum(r["area_px"] for r in self.regions)
+
+    def drawn_boxes(self) -> list[dict]:
+        """The regions' boxes in the pixels of `amap`, where they are drawn."""
+        sy, sx = self.height / self.amap.shape[0], self.width / self.amap.shape[1]
+        boxes = []
+        for r in self.regions or []:
+            x, y = math.floor(r["box"]["x"] / sx), math.floor(r["box"]["y"] / sy)
+            boxes.append({"x": x, "y": y, "width": math.ceil((r["box"]["x"] + r["box"]["width"]) / sx) - x,
+                          "height": math.ceil((r["box"]["y"] + r["box"]["height"]) / sy) - y})
+        return boxes
 
 
 def _numpy(t) -> np.ndarray:
@@ -169,38 +184,43 @@ class Inspector:
         boxes = np.array([self.frame.box(*o.shape[-2:]) for o in originals]) if self.frame.keep_aspect else None
         return restore(_numpy(maps), _numpy(scores), boxes, self.runner.map_max_score)
 
-    def __call__(self, inputs, originals: list) -> list[Verdict]:
-        """Score a batch of model inputs [B, 3, H, W]; `originals` are the same images at their own size."""
-        return self.verdicts(*self.score(inputs, originals), originals, self.thresholds)
+    def __call__(self, inputs, originals: list, sizes: list | None = None) -> list[Verdict]:
+        """Score a batch of model inputs [B, 3, H, W]; `originals` are the same images at their own size, or
+        shrunk from their (height, width) in `sizes`."""
+        return self.verdicts(*self.score(inputs, originals), originals, self.thresholds, sizes)
 
     def verdicts(self, maps: np.ndarray, scores: np.ndarray, originals: list,
-                 thresholds: Thresholds | None) -> list[Verdict]:
+                 thresholds: Thresholds | None, sizes: list | None = None) -> list[Verdict]:
         """An image is a defect when its score is over the image threshold and, with a minimum defect
         area, at least one defect region is that large. A defect region is a connected part of the map over
         the region threshold, which good images rarely reach anywhere; an `ok` image has none
-        (`all_regions`: every part of the map over the pixel threshold on every image, faint ones included)."""
+        (`all_regions`: every part of the map over the pixel threshold on every image, faint ones included).
+        `sizes`: the images' (height, width) where `originals` are shrunk copies: the map is drawn at the copy's
+        size, and regions and areas are scaled to the image's pixels."""
         out = []
-        for amap, score, image in zip(maps, np.asarray(scores).tolist(), originals):
+        sizes = sizes or [np.shape(o)[-2:] for o in originals]
+        for amap, score, image, (h0, w0) in zip(maps, np.asarray(scores).tolist(), originals, sizes):
             image = np.asarray(image)
             h, w = image.shape[-2:]
             big = resize_bilinear(amap, (h, w))
+            scale = (h0 / h, w0 / w)
             label = reason = mask = found = normal = None
             if thresholds is not None:
                 normal = thresholds.normalized(score)
                 label = "defect" if score > thresholds.image else "ok"
                 reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
                 if self.all_regions:
-                    mask, found = defect_regions(big, thresholds.pixel, self.min_defect_area)
+                    mask, found = defect_regions(big, thresholds.pixel, self.min_defect_area, scale)
                 elif label == "ok":
                     mask, found = np.zeros((h, w), dtype=bool), []
                 else:
-                    mask, found = defect_regions(big, thresholds.region_threshold, self.min_defect_area)
+                    mask, found = defect_regions(big, thresholds.region_threshold, self.min_defect_area, scale)
                 if label == "defect" and not found:
                     if self.min_defect_area:
                         label, reason = "ok", reason + f", but no defect region of {self.min_defect_area} px or more"
                     else:
                         reason += ", but no part of the map reaches the region threshold"
-            out.append(Verdict(normal, float(score), label, reason, int(w), int(h), big, image, mask, found))
+            out.append(Verdict(normal, float(score), label, reason, int(w0), int(h0), big, image, mask, found))
         return out
 
     def heat(self, v: Verdict) -> np.ndarray:
@@ -216,7 +236,7 @@ class Inspector:
         rgb = overlay_rgb(v.image, self.heat(v) if heat is None else heat)
         if v.mask is not None:
             rgb[outline(v.mask)] = 255
-            draw_boxes(rgb, [r["box"] for r in v.regions])
+            draw_boxes(rgb, v.drawn_boxes())
         return rgb
 
     @staticmethod

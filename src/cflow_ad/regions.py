@@ -67,11 +67,13 @@ def label(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
     return out, int(comp.max() + 1) if comp.size else 0
 
 
-def regions(mask: np.ndarray, amap: np.ndarray, min_area: int = 0,
-            connectivity: int = 8) -> tuple[np.ndarray, list[dict]]:
+def regions(mask: np.ndarray, amap: np.ndarray, min_area: float = 0, connectivity: int = 8,
+            scale: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, list[dict]]:
     """(the mask without its regions under `min_area` pixels, the regions kept) of a boolean [H, W]
     mask. Each region has its bounding box (x, y, width, height in pixels), its area in pixels and the
-    peak and mean of `amap` [H, W] over it; they come sorted by peak score, highest first."""
+    peak and mean of `amap` [H, W] over it; they come sorted by peak score, highest first. `scale`: the
+    (height, width) of a mask pixel in the image's own pixels, where the mask is a shrunk copy's (a
+    service's large upload); boxes, areas and `min_area` are in the image's own pixels then."""
     mask = np.asarray(mask, dtype=bool)
     rows, starts, ends = _runs(mask)
     if rows.size == 0:
@@ -79,13 +81,17 @@ def regions(mask: np.ndarray, amap: np.ndarray, min_area: int = 0,
     comp = _components(rows, starts, ends, mask.shape[1], connectivity)
     n = int(comp.max()) + 1
     lengths = ends - starts
-    area = np.bincount(comp, weights=lengths, minlength=n).astype(np.int64)
+    sy, sx = scale
+    pixels = np.bincount(comp, weights=lengths, minlength=n)
+    area = pixels * (sy * sx)
     x0, y0 = np.full(n, mask.shape[1]), np.full(n, mask.shape[0])
     x1, y1 = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     np.minimum.at(x0, comp, starts)
     np.minimum.at(y0, comp, rows)
     np.maximum.at(x1, comp, ends)
     np.maximum.at(y1, comp, rows + 1)
+    x0, y0 = np.floor(x0 * sx).astype(np.int64), np.floor(y0 * sy).astype(np.int64)
+    x1, y1 = np.round(x1 * sx).astype(np.int64), np.round(y1 * sy).astype(np.int64)
     pixel_comp = np.repeat(comp, lengths)  # the mask's pixels in raster order are the runs in order
     values = np.asarray(amap, dtype=np.float64)[mask]
     peak = np.full(n, -np.inf)
@@ -95,15 +101,17 @@ def regions(mask: np.ndarray, amap: np.ndarray, min_area: int = 0,
     kept = np.zeros_like(mask)
     kept[mask] = keep[pixel_comp]
     found = [{"box": {"x": int(x0[i]), "y": int(y0[i]), "width": int(x1[i] - x0[i]), "height": int(y1[i] - y0[i])},
-              "area_px": int(area[i]), "peak_score": float(peak[i]), "mean_score": float(total[i] / area[i])}
+              "area_px": int(round(area[i])), "peak_score": float(peak[i]), "mean_score": float(total[i] / pixels[i])}
              for i in np.flatnonzero(keep)]
     return kept, sorted(found, key=lambda r: -r["peak_score"])
 
 
-def defect_regions(amap: np.ndarray, threshold: float, min_area: int = 0) -> tuple[np.ndarray, list[dict]]:
+def defect_regions(amap: np.ndarray, threshold: float, min_area: float = 0,
+                   scale: tuple[float, float] = (1.0, 1.0)) -> tuple[np.ndarray, list[dict]]:
     """The defect regions of an [H, W] map, as `regions` gives them: the connected parts of the pixels over
     `threshold` of at least `min_area` pixels. With the calibrated region threshold (`Thresholds.region`), which
     good images rarely reach anywhere, they are what `predict` reports; with the pixel threshold, which lets
-    a share of good pixels through, they include faint specks on most good images (`--all-regions`)."""
+    a share of good pixels through, they include faint specks on most good images (`--all-regions`). `scale`: as
+    `regions`'."""
     amap = np.asarray(amap)
-    return regions(amap > threshold, amap, min_area)
+    return regions(amap > threshold, amap, min_area, scale=scale)
