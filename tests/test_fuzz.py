@@ -30,6 +30,7 @@ from cflow_ad.errors import CflowInputError
 from cflow_ad.source import DataSource
 
 from . import fuzz_files as F
+from .test_serve import server  # noqa: F401  (the fixture)
 
 # Pillow warns about what it skips in damaged files (corrupt EXIF, truncated tags) and about the IM
 # format written here; the outcomes are what this test checks, so keep the report readable.
@@ -347,3 +348,30 @@ def test_unreadable_files_give_permission_errors(fuzz):
     # A folder that cannot be listed at all is skipped by Path.rglob (Python's choice), not reported.
     whole = [Path(p) for p in listing["files"]["listed"]]
     assert fuzz.folder / "readonly_dir" / "seen.png" in whole and fuzz.folder / "locked_dir" / "inside.png" not in whole
+
+
+def test_serve_answers_each_file_with_a_verdict_or_a_clear_4xx(fuzz, server):  # noqa: F811
+    """The corpus, and the probe's own files of issue 33 (36 megapixels in a small PNG, a GIF, a name outside
+    ASCII), through `serve` as bodies of every kind: never a 5xx, never a hang, the service alive after."""
+    import io
+
+    import requests
+    from PIL import Image
+
+    probe = {"wide.png": io.BytesIO(), "anim.gif": io.BytesIO()}
+    Image.new("L", (6000, 6000)).save(probe["wide.png"], "PNG")
+    Image.new("RGB", (64, 64), "red").save(probe["anim.gif"], "GIF")
+    bodies = [(c.path.name, c.path.read_bytes()) for c, _ in fuzz.files if c.path.is_file() and os.access(c.path, os.R_OK)]
+    bodies += [(name, b.getvalue()) for name, b in probe.items()]
+    bodies.append(("caf\xe9 \u2603.png", bodies[0][1]))
+    statuses: collections.Counter = collections.Counter()
+    for name, body in bodies:
+        r = requests.post(server + "/predict", files={"file": (name, body, "application/octet-stream")}, timeout=60)
+        statuses[r.status_code] += 1
+        got = r.json()
+        if r.status_code == 200:
+            assert np.isfinite(got["score"]) and got["label"] in ("ok", "defect"), (name, got)
+        else:
+            assert r.status_code in (400, 413, 415) and got["error"] and "\n" not in got["error"], (name, r.status_code, got)
+    assert statuses[200] > 50 and statuses[400] > 50 and statuses[413] >= 1 and statuses[415] >= 1, statuses
+    assert requests.get(server + "/health", timeout=10).json()["status"] == "ok"
