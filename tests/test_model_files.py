@@ -4,9 +4,16 @@ before it costs memory, runs code or scores a single image."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from cflow_ad import api, checkpoint
+from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.config import CFlowConfig
 from cflow_ad.errors import CflowInputError
 
@@ -34,3 +41,120 @@ def test_config_fields_have_types_and_sane_bounds(changes, needle):
 def test_a_config_that_is_not_an_object_is_a_clear_error():
     with pytest.raises(CflowInputError, match="expected an object of options, got list"):
         CFlowConfig.from_dict([1, 2])
+
+
+_DROP = object()
+
+
+def _rewrite(src: Path, dst: Path, meta: dict | None = None, config: dict | None = None,
+             thresholds: dict | None = None, tensors=None) -> Path:
+    """A copy of checkpoint `src` with its header metadata edited: `meta` keys replaced (None: removed),
+    `config` / `thresholds` fields replaced (None: removed), and `tensors(state)` applied to its tensors."""
+    with safe_open(str(src), framework="pt") as f:
+        header, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for key, fields in (("config", config), ("thresholds", thresholds)):
+        if fields is not None:
+            data = json.loads(header[key])
+            data.update(fields)
+            header[key] = json.dumps({k: v for k, v in data.items() if v is not _DROP})
+    for key, value in (meta or {}).items():
+        if value is None:
+            header.pop(key)
+        else:
+            header[key] = value
+    if tensors is not None:
+        tensors(state)
+    save_file(state, str(dst), metadata=header)
+    return dst
+
+
+def _set(name: str, value: float):
+    def edit(state):
+        state[name].view(-1)[0] = value
+    return edit
+
+
+def _swap(state):
+    """The first non-square matrix of the decoders, transposed."""
+    key = next(k for k, v in state.items() if k.startswith("decoders") and v.ndim == 2 and v.shape[0] != v.shape[1])
+    state[key] = state[key].T.contiguous()
+
+
+def _retype(state):
+    state["map_offset"] = state["map_offset"].double()
+
+
+# (fixture, edit, what the one line says)
+BROKEN = {
+    "config not JSON": ("tiny", {"meta": {"config": "{not json"}}, "config is not JSON"),
+    "thresholds not JSON": ("padim", {"meta": {"thresholds": "[1,"}}, "thresholds is not JSON"),
+    "extra not JSON": ("tiny", {"meta": {"extra": "nope"}}, "extra is not JSON"),
+    "extra a list": ("tiny", {"meta": {"extra": "[]"}}, "extra metadata is a list"),
+    "no config": ("tiny", {"meta": {"config": None}}, "no config"),
+    "config a list": ("tiny", {"meta": {"config": "[1, 2]"}}, "expected an object of options"),
+    "pool_layers a string": ("tiny", {"config": {"pool_layers": "3"}}, "pool_layers must be an integer"),
+    "coupling_layers null": ("tiny", {"config": {"coupling_layers": None}}, "coupling_layers must be an integer"),
+    "coupling_layers 100000": ("tiny", {"config": {"coupling_layers": 100000}}, "coupling_layers must be from 1 to 64"),
+    "clamp_alpha NaN": ("tiny", {"config": {"clamp_alpha": float("nan")}}, "clamp_alpha"),
+    "one coupling more": ("tiny", {"config": {"coupling_layers": 3}}, "missing decoders.0.blocks.2"),
+    "unknown thresholds key": ("padim", {"thresholds": {"surprise": 1}}, "unknown key 'surprise'"),
+    "threshold a string": ("padim", {"thresholds": {"image": "0.5"}}, "image must be a finite number"),
+    "threshold missing": ("padim", {"thresholds": {"pixel": _DROP}}, "'pixel' is missing"),
+    "threshold NaN": ("padim", {"thresholds": {"image": float("nan")}}, "image must be a finite number"),
+    "threshold Inf": ("padim", {"thresholds": {"pixel": float("inf")}}, "pixel must be a finite number"),
+    "region NaN": ("padim", {"thresholds": {"region": float("nan")}}, "region must be a finite number"),
+    "calibration scores NaN": ("padim", {"thresholds": {"good_image_scores": [0.1, float("nan")]}},
+                               "good_image_scores must be a list of finite numbers"),
+    "method changed": ("tiny", {"config": {"method": "padim"}}, "do not fit a padim model on mobilenet_v2"),
+    "encoder changed": ("padim", {"config": {"encoder": "resnet18"}}, "do not fit a padim model on resnet18"),
+    "shape swapped": ("tiny", {"tensors": _swap}, "where a cflow model on mobilenet_v2 has F32"),
+    "dtype changed": ("tiny", {"tensors": _retype}, "tensor map_offset is F64"),
+    "NaN weight": ("tiny", {"tensors": _set("decoders.0.blocks.0.in_x.weight", float("nan"))}, "NaN or Inf values in"
+                   " decoders.0.blocks.0.in_x.weight"),
+    "Inf constant": ("padim", {"tensors": _set("train_max_score", float("inf"))}, "NaN or Inf values in train_max_score"),
+}
+
+
+@pytest.fixture
+def checkpoints(tiny_checkpoint, padim_checkpoint):
+    return {"tiny": tiny_checkpoint, "padim": padim_checkpoint}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_an_edited_checkpoint_is_one_line_naming_it_before_anything_is_built(case, checkpoints, tmp_path, monkeypatch):
+    which, edit, needle = BROKEN[case]
+    bad = _rewrite(checkpoints[which], tmp_path / "edited.safetensors", **edit)
+    built = []
+    real = checkpoint.build_model
+
+    def spy(config, pretrained=True):
+        model = real(config, pretrained)
+        built.append(next(model.buffers()).device.type)
+        return model
+
+    monkeypatch.setattr(checkpoint, "build_model", spy)
+    with pytest.raises(CflowInputError) as err:
+        load_checkpoint(bad)
+    msg = str(err.value)
+    assert needle in msg and str(bad) in msg and "\n" not in msg
+    assert set(built) <= {"meta"}  # refused before a model took any memory
+    with pytest.raises(CflowInputError):  # `export` loads the same way
+        api.export(bad, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def _cli(*args: str) -> list[str]:
+    """Run the CLI; its stderr lines (the run must exit 2)."""
+    proc = subprocess.run([sys.executable, "-m", "cflow_ad", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def test_predict_and_serve_refuse_a_broken_model_with_one_line(checkpoints, synthetic_root, tmp_path):
+    huge = _rewrite(checkpoints["tiny"], tmp_path / "huge.safetensors", config={"coupling_layers": 100000})
+    lines = _cli("predict", "--model", str(huge), str(synthetic_root / "synthetic" / "test"), "--output",
+                 str(tmp_path / "out"))
+    assert len(lines) == 1 and "coupling_layers must be from 1 to 64" in lines[0] and str(huge) in lines[0]
+    nan = _rewrite(checkpoints["padim"], tmp_path / "nan.safetensors", thresholds={"image": float("nan")})
+    lines = _cli("serve", "--model", str(nan), "--port", "0", "--device", "cpu")
+    assert len(lines) == 1 and "image must be a finite number" in lines[0] and str(nan) in lines[0]
