@@ -4,18 +4,24 @@ before it costs memory, runs code or scores a single image."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cflow_ad import api, checkpoint
-from cflow_ad.checkpoint import load_checkpoint
+from cflow_ad.checkpoint import load_checkpoint, save_checkpoint
 from cflow_ad.config import CFlowConfig
 from cflow_ad.errors import CflowInputError
+from cflow_ad.export import export_onnx
+from cflow_ad.runtime import OnnxModel
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -158,3 +164,96 @@ def test_predict_and_serve_refuse_a_broken_model_with_one_line(checkpoints, synt
     nan = _rewrite(checkpoints["padim"], tmp_path / "nan.safetensors", thresholds={"image": float("nan")})
     lines = _cli("serve", "--model", str(nan), "--port", "0", "--device", "cpu")
     assert len(lines) == 1 and "image must be a finite number" in lines[0] and str(nan) in lines[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory) -> Path:
+    return api.export(tiny_checkpoint, tmp_path_factory.mktemp("export") / "model.onnx")
+
+
+def _edit_onnx(src: Path, dst: Path, meta: dict | None = None, config: dict | None = None,
+               thresholds: dict | None = None, nan_weight: bool = False) -> Path:
+    """A copy of export `src` with metadata values replaced, config or thresholds fields replaced, or the
+    first floating-point weight set to NaN."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    props = {p.key: p for p in proto.metadata_props}
+    for key, fields in (("cflow_ad_config", config), ("cflow_ad_thresholds", thresholds)):
+        if fields is not None:
+            meta = {**(meta or {}), key: json.dumps({**json.loads(props[key].value if key in props else "{}"), **fields})}
+    for key, value in (meta or {}).items():
+        if key not in props:
+            props[key] = proto.metadata_props.add()
+            props[key].key = key
+        props[key].value = value
+    if nan_weight:
+        t = next(t for t in proto.graph.initializer if numpy_helper.to_array(t).dtype == np.float32)
+        w = numpy_helper.to_array(t).copy()
+        w.flat[0] = np.nan
+        t.CopyFrom(numpy_helper.from_array(w, t.name))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"config": {"coupling_layers": 100000}}, "coupling_layers must be from 1 to 64"),
+    ({"config": {"image_size": [64, 64]}}, "its graph takes [3, 128, 128] images"),
+    ({"meta": {"cflow_ad_config": "[1]"}}, "expected an object of options"),
+    ({"meta": {"cflow_ad_train_max_score": "nan"}}, "cflow_ad_train_max_score"),
+    ({"meta": {"cflow_ad_config": "{"}}, "Expecting property name"),
+    ({"thresholds": {"image": float("nan"), "pixel": 1.0, "source": "x"}}, "image must be a finite number"),
+    ({"thresholds": {"image": 1.0, "pixel": "high", "source": "x"}}, "pixel must be a finite number"),
+    ({"nan_weight": True}, "NaN or Inf values in"),
+])
+def test_an_edited_onnx_export_is_one_line_naming_it(exported, tmp_path, edit, needle):
+    bad = _edit_onnx(exported, tmp_path / "edited.onnx", **edit)
+    with pytest.raises(CflowInputError) as err:
+        OnnxModel(bad)
+    msg = str(err.value)
+    assert needle in msg and str(bad) in msg and "\n" not in msg
+
+
+def test_the_lean_service_refuses_a_nan_threshold_export(exported, tmp_path):
+    nan = _edit_onnx(exported, tmp_path / "nan.onnx", thresholds={"image": float("nan"), "pixel": 1.0, "source": "x"})
+    lines = _cli("serve", "--model", str(nan), "--port", "0")
+    assert len(lines) == 1 and "image must be a finite number" in lines[0] and str(nan) in lines[0]
+
+
+def _poisoned(path: Path) -> torch.nn.Module:
+    """The model in `path` with one encoder weight NaN: every image it scores gets a NaN score."""
+    model = load_checkpoint(path)
+    with torch.no_grad():
+        next(model.encoder.parameters()).view(-1)[0] = float("nan")
+    return model
+
+
+def test_export_refuses_a_model_with_nan_weights(tiny_checkpoint, tmp_path):
+    with pytest.raises(CflowInputError, match="refusing to export a model with NaN or Inf values in encoder"):
+        export_onnx(_poisoned(tiny_checkpoint), tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_files_get_the_usual_file_mode(tiny_checkpoint, tmp_path):
+    old = os.umask(0o022)
+    try:
+        model = load_checkpoint(tiny_checkpoint)
+        written = [save_checkpoint(model, tmp_path / "model.safetensors"), export_onnx(model, tmp_path / "model.onnx")]
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [0o644, 0o644]
+
+
+def test_export_replaces_a_model_only_once_it_is_whole(tiny_checkpoint, exported, tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(exported.read_bytes())
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed while writing the metadata")
+
+    monkeypatch.setattr(pytest.importorskip("onnx"), "save", killed)  # the step that writes the metadata
+    with pytest.raises(KeyboardInterrupt):
+        api.export(tiny_checkpoint, path)
+    assert path.read_bytes() == exported.read_bytes()  # the working model is still whole, metadata and all
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # and no temporary file is left
