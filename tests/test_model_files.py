@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from cflow_ad import api, checkpoint
 from cflow_ad.checkpoint import load_checkpoint, save_checkpoint
+from cflow_ad.cli import main
 from cflow_ad.config import CFlowConfig
 from cflow_ad.errors import CflowInputError
 from cflow_ad.export import export_onnx
@@ -257,3 +258,22 @@ def test_export_replaces_a_model_only_once_it_is_whole(tiny_checkpoint, exported
         api.export(tiny_checkpoint, path)
     assert path.read_bytes() == exported.read_bytes()  # the working model is still whole, metadata and all
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # and no temporary file is left
+
+
+def test_a_non_finite_score_is_an_error_for_its_image_never_ok(padim_checkpoint, synthetic_root, tmp_path):
+    folder = synthetic_root / "synthetic" / "test" / "good"
+    rows = api.predict(_poisoned(padim_checkpoint), [folder], tmp_path / "out", progress=False, warn=lambda m: None)
+    assert rows and all(r["label"] is None and "non-finite score" in r["error"] for r in rows)
+    summary = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert summary["scored"] == 0 and summary["skipped"] == len(rows)
+
+
+@pytest.mark.parametrize("flag", ["--image-threshold", "--pixel-threshold"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_threshold_flags_are_refused(flag, value, padim_checkpoint, synthetic_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["predict", "--model", str(padim_checkpoint), str(synthetic_root / "synthetic" / "test" / "good"),
+              "--output", str(tmp_path / "out"), f"{flag}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and "\n" not in err and f"{flag} must be a finite number" in err
+    assert not (tmp_path / "out" / "predictions.csv").exists()

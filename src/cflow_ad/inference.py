@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -86,6 +87,10 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
 def resolve_thresholds(stored: Thresholds | None, target_fpr: float | None = None, image: float | None = None,
                        pixel: float | None = None) -> Thresholds | None:
     """The model's thresholds, moved to another false-positive rate and/or overridden by hand."""
+    for flag, value in (("--image-threshold", image), ("--pixel-threshold", pixel)):
+        if value is not None and not math.isfinite(value):  # NaN: no score is above it, so every image is ok
+            raise CflowInputError(f"{flag} must be a finite number, not {value}: give the score above which an"
+                                  " image or pixel is a defect")
     if stored is None:
         if image is None or pixel is None:
             if target_fpr is not None or image is not None or pixel is not None:
@@ -179,29 +184,35 @@ class Inspector:
         area, at least one defect region is that large. A defect region is a connected part of the map over
         the region threshold, which good images rarely reach anywhere; an `ok` image has none
         (`all_regions`: every part of the map over the pixel threshold on every image, faint ones included)."""
-        out = []
-        for amap, score, image in zip(maps, np.asarray(scores).tolist(), originals):
-            image = np.asarray(image)
-            h, w = image.shape[-2:]
-            big = resize_bilinear(amap, (h, w))
-            label = reason = mask = found = normal = None
-            if thresholds is not None:
-                normal = thresholds.normalized(score)
-                label = "defect" if score > thresholds.image else "ok"
-                reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
-                if self.all_regions:
-                    mask, found = defect_regions(big, thresholds.pixel, self.min_defect_area)
-                elif label == "ok":
-                    mask, found = np.zeros((h, w), dtype=bool), []
+        return [self.verdict(amap, score, image, thresholds)
+                for amap, score, image in zip(maps, np.asarray(scores).tolist(), originals)]
+
+    def verdict(self, amap: np.ndarray, score: float, image, thresholds: Thresholds | None) -> Verdict:
+        """One image's verdict (see `verdicts`). A score that is not finite is an error for that image, never
+        `ok`: NaN is above no threshold, so a broken model would pass everything."""
+        if not math.isfinite(score):
+            raise CflowInputError(f"the model produced a non-finite score ({score}) for this image: the model file"
+                                  " is broken; train or export it again")
+        image = np.asarray(image)
+        h, w = image.shape[-2:]
+        big = resize_bilinear(amap, (h, w))
+        label = reason = mask = found = normal = None
+        if thresholds is not None:
+            normal = thresholds.normalized(score)
+            label = "defect" if score > thresholds.image else "ok"
+            reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
+            if self.all_regions:
+                mask, found = defect_regions(big, thresholds.pixel, self.min_defect_area)
+            elif label == "ok":
+                mask, found = np.zeros((h, w), dtype=bool), []
+            else:
+                mask, found = defect_regions(big, thresholds.region_threshold, self.min_defect_area)
+            if label == "defect" and not found:
+                if self.min_defect_area:
+                    label, reason = "ok", reason + f", but no defect region of {self.min_defect_area} px or more"
                 else:
-                    mask, found = defect_regions(big, thresholds.region_threshold, self.min_defect_area)
-                if label == "defect" and not found:
-                    if self.min_defect_area:
-                        label, reason = "ok", reason + f", but no defect region of {self.min_defect_area} px or more"
-                    else:
-                        reason += ", but no part of the map reaches the region threshold"
-            out.append(Verdict(normal, float(score), label, reason, int(w), int(h), big, image, mask, found))
-        return out
+                    reason += ", but no part of the map reaches the region threshold"
+        return Verdict(normal, float(score), label, reason, int(w), int(h), big, image, mask, found)
 
     def heat(self, v: Verdict) -> np.ndarray:
         return heat_rgb(v.amap, self.heat_scale)
@@ -289,7 +300,12 @@ class Predictions:
 
     def add(self, paths: Sequence[Path], originals: list, maps: np.ndarray, scores: np.ndarray) -> None:
         inspector, out = self.inspector, self.out
-        for p, v in zip(paths, inspector.verdicts(maps, scores, originals, self.thresholds)):
+        for p, amap, score, image in zip(paths, maps, np.asarray(scores).tolist(), originals):
+            try:
+                v = inspector.verdict(amap, score, image, self.thresholds)
+            except CflowInputError as exc:  # this image's error (a non-finite score); the others go on
+                self.skipped(Path(p), exc)
+                continue
             stem = _unique_stem(Path(p), self.used)
             row = {"path": str(p), **inspector.describe(v), "error": ""}
             if self.thresholds is None:
