@@ -23,6 +23,7 @@ from cflow_ad.config import CFlowConfig
 from cflow_ad.errors import CflowInputError
 from cflow_ad.export import export_onnx
 from cflow_ad.runtime import OnnxModel
+from cflow_ad.training import load_state
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -277,3 +278,18 @@ def test_non_finite_threshold_flags_are_refused(flag, value, padim_checkpoint, s
     err = capsys.readouterr().err.strip()
     assert code.value.code == 2 and "\n" not in err and f"{flag} must be a finite number" in err
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", "list", "no config"])
+def test_a_damaged_training_state_says_to_delete_it_or_start_over(content, tmp_path):
+    path = tmp_path / "training_state.pt"
+    if content == "list":
+        torch.save([1, 2, 3], path)
+    elif content == "no config":
+        torch.save({"epoch": 1}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CflowInputError) as err:
+        load_state(path, CFlowConfig())
+    msg = str(err.value)
+    assert str(path) in msg and "delete it" in msg and "without --resume" in msg and "\n" not in msg
