@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,15 +88,73 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path):
         E.load_backbone("resnet18", bad)
 
 
-def test_offline_without_weights_names_the_file_to_provide(monkeypatch):
-    def no_network(self, *a, **k):
+def test_offline_without_weights_names_the_file_to_provide(monkeypatch, tmp_path):
+    def no_network(*a, **k):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(CflowInputError) as err:
         E.load_backbone("wide_resnet50_2")
     msg = str(err.value)
     assert "wide_resnet50_2-95faca4d.pth" in msg and "--weights" in msg and "\n" not in msg
+
+
+def _hub_cache_file(name: str, torch_home) -> Path:
+    """Where torchvision's weights entry for `name` is cached under TORCH_HOME `torch_home`."""
+    return torch_home / "hub" / "checkpoints" / E.torchvision_weights(name).url.rsplit("/", 1)[-1]
+
+
+class _RunsCode:
+    """Unpickling this creates the file `marker`: what a planted weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_planted_pickle_in_the_hub_cache_runs_nothing(monkeypatch, tmp_path):
+    cached = _hub_cache_file("resnet18", tmp_path / "home")
+    assert cached.name == "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"fc.weight": _RunsCode(marker)}, cached)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", pytest.fail)  # the cached file is used
+    with pytest.raises(CflowInputError) as err:
+        E.build_encoder("resnet18", (8, 16))
+    assert not marker.exists()
+    msg = str(err.value)
+    assert str(cached) in msg and "delete it" in msg and "\n" not in msg
+    torch.load(cached, weights_only=False)  # the file is live: an unpickling loader would have run it
+    assert marker.exists()
+
+
+def test_torchvision_weights_download_to_the_hub_cache_with_their_hash(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    E.load_backbone("resnet18")
+    E.load_backbone("resnet18")  # from the cache: no second download
+    assert calls == [(E.torchvision_weights("resnet18").url, "f37072fd")]
+    assert _hub_cache_file("resnet18", tmp_path).is_file()
+
+
+def test_weights_that_do_not_fit_name_where_they_came_from(monkeypatch, tmp_path):
+    path = tmp_path / "mobilenet_v2-b0353104.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    monkeypatch.setattr(E, "packaged_weights_path", lambda name: path)
+    with pytest.raises(CflowInputError) as err:
+        E.load_backbone("mobilenet_v2")
+    msg = str(err.value)
+    assert f"package file '{path}'" in msg and "None" not in msg and "--weights" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("name", LITE)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import CflowInputError
+
 ENCODERS = (
     "mobilenet_v2", "resnet18", "wide_resnet50_2", "mobilenet_v3_large",
     "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
@@ -23,6 +25,23 @@ PERMUTATIONS = ("soft", "hard")
 WHITENINGS = ("location", "none")
 SHRINKAGES = ("ledoit-wolf", "ridge")
 METHODS = ("cflow", "padim", "spade", "patchcore")
+
+# Inclusive ranges of the numeric fields, wide enough for any real use: a model file that asks for more
+# (an edited checkpoint with coupling_layers 100000 would take ~135 GB to build) is refused before it costs
+# anything. Every float is finite, and image_size sides are 32 to MAX_SIDE.
+MAX_SIDE = 8192
+RANGES: dict[str, tuple[float, float]] = {
+    "pool_layers": (1, 4), "tile": (0, MAX_SIDE), "tile_overlap": (0, MAX_SIDE), "border_pad": (0, MAX_SIDE),
+    "coupling_layers": (1, 64), "condition_dim": (4, 1024), "clamp_alpha": (0.0, 100.0), "whitening_eps": (0.0, 1e6),
+    "padim_channels": (1, 8192), "knn_images": (1, 100_000), "blur_sigma": (0.0, 64.0), "epochs": (1, 100_000),
+    "sub_epochs": (1, 10_000), "min_steps": (0, 10_000_000), "batch_size": (1, 1024), "fiber_batch": (1, 1 << 24),
+    "lr": (0.0, 10.0), "warmup_epochs": (0.0, 100_000.0), "rotation": (0.0, 180.0), "memory_mb": (0, 1 << 24),
+    "seed": (0, 2**32 - 1),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -148,30 +167,38 @@ class CFlowConfig:
     )
 
     def __post_init__(self) -> None:
-        from .errors import CflowInputError
-
         def bad(msg: str) -> None:
             raise CflowInputError(f"invalid config: {msg}")
 
         size = self.image_size
-        size = [size] if isinstance(size, int) and not isinstance(size, bool) else size
-        if (not isinstance(size, (list, tuple)) or len(size) not in (1, 2)
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        size = [size] if _is_int(size) else size
+        if not isinstance(size, (list, tuple)) or len(size) not in (1, 2) or not all(map(_is_int, size)):
             bad(f"image_size must be one int or a (height, width) pair, got {self.image_size!r}")
         self.image_size = (int(size[0]), int(size[-1]))  # checkpoints before (H, W) stored one int
+        for f in dataclasses.fields(self):  # types first: a model file's JSON may hold anything
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind == "int" and not _is_int(value):
+                bad(f"{f.name} must be an integer, got {value!r}")
+            if kind == "float" and not (_is_int(value) or isinstance(value, float)):
+                bad(f"{f.name} must be a number, got {value!r}")
+            if kind == "bool" and not isinstance(value, bool):
+                bad(f"{f.name} must be true or false, got {value!r}")
+            if kind.startswith("str") and not (isinstance(value, str) or value is None and "None" in kind):
+                bad(f"{f.name} must be a string, got {value!r}")
+        for name, (lo, hi) in RANGES.items():
+            if not lo <= getattr(self, name) <= hi:  # NaN too
+                bad(f"{name} must be from {lo} to {hi}, got {getattr(self, name)}")
 
         if self.encoder not in ENCODERS:
             bad(f"encoder '{self.encoder}' is not one of {', '.join(ENCODERS)}")
-        if not 1 <= self.pool_layers <= 4:
-            bad(f"pool_layers must be 1-4, got {self.pool_layers}")
         if self.last_stride not in (8, 16, 32) or self.last_stride >> (self.pool_layers - 1) < 4:
             bad(f"last_stride {self.last_stride} with {self.pool_layers} pool layers needs taps at strides >= 4")
-        if self.border_pad < 0 or self.border_pad % self.last_stride or self.border_pad >= min(self.image_size):
+        if self.border_pad % self.last_stride or self.border_pad >= min(self.image_size):
             bad(f"border_pad must be a multiple of last_stride below image_size, got {self.border_pad}")
-        if self.condition_dim <= 0 or self.condition_dim % 4:
+        if self.condition_dim % 4:
             bad(f"condition_dim must be a positive multiple of 4, got {self.condition_dim}")
-        if min(self.image_size) < 32 or any(v % 32 for v in self.image_size):
-            bad(f"image_size must be multiples of 32 and >= 32, got {self.size_text}")
+        if not 32 <= min(self.image_size) <= max(self.image_size) <= MAX_SIDE or any(v % 32 for v in self.image_size):
+            bad(f"image_size must be multiples of 32 from 32 to {MAX_SIDE}, got {self.size_text}")
         if self.tile:
             if self.tile < 32 or self.tile % 32 or self.tile > min(self.image_size):
                 bad(f"tile must be a multiple of 32 from 32 to the image size {self.size_text}, got {self.tile}")
@@ -183,24 +210,14 @@ class CFlowConfig:
                               ("image_score", IMAGE_SCORES)):
             if getattr(self, name) not in choices:
                 bad(f"{name} '{getattr(self, name)}' is not one of {', '.join(choices)}")
-        if self.min_steps < 0:
-            bad(f"min_steps must be >= 0, got {self.min_steps}")
-        if self.coupling_layers < 1 or self.epochs < 1 or self.sub_epochs < 1 or self.batch_size < 1 or self.fiber_batch < 1:
-            bad("coupling_layers, epochs, sub_epochs, batch_size and fiber_batch must be >= 1")
-        if self.padim_channels < 1 or self.knn_images < 1 or self.blur_sigma < 0:
-            bad("padim_channels and knn_images must be >= 1 and blur_sigma >= 0")
         if not 0.0 < self.coreset_ratio <= 1.0:
             bad(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.whitening_eps < 0:
-            bad(f"whitening_eps must be >= 0, got {self.whitening_eps}")
         if not 0.0 <= self.val_fraction < 1.0 or not 0.0 <= self.calibration_fraction < 1.0:
             bad(f"val_fraction and calibration_fraction must be in [0, 1), got {self.val_fraction}, {self.calibration_fraction}")
         if self.val_fraction + self.calibration_fraction >= 0.9:
             bad("val_fraction + calibration_fraction must leave at least 10% of the images to train on")
         if self.image_score == "location" and self.keep_aspect:
             bad("image_score location would count the padding of keep_aspect: pass --image-score map (or auto)")
-        if self.memory_mb < 0:
-            bad(f"memory_mb must be >= 0, got {self.memory_mb}")
         if not 0.0 < self.target_fpr < 1.0:
             bad(f"target_fpr must be in (0, 1), got {self.target_fpr}")
 
@@ -225,6 +242,8 @@ class CFlowConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CFlowConfig":
+        if not isinstance(data, dict):
+            raise CflowInputError(f"invalid config: expected an object of options, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         data = {"image_score": "map", **data}  # checkpoints from before the option scored by the map's maximum
         if data.get("method", "cflow") == "cflow" and "min_steps" not in data:

@@ -100,15 +100,15 @@ def packaged_weights_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, fix: str = "give a torch state-dict .pth file") -> dict[str, torch.Tensor]:
+    """The state dict in a .pth file, read with `weights_only=True`: tensors and plain containers, never
+    code, whoever wrote the file (a user's --weights, a package, the torch hub cache)."""
     if not path.is_file():
         raise CflowInputError(f"weights file '{path}' does not exist: check the --weights path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise CflowInputError(
-            f"cannot read weights file '{path}' ({type(exc).__name__}): give a torch state-dict .pth file"
-        ) from None
+        raise CflowInputError(f"cannot read weights file '{path}' ({type(exc).__name__}): {fix}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -120,39 +120,47 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def resolve_state_dict(name: str, weights: str | Path | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """The ImageNet state dict for `name` and a short note of where it came from."""
     if weights is not None:
-        return _read_state_dict(Path(weights)), str(weights)
+        return _read_state_dict(Path(weights)), f"'{weights}'"
     packaged = packaged_weights_path(name)
     if packaged is not None:
-        return _read_state_dict(packaged), f"package file {packaged}"
+        return _read_state_dict(packaged), f"package file '{packaged}'"
     if name not in _WEIGHTS_ENUMS:  # no torchvision download to fall back on
         raise CflowInputError(
             f"no ImageNet weights for '{name}': run '{PACKAGED_INSTALL_HINT[name]}' or pass --weights FILE.pth"
         )
     entry = torchvision_weights(name)
-    try:
-        return entry.get_state_dict(progress=False, check_hash=True), f"torchvision {entry}"
-    except Exception as exc:
-        filename = entry.url.rsplit("/", 1)[-1]
-        hint = PACKAGED_INSTALL_HINT.get(name)
-        alt = f" or run '{hint}'" if hint else ""
-        hub = Path(torch.hub.get_dir()) / "checkpoints"
-        raise CflowInputError(
-            f"no ImageNet weights for '{name}' offline ({type(exc).__name__}): download {entry.url} "
-            f"and pass --weights {filename}, or put it in {hub}{alt}"
-        ) from None
+    filename = entry.url.rsplit("/", 1)[-1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename  # where torchvision keeps it
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # checked against the hash in the name, as torchvision does, and renamed into place only then
+            match = torch.hub.HASH_REGEX.search(filename)
+            torch.hub.download_url_to_file(entry.url, str(cached), match.group(1) if match else None, progress=False)
+        except Exception as exc:
+            hint = PACKAGED_INSTALL_HINT.get(name)
+            alt = f" or run '{hint}'" if hint else ""
+            raise CflowInputError(
+                f"no ImageNet weights for '{name}': downloading {entry.url} failed ({type(exc).__name__}); download"
+                f" it yourself and pass --weights {filename}, or put it in {cached.parent}{alt}"
+            ) from None
+    # read here rather than by torchvision's loader, which unpickles the cached file with weights_only=False
+    fix = f"delete it to download it again, or pass --weights {filename}"
+    return _read_state_dict(cached, fix), f"the torch hub cache file '{cached}'"
 
 
 def load_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
     """The full classifier with pretrained weights loaded strictly."""
     if name not in TAPS:
         raise CflowInputError(f"unknown encoder '{name}': choose one of {', '.join(TAPS)}")
-    state, _ = resolve_state_dict(name, weights)
+    state, source = resolve_state_dict(name, weights)
     model = architecture(name)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise CflowInputError(f"weights '{weights}' do not fit encoder '{name}': {first}") from None
+        raise CflowInputError(f"the weights in {source} do not fit encoder '{name}' ({first}): pass the ImageNet"
+                              f" weights of {name} with --weights") from None
     return model.eval()
 
 

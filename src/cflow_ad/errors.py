@@ -15,3 +15,8 @@ class ImageTooLargeError(CflowInputError):
 
 class ImageFormatError(CflowInputError):
     """An image in a format the service does not take, known by its content: 415 like a wrong content type."""
+
+
+class BrokenModelError(CflowInputError):
+    """The model, not the image, is at fault (a non-finite score): a batch skips the image, a service answers
+    500, since a client cannot fix it by sending another image."""

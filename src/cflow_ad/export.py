@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write, non_finite
 from .config import QUANTIZE
 from .errors import CflowInputError
 from .model import CFlowModel
@@ -53,22 +54,30 @@ def export_onnx(model: CFlowModel, path: str | Path, quantize: str | None = None
         raise CflowInputError(f"unknown --quantize '{quantize}': choose {', '.join(QUANTIZE)}")
     if quantize and not model.quantizable:
         raise CflowInputError(f"{type(model).__name__} has no int8 form: --quantize applies to CFLOW-AD models")
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise CflowInputError(f"refusing to export a model with NaN or Inf values in {', '.join(bad[:3])}: it would"
+                              " score every image NaN; train it again")
     model = model.eval()
     products = model.int8_products() if quantize else None  # before the trace: a missing range fails fast
-    path = trace_onnx(model, model.image_size, path, ["anomaly_map", "score"])
-    proto = onnx.load(str(path))
-    if products is not None:
-        from .quantize import quantize_products
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:  # a file without its metadata (a kill mid-way) never replaces a model
+        trace_onnx(model, model.image_size, tmp, ["anomaly_map", "score"])
+        proto = onnx.load(str(tmp))
+        if products is not None:
+            from .quantize import quantize_products
 
-        quantize_products(proto, [(w.cpu().numpy(), lo, hi) for w, lo, hi in products])
-    props = [("cflow_ad_config", model.config.to_json()), ("cflow_ad_train_max_score", repr(float(model.train_max_score))),
-             ("cflow_ad_map_max_score", json.dumps(bool(model.map_max_score))), ("cflow_ad_quantize", quantize or "none")]
-    if model.thresholds is not None:
-        props.append(("cflow_ad_thresholds", json.dumps(model.thresholds.to_dict())))
-    for key, value in props:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+            quantize_products(proto, [(w.cpu().numpy(), lo, hi) for w, lo, hi in products])
+        props = [("cflow_ad_config", model.config.to_json()),
+                 ("cflow_ad_train_max_score", repr(float(model.train_max_score))),
+                 ("cflow_ad_map_max_score", json.dumps(bool(model.map_max_score))), ("cflow_ad_quantize", quantize or "none")]
+        if model.thresholds is not None:
+            props.append(("cflow_ad_thresholds", json.dumps(model.thresholds.to_dict())))
+        for key, value in props:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
     return path
 
 

@@ -32,8 +32,7 @@ def random_rotation(dim: int, generator: torch.Generator) -> torch.Tensor:
     """A random matrix from SO(dim) (Haar measure, via QR with sign correction)."""
     q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r))
-    if torch.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
+    q[:, 0] *= torch.linalg.det(q).sign()  # no branch on a value: a model builds on the meta device too
     return q.float()
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import CflowInputError
+from .errors import BrokenModelError, CflowInputError
 from .geometry import InputFrame, resize_bilinear, restore
 from .outputs import NAMES, OutputFolder, to_json
 from .regions import defect_regions
@@ -88,6 +88,10 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
 def resolve_thresholds(stored: Thresholds | None, target_fpr: float | None = None, image: float | None = None,
                        pixel: float | None = None) -> Thresholds | None:
     """The model's thresholds, moved to another false-positive rate and/or overridden by hand."""
+    for flag, value in (("--image-threshold", image), ("--pixel-threshold", pixel)):
+        if value is not None and not math.isfinite(value):  # NaN: no score is above it, so every image is ok
+            raise CflowInputError(f"{flag} must be a finite number, not {value}: give the score above which an"
+                                  " image or pixel is a defect")
     if stored is None:
         if image is None or pixel is None:
             if target_fpr is not None or image is not None or pixel is not None:
@@ -197,31 +201,40 @@ class Inspector:
         (`all_regions`: every part of the map over the pixel threshold on every image, faint ones included).
         `sizes`: the images' (height, width) where `originals` are shrunk copies: the map is drawn at the copy's
         size, and regions and areas are scaled to the image's pixels."""
-        out = []
         sizes = sizes or [np.shape(o)[-2:] for o in originals]
-        for amap, score, image, (h0, w0) in zip(maps, np.asarray(scores).tolist(), originals, sizes):
-            image = np.asarray(image)
-            h, w = image.shape[-2:]
-            big = resize_bilinear(amap, (h, w))
-            scale = (h0 / h, w0 / w)
-            label = reason = mask = found = normal = None
-            if thresholds is not None:
-                normal = thresholds.normalized(score)
-                label = "defect" if score > thresholds.image else "ok"
-                reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
-                if self.all_regions:
-                    mask, found = defect_regions(big, thresholds.pixel, self.min_defect_area, scale)
-                elif label == "ok":
-                    mask, found = np.zeros((h, w), dtype=bool), []
+        return [self.verdict(amap, score, image, thresholds, size)
+                for amap, score, image, size in zip(maps, np.asarray(scores).tolist(), originals, sizes)]
+
+    def verdict(self, amap: np.ndarray, score: float, image, thresholds: Thresholds | None,
+                size: tuple | None = None) -> Verdict:
+        """One image's verdict (see `verdicts`; `size`: its (height, width) when `image` is a shrunk copy).
+        A score that is not finite is an error for that image, never `ok`: NaN is above no threshold, so a
+        broken model would pass everything."""
+        if not math.isfinite(score):
+            raise BrokenModelError(f"the model produced a non-finite score ({score}) for this image: the model file"
+                                  " is broken; train or export it again")
+        image = np.asarray(image)
+        h, w = image.shape[-2:]
+        h0, w0 = size or (h, w)
+        big = resize_bilinear(amap, (h, w))
+        scale = (h0 / h, w0 / w)
+        label = reason = mask = found = normal = None
+        if thresholds is not None:
+            normal = thresholds.normalized(score)
+            label = "defect" if score > thresholds.image else "ok"
+            reason = f"score {'above' if label == 'defect' else 'not above'} the image threshold"
+            if self.all_regions:
+                mask, found = defect_regions(big, thresholds.pixel, self.min_defect_area, scale)
+            elif label == "ok":
+                mask, found = np.zeros((h, w), dtype=bool), []
+            else:
+                mask, found = defect_regions(big, thresholds.region_threshold, self.min_defect_area, scale)
+            if label == "defect" and not found:
+                if self.min_defect_area:
+                    label, reason = "ok", reason + f", but no defect region of {self.min_defect_area} px or more"
                 else:
-                    mask, found = defect_regions(big, thresholds.region_threshold, self.min_defect_area, scale)
-                if label == "defect" and not found:
-                    if self.min_defect_area:
-                        label, reason = "ok", reason + f", but no defect region of {self.min_defect_area} px or more"
-                    else:
-                        reason += ", but no part of the map reaches the region threshold"
-            out.append(Verdict(normal, float(score), label, reason, int(w0), int(h0), big, image, mask, found))
-        return out
+                    reason += ", but no part of the map reaches the region threshold"
+        return Verdict(normal, float(score), label, reason, int(w0), int(h0), big, image, mask, found)
 
     def heat(self, v: Verdict) -> np.ndarray:
         return heat_rgb(v.amap, self.heat_scale)
@@ -342,7 +355,12 @@ class Predictions:
 
     def add(self, paths: Sequence[Path], originals: list, maps: np.ndarray, scores: np.ndarray) -> None:
         inspector = self.inspector
-        for p, v in zip(paths, inspector.verdicts(maps, scores, originals, self.thresholds)):
+        for p, amap, score, image in zip(paths, maps, np.asarray(scores).tolist(), originals):
+            try:
+                v = inspector.verdict(amap, score, image, self.thresholds)
+            except CflowInputError as exc:  # this image's error (a non-finite score); the others go on
+                self.skipped(Path(p), exc)
+                continue
             stem = _unique_stem(Path(p), self.used)
             row = {"path": str(p), **inspector.describe(v), "error": ""}
             if self.thresholds is None:

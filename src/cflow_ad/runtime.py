@@ -7,6 +7,7 @@ scoring runtime that a serving box installs without torch (README, "Lean runtime
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,25 @@ def session_options(threads: int | None = None):
     return options
 
 
+def non_finite_weights(path: Path) -> list[str]:
+    """The names of the graph's floating-point weights that hold NaN or Inf, read with the onnx package; the
+    lean runtime has none, and there a non-finite score is still an error per image (`Inspector.verdict`)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return []
+    graph = onnx.load(str(path)).graph
+    weights = [(t.name, t) for t in graph.initializer]
+    weights += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    bad = []
+    for name, tensor in weights:
+        w = numpy_helper.to_array(tensor)
+        if np.issubdtype(w.dtype, np.floating) and not np.isfinite(w).all():
+            bad.append(name)
+    return bad
+
+
 class OnnxModel:
     """An exported model in onnxruntime, called like `CFlowModel` but on numpy arrays: images
     [B, 3, H, W] -> (maps [B, H, W], scores [B]). Batches run in chunks of `chunk` images (see CHUNK)
@@ -50,9 +70,28 @@ class OnnxModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         if "cflow_ad_config" not in meta:
             raise CflowInputError(f"'{path}' was not written by 'cflow-ad export': it has no cflow-ad config")
+        try:
+            self._read_metadata(meta)
+        except (CflowInputError, ValueError) as exc:  # json's and float()'s errors are ValueErrors
+            raise CflowInputError(f"'{path}' is not a valid cflow-ad export ({str(exc).splitlines()[0]}): export the"
+                                  " model again with 'cflow-ad export'") from None
+        bad = non_finite_weights(path)
+        if bad:
+            raise CflowInputError(f"'{path}' holds NaN or Inf values in {', '.join(bad[:3])}: the model file is broken;"
+                                  " export it again from a good checkpoint")
+        self.quantize = meta.get("cflow_ad_quantize", "none")  # "int8": decoder products in int8 (quantize.py)
+        # GPU batches run whole; the CPU's in chunks (see CHUNK)
+        self.provider = self.session.get_providers()[0]
+        self.chunk = chunk if self.provider == "CPUExecutionProvider" else 1 << 30
+
+    def _read_metadata(self, meta: dict[str, str]) -> None:
+        """Config, score constants and thresholds from the export's metadata, each checked, and the graph's
+        input against the config; with the onnx package (installed with PyTorch) every weight finite."""
         self.config = CFlowConfig.from_dict(json.loads(meta["cflow_ad_config"]))
         self.image_size = self.config.image_size
-        self.train_max_score = float(meta["cflow_ad_train_max_score"])
+        self.train_max_score = float(meta.get("cflow_ad_train_max_score", "nan"))
+        if not math.isfinite(self.train_max_score):
+            raise ValueError("its cflow_ad_train_max_score is missing or not a finite number")
         stored = meta.get("cflow_ad_map_max_score")
         if stored is None:  # an export from before the key: its class's declaration (needs PyTorch)
             from .model import METHOD_CLASSES
@@ -60,12 +99,11 @@ class OnnxModel:
             self.map_max_score = METHOD_CLASSES[self.config.method].map_max_score
         else:
             self.map_max_score = bool(json.loads(stored))
-        self.quantize = meta.get("cflow_ad_quantize", "none")  # "int8": decoder products in int8 (quantize.py)
         thresholds = meta.get("cflow_ad_thresholds")
         self.thresholds = Thresholds.from_dict(json.loads(thresholds)) if thresholds else None
-        # GPU batches run whole; the CPU's in chunks (see CHUNK)
-        self.provider = self.session.get_providers()[0]
-        self.chunk = chunk if self.provider == "CPUExecutionProvider" else 1 << 30
+        takes = list(self.session.get_inputs()[0].shape[1:])
+        if takes != [3, *self.image_size]:
+            raise ValueError(f"its graph takes {takes} images, its config says {[3, *self.image_size]}")
 
     def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(np.asarray(images), dtype=np.float32)

@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 
 from . import __version__
 from .device import available_cores
-from .errors import CflowInputError, ImageFormatError, ImageTooLargeError
+from .errors import BrokenModelError, CflowInputError, ImageFormatError, ImageTooLargeError
 from .images import UPLOAD_FORMATS, read_scaled
 from .inference import Inspector, is_onnx_file
 from .thresholds import ScoreScale
@@ -243,7 +243,8 @@ def create_app(inspector: Inspector, limits: Limits | None = None) -> Admission:
             try:
                 result, png = await run_in_threadpool(infer, *got, output)
             except CflowInputError as exc:
-                status = 413 if isinstance(exc, ImageTooLargeError) else 415 if isinstance(exc, ImageFormatError) else 400
+                status = (413 if isinstance(exc, ImageTooLargeError) else 415 if isinstance(exc, ImageFormatError)
+                          else 500 if isinstance(exc, BrokenModelError) else 400)
                 return _error(status, str(exc))
         stats["requests"] += 1
         if png is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -250,4 +250,40 @@ class Thresholds:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Thresholds":
+        """Thresholds as `to_dict` wrote them, checked field by field: a model file's JSON may hold anything,
+        and a NaN threshold would label every image ok."""
+        def bad(msg: str) -> None:
+            raise CflowInputError(f"invalid thresholds: {msg}")
+
+        if not isinstance(d, dict):
+            bad(f"expected an object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                bad(f"unknown key {key!r}")
+        for key in ("image", "pixel", "source"):
+            if key not in d:
+                bad(f"'{key}' is missing")
+        for key in ("image", "pixel", "region", "target_fpr"):
+            value = d.get(key)
+            if not (_finite(value) or value is None and key in ("region", "target_fpr")):
+                bad(f"{key} must be a finite number, got {value!r}")
+        if d.get("target_fpr") is not None and not 0.0 < d["target_fpr"] < 1.0:
+            bad(f"target_fpr must be between 0 and 1, got {d['target_fpr']}")
+        if not isinstance(d["source"], str):
+            bad(f"source must be a string, got {d['source']!r}")
+        count = d.get("calibration_images", 0)
+        if not (_finite(count) and count == int(count) >= 0):
+            bad(f"calibration_images must be a count, got {count!r}")
+        for key in ("good_image_scores", "pixel_fpr_thresholds", "good_map_maxima"):
+            values = d.get(key, [])
+            if not isinstance(values, list) or not all(map(_finite, values)):
+                bad(f"{key} must be a list of finite numbers")
+        if len(d.get("pixel_fpr_thresholds", [])) not in (0, len(PIXEL_FPR_GRID)):
+            bad(f"pixel_fpr_thresholds must hold {len(PIXEL_FPR_GRID)} values, one per rate of the grid")
         return cls(**d)
+
+
+def _finite(value) -> bool:
+    """A finite int or float (not a bool, a string or None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -318,8 +318,12 @@ def load_state(path: Path, config: CFlowConfig) -> dict:
     """The training state saved in `path`, if it was saved with the same options as `config`; the
     memory budget may differ (a run stopped for lack of memory can resume with a smaller one), and
     so may the device: tensors load on the CPU and move to wherever the run computes."""
-    state = torch.load(path, weights_only=True, map_location="cpu")  # tensors and plain containers only
-    saved = CFlowConfig.from_dict(json.loads(state.get("config", "{}"))).replace(memory_mb=config.memory_mb)
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")  # tensors and plain containers only
+        saved = CFlowConfig.from_dict(json.loads(state["config"])).replace(memory_mb=config.memory_mb)
+    except Exception as exc:  # a truncated or foreign file: torch, json and the config raise many types
+        raise CflowInputError(f"the training state in '{path}' is damaged ({type(exc).__name__}): delete it, or rerun"
+                              " without --resume to start over") from None
     if saved != config:
         raise CflowInputError(f"the training state in '{path}' was saved with other options: "
                               "rerun with the same options, or without --resume to start over")
