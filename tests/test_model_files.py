@@ -26,6 +26,8 @@ from cflow_ad.export import export_onnx
 from cflow_ad.runtime import OnnxModel
 from cflow_ad.training import load_state
 
+from .test_serve import _free_port, _serving
+
 
 @pytest.mark.parametrize("changes,needle", [
     ({"coupling_layers": 100000}, "coupling_layers must be from 1 to 64"),
@@ -165,7 +167,7 @@ def test_predict_and_serve_refuse_a_broken_model_with_one_line(checkpoints, synt
                  str(tmp_path / "out"))
     assert len(lines) == 1 and "coupling_layers must be from 1 to 64" in lines[0] and str(huge) in lines[0]
     nan = _rewrite(checkpoints["padim"], tmp_path / "nan.safetensors", thresholds={"image": float("nan")})
-    lines = _cli("serve", "--model", str(nan), "--port", "0", "--device", "cpu")
+    lines = _cli("serve", "--model", str(nan), "--port", str(_free_port()), "--device", "cpu")
     assert len(lines) == 1 and "image must be a finite number" in lines[0] and str(nan) in lines[0]
 
 
@@ -220,7 +222,7 @@ def test_an_edited_onnx_export_is_one_line_naming_it(exported, tmp_path, edit, n
 
 def test_the_lean_service_refuses_a_nan_threshold_export(exported, tmp_path):
     nan = _edit_onnx(exported, tmp_path / "nan.onnx", thresholds={"image": float("nan"), "pixel": 1.0, "source": "x"})
-    lines = _cli("serve", "--model", str(nan), "--port", "0")
+    lines = _cli("serve", "--model", str(nan), "--port", str(_free_port()))
     assert len(lines) == 1 and "image must be a finite number" in lines[0] and str(nan) in lines[0]
 
 
@@ -271,7 +273,6 @@ def test_a_non_finite_score_is_an_error_for_its_image_never_ok(padim_checkpoint,
     from cflow_ad.inference import Inspector
     from cflow_ad.serve import Limits
 
-    from .test_serve import _serving
     with _serving(Inspector(_poisoned(padim_checkpoint), "torch"), Limits()) as url:  # the model's fault: 500
         r = requests.post(url + "/predict", files={"file": ("g.png", next(folder.glob("*.png")).read_bytes(), "image/png")},
                           timeout=60)
