@@ -6,13 +6,9 @@ original weights file: the (truncated) encoder weights travel inside the checkpo
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import stat
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from .config import CFlowConfig
 from .errors import CflowInputError
 from .model import build_model
+from .outputs import replacing
 from .thresholds import Thresholds
 
 FORMAT = "cflow-ad/1"
@@ -44,25 +41,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict[str, A
     meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {})}
     if model.thresholds is not None:
         meta["thresholds"] = json.dumps(model.thresholds.to_dict())
-    with atomic_write(path) as tmp:
+    with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """A new temporary file beside `path` for the block to write, renamed over `path` when the block ends
-    and removed when it fails, so `path` is always whole. It gets the mode of any new file (0666 less the umask)
-    and keeps that mode whatever the writer does (safetensors leaves its files 0600)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.open("xb").close()
-    mode = stat.S_IMODE(tmp.stat().st_mode)
-    try:
-        yield tmp
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _invalid(path: Path, what: str) -> CflowInputError:

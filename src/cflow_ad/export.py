@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write, non_finite
+from .checkpoint import non_finite
 from .config import QUANTIZE
 from .errors import CflowInputError
 from .model import CFlowModel
+from .outputs import replacing
 from .runtime import OnnxModel
 
 OPSET = 17
@@ -62,7 +63,7 @@ def export_onnx(model: CFlowModel, path: str | Path, quantize: str | None = None
     products = model.int8_products() if quantize else None  # before the trace: a missing range fails fast
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:  # a file without its metadata (a kill mid-way) never replaces a model
+    with replacing(path) as tmp:  # a file without its metadata (a kill mid-way) never replaces a model
         trace_onnx(model, model.image_size, tmp, ["anomaly_map", "score"])
         proto = onnx.load(str(tmp))
         if products is not None:

@@ -13,6 +13,7 @@ import codecs
 import json
 import math
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,11 +70,16 @@ def temp_name(path: Path) -> Path:
 @contextmanager
 def replacing(path: str | Path):
     """A temporary path beside `path` to write to, renamed over `path` when the block ends without an
-    error and removed otherwise: readers see the old file or the whole new one, never part of one."""
+    error and removed otherwise: readers see the old file or the whole new one, never part of one. The
+    file gets the mode of any new file (0666 less the umask) whatever the writer does (safetensors
+    leaves its files 0600)."""
     path = Path(path)
     tmp = temp_name(path)
+    tmp.open("wb").close()
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -37,6 +36,7 @@ from .distributed import all_reduce, any_rank, decoder_steps, rank_world, shard
 from .errors import CflowInputError
 from .flow_decoder import LocationWhitening
 from .model import CFlowModel
+from .outputs import replacing
 from .scoring import fit_constants
 
 
@@ -309,9 +309,8 @@ class TrainState:
 
 def _save_state(path: Path, state: dict) -> None:
     """Atomically (temp file + rename): a kill mid-write leaves the previous state intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path: Path, config: CFlowConfig) -> dict:
