@@ -287,3 +287,23 @@ def test_real_magnetic_tile():
     defect = next(i for i, r in enumerate(test.records) if r.defect_type == "blowhole")
     item = test[defect]
     assert item["mask"].shape == (1, 256, 256) and item["mask"].sum() > 0 and item["label"] == 1
+
+
+def test_a_broken_link_or_fifo_in_a_set_stops_it_with_one_line_naming_it(synthetic_root, tmp_path):
+    import os
+
+    from cflow_ad.data import folder_dataset, mvtec_dataset
+
+    train = tmp_path / "data" / "synthetic" / "train" / "good"
+    train.mkdir(parents=True)
+    for p in sorted((synthetic_root / "synthetic" / "train" / "good").glob("*.png"))[:3]:
+        (train / p.name).write_bytes(p.read_bytes())
+    assert len(mvtec_dataset(tmp_path / "data", "synthetic", "train", 32)) == 3
+    for name, make in (("gone.png", lambda p: p.symlink_to(tmp_path / "missing.png")), ("pipe.png", os.mkfifo)):
+        make(train / name)
+        for build in (lambda: mvtec_dataset(tmp_path / "data", "synthetic", "train", 32),
+                      lambda: folder_dataset(train, 32)):
+            with pytest.raises(CflowInputError) as info:
+                build()
+            assert name in str(info.value) and "\n" not in str(info.value)
+        (train / name).unlink()

@@ -206,6 +206,12 @@ def collate_files(items: list) -> tuple[list[int], torch.Tensor, list[torch.Tens
     return list(index), torch.stack(inputs), list(originals)
 
 
+def _refuse(path: Path, error: CflowInputError) -> None:
+    """A training or test set stops at an entry named like an image that is no file (a broken link, a
+    FIFO), as at an unreadable image: leaving it out would change the set without a word."""
+    raise error
+
+
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -235,7 +241,7 @@ def mvtec_dataset(root: _PathLike, category: str, split: str, size,
         if not folder.is_dir():
             raise CflowInputError(
                 f"missing folder '{folder}': the MVTec layout needs <category>/train/good with defect-free images")
-        images = _images_in(folder)
+        images = _images_in(folder, on_skip=_refuse)
         if not images:
             raise CflowInputError(f"no training images in '{folder}': put defect-free images there")
         return AnomalyDataset([(p, 0, "good", None) for p in images], size)
@@ -248,7 +254,7 @@ def mvtec_dataset(root: _PathLike, category: str, split: str, size,
     records = []
     for type_dir in _subfolders(test_dir):
         kind = type_dir.name
-        for p in _images_in(type_dir):
+        for p in _images_in(type_dir, on_skip=_refuse):
             if kind == "good":
                 records.append((p, 0, kind, None))
                 continue
@@ -269,7 +275,7 @@ def folder_dataset(normal_dir: _PathLike, size, abnormal_dir: _PathLike | None =
     """Dataset from plain folders: normal images, optional anomalous images and their masks. An
     anomalous image without a mask in `mask_dir` (or without `mask_dir`) has none, or with
     `require_masks` is an error."""
-    records = [(p, 0, "good", None) for p in list_images([normal_dir])]
+    records = [(p, 0, "good", None) for p in list_images([normal_dir], on_skip=_refuse)]
     if mask_dir is not None:
         mask_dir = Path(mask_dir)
         if abnormal_dir is None:
@@ -277,7 +283,7 @@ def folder_dataset(normal_dir: _PathLike, size, abnormal_dir: _PathLike | None =
         if not mask_dir.is_dir():
             raise CflowInputError(f"mask folder '{mask_dir}' does not exist: check the path")
     if abnormal_dir is not None:
-        for p in list_images([abnormal_dir]):
+        for p in list_images([abnormal_dir], on_skip=_refuse):
             mask = None
             if mask_dir is not None:
                 candidates = [mask_dir / f"{p.stem}.png", mask_dir / f"{p.stem}_mask.png"]
