@@ -315,7 +315,8 @@ def test(
     seconds = time.perf_counter() - t0
     metrics = evaluation.result()
     metrics.update(normalization=mode, images=len(paths), seconds=round(seconds, 2),
-                   model=str(model_path) if model_path else None, device=compute.describe(), runtime=runtime,
+                   model=str(model_path) if model_path else None, runtime=runtime,
+                   device=runner.provider if runner is not None else compute.describe(),  # the provider that ran
                    quantize=quantize or "none")
     if thresholds is not None:
         metrics["thresholds"] = thresholds.summary()

@@ -141,6 +141,12 @@ class Compute:
         return self.torch_device.type
 
     @property
+    def onnx_device(self):
+        """The device for `onnx_providers`: `auto` as asked (onnxruntime's CPU provider, quietly, where it has no
+        CUDA one), else this run's device, which then must get CUDA's provider if it is a GPU."""
+        return "auto" if self.device.strip().lower() == "auto" else self.torch_device
+
+    @property
     def loader_workers(self) -> int:
         return default_workers() if self.workers is None else self.workers
 
@@ -204,15 +210,30 @@ def distributed_backend(device: torch.device) -> str:
 
 
 def onnx_providers(device="cpu") -> list:
-    """onnxruntime's execution providers for `device` (a torch.device, or its name: cpu, cuda, cuda:N,
-    auto): CUDA's when the device is a GPU and onnxruntime-gpu is installed, else the CPU's."""
+    """onnxruntime's execution providers for `device` (a torch.device, or its name: auto, cpu, cuda, cuda:N):
+    `auto` takes CUDA's when onnxruntime has it, else the CPU's; an explicit CUDA device without CUDA's
+    provider is a one-line error, never a silent run on the CPU (`check_provider` catches one that fails to start)."""
     import onnxruntime as ort
 
-    kind, _, index = (str(device) if isinstance(device, str) else f"{device.type}:{device.index or 0}").partition(":")
+    name = str(device).strip().lower()  # a torch.device's str is cpu, cuda or cuda:N
+    kind, _, index = name.partition(":")
     gpu = "CUDAExecutionProvider" in ort.get_available_providers()
-    if gpu and kind in ("cuda", "auto"):
-        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if name not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
+        raise CflowInputError(f"--device {device}: onnxruntime scores on auto, cpu, cuda or cuda:N")
+    if name == "cpu" or name == "auto" and not gpu:
+        return ["CPUExecutionProvider"]
+    if not gpu:
+        raise CflowInputError(f"--device {device} --runtime onnx: this onnxruntime has no CUDA execution provider:"
+                              " install onnxruntime-gpu, or use --device cpu")
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+
+
+def check_provider(device, ran: str) -> None:
+    """Refuse a session that runs on `ran` where `device` asked for CUDA explicitly: onnxruntime-gpu without
+    its CUDA libraries falls back to the CPU with no more than a logged warning."""
+    if str(device).strip().lower().startswith("cuda") and ran != "CUDAExecutionProvider":
+        raise CflowInputError(f"--device {device} --runtime onnx: onnxruntime could not start its CUDA execution"
+                              f" provider and would run on {ran}: check the CUDA libraries, or use --device cpu")
 
 
 COMPUTE_FIELDS = tuple(f.name for f in fields(Compute))

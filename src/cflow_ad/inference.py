@@ -73,7 +73,7 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
         raise CflowInputError(f"--precision {compute.precision} applies to --runtime torch: onnxruntime runs the"
                               " exported fp32 model")
     if onnx_file:
-        return OnnxModel(model, threads, device=compute.torch_device if compute is not None else device)
+        return OnnxModel(model, threads, device=compute.onnx_device if compute is not None else device)
     from .device import Compute
 
     compute = compute or Compute()
@@ -81,7 +81,7 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
     if runtime == "onnx":
         from .export import onnx_runner
 
-        return onnx_runner(exportable(model), threads, device=compute.torch_device, quantize=quantize)
+        return onnx_runner(exportable(model), threads, device=compute.onnx_device, quantize=quantize)
     return compute.place(model)
 
 

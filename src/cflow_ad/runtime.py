@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import CFlowConfig
-from .device import available_cores, onnx_providers
+from .device import available_cores, check_provider, onnx_providers
 from .errors import CflowInputError
 from .thresholds import Thresholds
 
@@ -53,8 +53,8 @@ def non_finite_weights(path: Path) -> list[str]:
 class OnnxModel:
     """An exported model in onnxruntime, called like `CFlowModel` but on numpy arrays: images
     [B, 3, H, W] -> (maps [B, H, W], scores [B]). Batches run in chunks of `chunk` images (see CHUNK)
-    on the CPU; `device` (cpu, cuda, cuda:N, auto or a torch.device) picks CUDA's provider when
-    onnxruntime-gpu has it."""
+    on the CPU; `device` (cpu, cuda, cuda:N, auto or a torch.device) picks CUDA's provider
+    (`device.onnx_providers`: `auto` falls back to the CPU's, an explicit GPU is refused without it)."""
 
     normalizations = ()  # the graph scores in the checkpoint's fixed mode only, with no per-scale maps
 
@@ -62,8 +62,9 @@ class OnnxModel:
         import onnxruntime as ort
 
         path = Path(path)
+        providers = onnx_providers(device)
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=onnx_providers(device))
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for missing or bad files
             raise CflowInputError(f"cannot load ONNX model '{path}' ({str(exc).splitlines()[0]}): "
                                   "pass a file written by 'cflow-ad export'") from None
@@ -81,7 +82,8 @@ class OnnxModel:
                                   " export it again from a good checkpoint")
         self.quantize = meta.get("cflow_ad_quantize", "none")  # "int8": decoder products in int8 (quantize.py)
         # GPU batches run whole; the CPU's in chunks (see CHUNK)
-        self.provider = self.session.get_providers()[0]
+        self.provider = self.session.get_providers()[0]  # the one that really runs, reported as the device
+        check_provider(device, self.provider)
         self.chunk = chunk if self.provider == "CPUExecutionProvider" else 1 << 30
 
     def _read_metadata(self, meta: dict[str, str]) -> None:
