@@ -18,6 +18,7 @@ from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.cli import main
 from cflow_ad.device import Compute, available_cores, cuda_available, default_workers, resolve_device
 from cflow_ad.errors import CflowInputError
+from cflow_ad.inference import Inspector
 
 from .conftest import TINY
 
@@ -101,6 +102,36 @@ def test_every_command_with_device_cpu(synthetic_root, tmp_path, capsys):
     assert metrics["device"] == "cpu, fp32" and 0 <= metrics["image_auroc"] <= 1
     assert json.loads((tmp_path / "p" / "predictions.json").read_text())["device"] == "cpu, fp32"
     assert (tmp_path / "c.safetensors").is_file()
+
+
+def test_a_model_runs_in_the_precision_it_was_fitted_in(padim_checkpoint, synthetic_root, tmp_path, capsys):
+    """Issue 34: an fp32 fit scored in bf16 moved its scores, so its thresholds no longer held their false-positive
+    rate. Another precision is refused in one line until `calibrate --precision` fits the thresholds in it."""
+    data = ["--data", str(synthetic_root), "--category", "synthetic"]
+    spot = str(synthetic_root / "synthetic" / "test" / "spot")
+    fp32 = str(padim_checkpoint)
+    bf16 = ["--device", "cpu", "--precision", "bf16"]
+    for argv in (["test", "--model", fp32, *data, "--output", str(tmp_path / "t")],
+                 ["predict", "--model", fp32, spot, "--output", str(tmp_path / "p")]):
+        err = _one_line_error(capsys, ["--quiet", *argv, *bf16])
+        assert "fitted in fp32" in err and "--precision fp32" in err and "calibrate --precision bf16" in err
+    assert not (tmp_path / "t" / "metrics.json").exists() and not (tmp_path / "p" / "predictions.csv").exists()
+    with pytest.raises(CflowInputError, match="fitted in fp32"):
+        Inspector(fp32, "torch", compute=Compute("cpu", "bf16"))  # what `serve --runtime torch` loads
+    recalibrated = tmp_path / "bf16.safetensors"
+    with pytest.raises(SystemExit) as done:
+        main(["--quiet", "calibrate", "--model", fp32, *data, "--output", str(recalibrated), *bf16])
+    assert done.value.code == 0
+    assert read_metadata(recalibrated)["precision"] == "bf16" and read_metadata(fp32)["precision"] == "fp32"
+    metrics = api.test(recalibrated, None, DataSource(synthetic_root, "synthetic"), progress=False, device="cpu",
+                       precision="bf16")
+    assert metrics["device"] == "cpu, bf16" and metrics["thresholds"]
+    rows = api.predict(recalibrated, [spot], tmp_path / "p2", progress=False, device="cpu", precision="bf16")
+    assert rows and all(r["label"] in ("ok", "defect") for r in rows)
+    with pytest.raises(CflowInputError, match="fitted in bf16: run it with --precision bf16"):
+        api.test(recalibrated, None, DataSource(synthetic_root, "synthetic"), progress=False, device="cpu")
+    with pytest.raises(CflowInputError, match="calibrate --precision fp32"):  # onnxruntime runs fp32
+        api.export(recalibrated, tmp_path / "m.onnx")
 
 
 def test_bf16_autocasts_the_encoder_only(tiny_checkpoint, synthetic_root):

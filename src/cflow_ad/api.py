@@ -24,7 +24,8 @@ from .errors import CflowInputError
 from .export import export_onnx
 from .geometry import full_boxes, restore
 from .images import read
-from .inference import Inspector, Predictions, as_model, exportable, is_onnx_file, load_runner, predict_inputs
+from .inference import (Inspector, Predictions, as_model, check_precision, exportable, is_onnx_file, load_runner,
+                        predict_inputs)
 from .metrics import Evaluation
 from .model import METHOD_CLASSES, build_model
 from .outputs import NAMES, OutputFolder, check_writable, check_writable_file, replacing, to_json
@@ -91,6 +92,7 @@ def train(
         if config.calibration_fraction > 0:
             dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
         model = build_model(config)
+        model.precision = compute.precision  # the constants and thresholds are fitted in it
         t0 = time.perf_counter()
         if not model.training_loop:
             history = fit_baseline(model, dataset, progress=progress, compute=compute)
@@ -183,7 +185,8 @@ def calibrate(
 ) -> Thresholds:
     """Set a checkpoint's thresholds on the test split of `source` and write it to `output` (default: in
     place). Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
-    with `f1` the set must hold defect images with masks (the pixel threshold uses those with one)."""
+    with `f1` the set must hold defect images with masks (the pixel threshold uses those with one).
+    They are fitted in `precision`, which the checkpoint records and then runs in (`inference.check_precision`)."""
     path = Path(model) if isinstance(model, (str, Path)) else None
     target = output or path
     if target is not None:  # before any scoring: an unwritable target is a one-line error, not a lost run
@@ -193,6 +196,7 @@ def calibrate(
     dataset = source.open("test", model.config)
     model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress, f"good images of {source}",
                                             compute)
+    model.precision = compute.precision  # the model now runs in this precision (`inference.check_precision`)
     if target is not None:
         extra = read_metadata(path)["extra"] if path is not None else {}
         save_checkpoint(model, target, extra=extra)
@@ -300,6 +304,7 @@ def test(
         runner, runtime, quantize = model, "onnx", model.quantize
     else:
         runner = load_runner(model, runtime, compute, quantize=quantize) if exported else None
+        check_precision(model, compute.precision)
     dataset = source.open("test", model.config)
     thresholds = model.thresholds if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CFlowConfig
+from .device import PRECISIONS
 from .errors import CflowInputError
 from .model import build_model
 from .outputs import replacing
@@ -38,7 +39,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict[str, A
     if bad:
         raise CflowInputError(f"refusing to save a model with NaN or Inf values in {', '.join(bad[:3])} to '{path}':"
                               " training diverged; check the training images or lower --lr")
-    meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {})}
+    meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {}),
+            "precision": model.precision}
     if model.thresholds is not None:
         meta["thresholds"] = json.dumps(model.thresholds.to_dict())
     with replacing(path) as tmp:
@@ -53,7 +55,9 @@ def _invalid(path: Path, what: str) -> CflowInputError:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The config, extra and thresholds (or None) of a checkpoint as plain JSON values, each checked
-    (`CFlowConfig` bounds, `Thresholds.from_dict`): an edited file is one line naming it."""
+    (`CFlowConfig` bounds, `Thresholds.from_dict`), and the precision they were fitted in (fp32 for a file
+    from before it was recorded, when every fit ran in fp32 unless asked otherwise): an edited file is one
+    line naming it."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -76,6 +80,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raise _invalid(path, f"its {key} is not JSON: {exc}") from None
     if not isinstance(out["extra"], dict):
         raise _invalid(path, f"its extra metadata is a {type(out['extra']).__name__}, not an object")
+    out["precision"] = meta.get("precision", "fp32")
+    if out["precision"] not in PRECISIONS:
+        raise _invalid(path, f"its precision '{out['precision']}' is none of {', '.join(PRECISIONS)}")
     try:
         CFlowConfig.from_dict(out["config"])
         if out["thresholds"] is not None:
@@ -142,4 +149,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tor
             state.setdefault(key, own[key])
     model.load_state_dict(state, strict=True)
     model.thresholds = Thresholds.from_dict(meta["thresholds"]) if meta["thresholds"] is not None else None
+    model.precision = meta["precision"]
     return model.to(device).eval()

@@ -35,6 +35,8 @@ class AnomalyModel(nn.Module):
     # (`experiment compare --paper-taps` runs each method at its own)
     paper_taps: tuple[int, int]
     thresholds: Thresholds | None = None  # decision thresholds, from calibration or the checkpoint
+    # the precision its score constants and thresholds were fitted in (`device.PRECISIONS`): they move with it
+    precision: str = "fp32"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

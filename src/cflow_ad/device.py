@@ -125,7 +125,8 @@ class Compute:
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps; a run setting, not saved"})
     precision: str = field(default="fp32", metadata={
-        "help": "fp32, or bf16 / fp16 autocast for the encoder (the flows stay fp32); bf16 also runs on CPUs"})
+        "help": "fp32, or bf16 / fp16 autocast for the encoder (the flows stay fp32); bf16 also runs on CPUs."
+                " A model runs in the precision it was trained or last calibrated in"})
     workers: int | None = field(default=None, metadata={
         "help": f"image-decoding worker processes (0: in the main process; default min({MAX_DEFAULT_WORKERS},"
                 " cores - 1), 0 on 2 cores or fewer)"})

@@ -53,6 +53,16 @@ def exportable(model):
     return model
 
 
+def check_precision(model, precision: str) -> None:
+    """Refuse to score `model` in another precision than its constants and thresholds were fitted in: an
+    fp32 fit scored in bf16 moved good images' whitened distances up to 10%, so the thresholds no longer held
+    their false-positive rate (issue 34). `calibrate --precision` fits them again in the new one."""
+    if precision != model.precision:
+        raise CflowInputError(f"--precision {precision}: this model's constants and thresholds were fitted in"
+                              f" {model.precision}: run it with --precision {model.precision}, or recalibrate it"
+                              f" with 'cflow-ad calibrate --precision {precision}'")
+
+
 def check_quantize(quantize: str | None, runtime: str, onnx_file: bool) -> None:
     """`quantize` applies where a checkpoint is exported on the fly for onnxruntime; a one-line error elsewhere."""
     if quantize and (onnx_file or runtime != "onnx"):
@@ -82,6 +92,7 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
         from .export import onnx_runner
 
         return onnx_runner(exportable(model), threads, device=compute.onnx_device, quantize=quantize)
+    check_precision(model, compute.precision)
     return compute.place(model)
 
 
