@@ -10,7 +10,7 @@ from scipy.spatial.distance import mahalanobis
 from sklearn.neighbors import NearestNeighbors
 
 from cflow_ad import api
-from cflow_ad.baselines import PADIM_RIDGE, PaDiM, SPADE, embedding
+from cflow_ad.baselines import PADIM_RIDGE, SPADE, PaDiM, PatchCore, embedding
 from cflow_ad.scoring import gaussian_blur
 from cflow_ad.checkpoint import load_checkpoint
 from cflow_ad.errors import CflowInputError
@@ -142,3 +142,21 @@ def test_padim_exports_and_spade_is_refused_in_one_line(baseline, tmp_path):
         with pytest.raises(CflowInputError) as err:
             api.export(path, tmp_path / "spade.onnx")
         assert "\n" not in str(err.value) and "SPADE" in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:for .*meta parameter")  # copying into a meta buffer is a no-op
+@pytest.mark.parametrize("kind", [SPADE, PatchCore])
+@pytest.mark.parametrize("to", [torch.device("meta"), torch.float64])
+def test_loading_a_fitted_gallery_keeps_the_modules_device_and_dtype(kind, to):
+    """A checkpoint sets the gallery's or memory bank's shape; the new buffers must stay where the module
+    was put (a GPU; 'meta' stands in for it here) and in its dtype, as load_state_dict keeps any other."""
+    cfg = TINY.replace(method=kind.__name__.lower(), image_size=32, knn_images=1)
+    fitted = kind(cfg, encoder=_StubEncoder())
+    fitted.fit(iter([_random_features(6, 0)]))
+    model = kind(cfg, encoder=_StubEncoder()).to(to)
+    before = {name: getattr(model, name) for name in kind.fitted}
+    model.load_state_dict(fitted.state_dict())
+    for name in kind.fitted:
+        new, old = getattr(model, name), before[name]
+        assert new.shape == getattr(fitted, name).shape and new.shape[0] > 0
+        assert new.device == old.device and new.dtype == old.dtype

@@ -14,8 +14,9 @@ from cflow_ad import api
 from cflow_ad.checkpoint import load_checkpoint, read_metadata
 from cflow_ad.source import DataSource
 
-from .test_resume import _flags
 from .conftest import TINY
+from .test_device import _one_line_error
+from .test_resume import _flags
 
 # fiber_batch / locations must split evenly over the ranks for the same global step: 512 gives
 # 2 map rows per step at stride 8 (256 locations) and 8 at stride 16 (64 locations).
@@ -50,3 +51,27 @@ def test_two_processes_match_one(synthetic_root, tmp_path):
 def test_baselines_refuse_torchrun(synthetic_root, tmp_path):
     run = _train(synthetic_root, tmp_path, "--nproc", "2", "--method", "padim")
     assert run.returncode != 0 and "no training loop to distribute" in run.stderr
+
+
+@pytest.mark.parametrize("device,nproc,refused", [
+    ("cuda:0", 2, "--device cuda:0 --nproc 2"),  # two ranks on one GPU
+    ("cuda", 3, "--nproc 3"),  # more ranks than GPUs
+    ("auto", 3, "--nproc 3"),
+    ("cuda", 2, None),  # a GPU per rank
+    ("cpu", 3, None),  # gloo ranks share the CPU
+])
+def test_ranks_without_a_gpu_each_are_refused_before_torchrun(device, nproc, refused, monkeypatch, capsys):
+    """Two GPUs, pretended: a refusal is one line, exit 2, and torchrun is never started."""
+    from cflow_ad import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    started = []
+    monkeypatch.setattr(cli, "_torchrun", lambda argv, n: started.append(n) or 0)
+    argv = ["train", "--data", ".", "--category", "x", "--output", "o", "--device", device, "--nproc", str(nproc)]
+    if refused is None:
+        assert cli.run(argv) == 0 and started == [nproc]
+        return
+    err = _one_line_error(capsys, argv)
+    assert refused in err and ("--device cuda " in err or "--nproc 2 or fewer" in err)
+    assert started == []

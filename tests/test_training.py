@@ -158,3 +158,31 @@ def test_fitted_constants_streamed_equal_the_whole_set(budget, mode):
     maps, _ = score_set(whole, model.image_size, mode, refs, model.map_offset)
     assert maps.min().item() == pytest.approx(0.0, abs=1e-5)  # training maps start at 0
     assert model.train_max_score.item() == pytest.approx(maps.max().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_partial_image_cache_trains_the_same_model(synthetic_root, tmp_path, monkeypatch, workers):
+    """Rotation keeps features uncached, so every pass reads the images: with 1 MiB, a third holds 7 of
+    the 24, and batches of one make 7 batches wholly cached (once dropped, misaligning the rest).
+    Workers sample batches ahead of the loop, while the cache still grows."""
+    from cflow_ad import training
+
+    passes = []
+    batches = training._Images.batches
+
+    def counted(self, order):
+        order = list(order)
+        passes.append((len(self), sum(all(i in self.cache for i in idx.tolist()) for idx in order)))
+        yield from batches(self, order)
+
+    monkeypatch.setattr(training._Images, "batches", counted)
+    cfg = TINY.replace(batch_size=1, sub_epochs=1, coupling_layers=1, rotation=5.0)
+    models = []
+    for memory_mb in (1, cfg.memory_mb):
+        path = api.train(cfg.replace(memory_mb=memory_mb), tmp_path / str(memory_mb), DataSource(synthetic_root, "synthetic"),
+                         workers=workers, progress=False, log=lambda m: None)
+        models.append(load_checkpoint(path).state_dict())
+    # the encoder pass, the epoch and the scoring constants' pass: with 1 MiB the last two find 7 cached
+    assert passes == [(24, 0), (24, 7), (24, 7), (24, 0), (24, 24), (24, 24)]
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.allclose(models[0][k], models[1][k], atol=1e-6) for k in models[1])

@@ -61,9 +61,11 @@ class DistanceModel(AnomalyModel):
         self.register_buffer("train_max_score", torch.tensor(1.0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Reshapes the fitted buffers to the checkpoint's, on the module's device and in its dtype (as
+        loading keeps every other buffer), not where the checkpoint was read."""
         for name in self.fitted:
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+                setattr(self, name, getattr(self, name).new_empty(state_dict[prefix + name].shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property

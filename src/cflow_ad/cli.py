@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import METHODS, NORMALIZATIONS, QUANTIZE, CFlowConfig, default_text
-from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, set_threads
+from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, cuda_count, set_threads
 from .errors import CflowInputError
 from .outputs import NAMES, as_text
 
@@ -294,6 +294,20 @@ def _print_predictions(rows: list[dict], output: Path) -> None:
         raise CflowInputError(f"none of the {len(rows)} images could be scored: see the reasons above")
 
 
+def _check_ranks(args: argparse.Namespace) -> None:
+    """Checks the compute flags of `train --nproc N`. On CUDA each rank trains on its own GPU,
+    cuda:LOCAL_RANK, and NCCL refuses two ranks on one: a GPU named by index, or more ranks than GPUs,
+    is refused before torchrun starts instead of failing inside a rank."""
+    if Compute(**_compute(args)).type != "cuda":
+        return
+    if args.device.strip().lower().startswith("cuda:"):
+        raise CflowInputError(f"--device {args.device} --nproc {args.nproc}: every rank would train on that one GPU: "
+                              "use --device cuda (one GPU per rank) or --nproc 1")
+    if args.nproc > cuda_count():
+        raise CflowInputError(f"--nproc {args.nproc}: this machine has {cuda_count()} CUDA GPU(s), one per rank: "
+                              f"use --nproc {cuda_count()} or fewer, or --device cpu")
+
+
 def _torchrun(argv: list[str], nproc: int) -> int:
     """`cflow-ad train --nproc N ...` = `torchrun --standalone --nproc-per-node N -m cflow_ad train ...`."""
     import subprocess
@@ -376,7 +390,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "train" and args.nproc > 1:
         if args.category == "all":
             raise CflowInputError("--nproc trains one category in several processes: with --category all use --jobs")
-        _compute(args)  # a device that is not there: one line here, not one per rank
+        _check_ranks(args)  # a device that is not there: one line here, not one per rank
         return _torchrun(argv, args.nproc)
     threads = set_threads(args.threads)  # torchrun: the node's cores shared by its ranks
     from . import api

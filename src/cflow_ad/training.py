@@ -61,17 +61,17 @@ class _Decoded(Dataset):
 
 
 class _Uncached:
-    """Batch sampler of `_Images`: each batch of its current order, less the images already cached."""
+    """Batch sampler of `_Images`: the images of each batch of the current pass that it must decode,
+    skipping batches with none (an empty batch would reach the loop as no batch at all)."""
 
     def __init__(self, images: "_Images"):
         self.images = images
 
     def __iter__(self):
-        for idx in self.images.order:
-            yield [i for i in idx.tolist() if i not in self.images.cache]
+        return (todo for todo in self.images.todo if todo)
 
     def __len__(self) -> int:
-        return len(self.images.order)
+        return sum(1 for todo in self.images.todo if todo)
 
 
 class _Images:
@@ -83,25 +83,28 @@ class _Images:
         self.dataset, self.budget, self.compute = dataset, budget_bytes, compute
         self.cache: dict[int, torch.Tensor] = {}
         self.nonfinite: set[int] = set()
-        self.order: list[torch.Tensor] = []
+        self.todo: list[list[int]] = []  # per batch of the current pass, the images not cached at its start
         self._loader = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _decoded(self):
-        if len(self.cache) == len(self.dataset):  # all in memory: no loader needed
-            return ([] for _ in self.order)
+    def _decoded(self) -> Iterator[list]:
+        if not any(self.todo):  # all in memory: no loader needed
+            return iter(())
         if self._loader is None:
             self._loader = D.image_loader(_Decoded(self.dataset), self.compute, batch_sampler=_Uncached(self),
                                           collate=list)
         return D.checked(self._loader)
 
     def batches(self, order: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        self.order = list(order)
-        for idx, decoded in zip(self.order, self._decoded()):
+        order = list(order)
+        # fixed at the start of the pass: workers sample batches ahead while the cache still grows
+        self.todo = [[i for i in idx.tolist() if i not in self.cache] for idx in order]
+        decoded = self._decoded()
+        for idx, todo in zip(order, self.todo):
             fresh = {}
-            for i, img, finite in decoded:
+            for i, img, finite in (next(decoded) if todo else []):
                 if not finite:
                     self.nonfinite.add(i)
                 if (len(self.cache) + 1) * img.numel() <= self.budget:
