@@ -116,8 +116,9 @@ def train(
                 f" image {t.image:.4g}, pixel {t.pixel:.4g}, region {t.region_threshold:.4g}")
             if len(held_out) * config.target_fpr < 1:
                 log(f"note: {len(held_out)} held-out images cannot show a {config.target_fpr:.2%} tail: expect more"
-                    " images flagged than that, and few regions (their threshold is widened for so few images);"
-                    " 'cflow-ad calibrate --normal-dir MORE_GOOD_IMAGES' sets them on more")
+                    " good images flagged than that; the region threshold allows for so few images by sitting"
+                    " higher, which finds fewer defects; 'cflow-ad calibrate --normal-dir MORE_GOOD_IMAGES' sets"
+                    " them on more")
         path = save_checkpoint(model, final, extra={"history": history})
         state.unlink(missing_ok=True)
         return path
