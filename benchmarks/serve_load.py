@@ -32,14 +32,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, runtime: str, threads: int, concurrency: int | None,
-                 python: str = sys.executable) -> tuple[subprocess.Popen, str]:
-    """`cflow-ad serve` in `python` (another environment's interpreter, e.g. the lean runtime's)."""
+def start_server(model: Path, runtime: str, threads: int | None, concurrency: int | None,
+                 python: str = sys.executable, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`cflow-ad serve` in `python` (another environment's interpreter, e.g. the lean runtime's) with `env`;
+    None leaves that setting at the server's default."""
     port = free_port()
+    threads_flag = [] if threads is None else ["--threads", str(threads)]
     extra = [] if concurrency is None else ["--max-concurrency", str(concurrency)]
-    proc = subprocess.Popen([python, "-m", "cflow_ad", "--threads", str(threads), "serve", "--model", str(model),
+    proc = subprocess.Popen([python, "-m", "cflow_ad", *threads_flag, "serve", "--model", str(model),
                              "--port", str(port), "--runtime", runtime, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + 300
     while time.monotonic() < end:

@@ -20,7 +20,6 @@ import io
 import os
 import select
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
-from serve_load import free_port, rss_mb
+from serve_load import rss_mb, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_ONLY = ("torch", "torchvision", "scipy", "sklearn", "matplotlib", "safetensors", "tqdm", "onnx")
@@ -59,23 +58,6 @@ def lean_env(blocker: Path) -> dict:
         (blocker / name).mkdir(exist_ok=True)
         (blocker / name / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{name}'\")\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO / "src")])}
-
-
-def start(model: Path, env: dict, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cflow_ad", "serve", "--model", str(model), "--port", str(port),
-                             *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stdout.read()}")
-        try:
-            requests.get(url + "/health", timeout=2)
-            return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start in 120 s")
 
 
 def png(rgb: np.ndarray | Image.Image) -> bytes:
@@ -134,7 +116,7 @@ def main() -> None:
         rows = []
         for case, outputs in (("6000x6000 PNG, json", ["json"]), ("6000x6000 PNG, overlay", ["overlay"]),
                               ("6000x6000 PNG, 2 overlays at once", ["overlay", "overlay"])):
-            proc, url = start(model, env)
+            proc, url = start_server(model, "onnx", None, None, env=env)
             try:
                 post(url, small)
                 idle = rss_mb(proc.pid, "VmHWM")
@@ -148,7 +130,7 @@ def main() -> None:
         for case, idle, peak, codes in rows:
             print(f"| {case} | {mb(idle)} | {mb(peak)} | {', '.join(map(str, codes))} |")
 
-        proc, url = start(model, env)
+        proc, url = start_server(model, "onnx", None, None, env=env)
         try:
             post(url, small)
             idle = rss_mb(proc.pid, "VmRSS")
