@@ -12,8 +12,8 @@ first `--images` (300) training images on that device, once per precision, and p
 part outside the epochs (the first encoder pass, which also fits the whitening, and the final
 calibration), the first
 epoch and the median of the later ones. `default` is this project's default configuration;
-`wrn50-paper` is the paper's WRN50 model and training batch (taps as PaDiM, no whitening, +-5
-degree rotation, so the encoder runs every epoch; encoder batch 32, 8,192 fibers a step), with
+`wrn50-paper` is the paper's WRN50 model and training batch (taps 4/8/16 as PaDiM, 8 couplings, no
+whitening, +-5 degree rotation, so the encoder runs every epoch; encoder batch 32, 8,192 fibers a step), with
 random encoder weights when no ImageNet weights are installed (speed does not depend on them).
 
     python benchmarks/train_speed.py --device cuda --precisions fp32 bf16
@@ -39,8 +39,8 @@ from cflow_ad.training import fit
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile"
 CONFIGS = {
     "default": CFlowConfig(),
-    "wrn50-paper": CFlowConfig(encoder="wide_resnet50_2", last_stride=16, whitening="none", rotation=5.0,
-                               batch_size=32, fiber_batch=8192),
+    "wrn50-paper": CFlowConfig(encoder="wide_resnet50_2", pool_layers=3, last_stride=16, coupling_layers=8,
+                               condition_dim=128, whitening="none", rotation=5.0, batch_size=32, fiber_batch=8192),
 }
 
 
@@ -49,12 +49,14 @@ def fiber_batches(args: argparse.Namespace, subset: Subset) -> None:
     compute = Compute(args.device or "auto", workers=args.workers)
     for rep in range(args.repeats + 1):  # the first round warms caches and is discarded
         for n in args.fiber_batches:
-            model = CFlowModel(CFlowConfig(fiber_batch=n, epochs=1, sub_epochs=1))
+            model = CFlowModel(CFlowConfig(fiber_batch=n, epochs=1, sub_epochs=1, min_steps=0))
             history = fit(model, subset, progress=False, log=lambda m: None, compute=compute)
             if rep:
                 times[n].append(history["epoch_seconds"][0] / len(subset))
     base = statistics.median(times[args.fiber_batches[0]])
-    print(f"\n{len(subset)} images, 256 px, MobileNetV2 taps 8/16/32, 8 couplings; median of {args.repeats}")
+    cfg = CFlowConfig()
+    print(f"\n{len(subset)} images, {cfg.image_size[0]} px, {cfg.encoder} taps {'/'.join(map(str, cfg.strides))},"
+          f" {cfg.coupling_layers} couplings; median of {args.repeats}")
     print("| fiber batch N | s / image / epoch | speed vs N=%d |" % args.fiber_batches[0])
     print("|---|---|---|")
     for n in args.fiber_batches:
@@ -65,7 +67,7 @@ def fiber_batches(args: argparse.Namespace, subset: Subset) -> None:
 def epochs(args: argparse.Namespace, root: Path) -> None:
     rows = []
     for name in args.configs:
-        cfg = CONFIGS[name].replace(epochs=1, sub_epochs=args.epochs)
+        cfg = CONFIGS[name].replace(epochs=1, sub_epochs=args.epochs, min_steps=0)  # exactly --epochs
         pretrained = packaged_weights_path(cfg.encoder) is not None
         full = DataSource(root, args.category).open("train", cfg.image_size)
         subset = Subset(full, range(min(args.images, len(full))))

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from cflow_ad import DataSource, api
 from cflow_ad.checkpoint import load_checkpoint, read_metadata
+from cflow_ad.config import NORMALIZATIONS
 from cflow_ad.device import Compute, cuda_available, cuda_count
 
 from .conftest import TINY
@@ -36,12 +38,29 @@ def gpu(test):
 
 
 @gpu
-def test_cuda_maps_and_scores_match_the_cpu(tiny_checkpoint, synthetic_root):
+@pytest.mark.parametrize("mode", NORMALIZATIONS)
+def test_cuda_maps_and_scores_match_the_cpu(mode, tiny_checkpoint, synthetic_root):
+    """In every scoring mode: log (the default), stateless, and paper (normalised over the set scored)."""
     dataset = DataSource(synthetic_root, "synthetic").open("test", TINY.image_size)
-    cpu, cuda = (api.score_dataset(load_checkpoint(tiny_checkpoint), dataset, "stateless",
+    cpu, cuda = (api.score_dataset(load_checkpoint(tiny_checkpoint), dataset, mode,
                                    compute=Compute(device, workers=0))[:2] for device in ("cpu", "cuda"))
     for got, want in zip(cuda, cpu):  # relative to the values' scale: map values cross zero
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+@gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="this onnxruntime has no CUDA execution provider (onnxruntime-gpu)")
+def test_onnx_on_cuda_scores_like_the_cpu(tiny_checkpoint, synthetic_root, tmp_path):
+    """The exported model under onnxruntime's CUDA provider: the CPU provider's scores, and metrics.json names the
+    provider that ran."""
+    onnx = tmp_path / "model.onnx"
+    api.export(tiny_checkpoint, onnx)
+    source = DataSource(synthetic_root, "synthetic")
+    got = {device: api.test(onnx, tmp_path / device, source, progress=False, device=device) for device in ("cpu", "cuda")}
+    assert got["cuda"]["device"] == "CUDAExecutionProvider" and got["cpu"]["device"] == "CPUExecutionProvider"
+    for key in METRICS:
+        assert got["cuda"][key] == pytest.approx(got["cpu"][key], abs=1e-3), key
 
 
 @gpu
