@@ -130,7 +130,7 @@ class SPADE(DistanceModel):
 
     Image score: mean distance of the pooled deepest tap to its `knn_images` nearest training
     images. Pixel map: distance of each embedding vector to its nearest neighbour among all
-    locations of those images. The gallery grows with the training set (N x h x w x D floats).
+    locations of those images. The gallery grows with the training set (N x h x w x D floats, bounded by --memory-mb).
     """
 
     fitted = ("bank", "pooled")  # the gallery's size is the training set's
@@ -148,10 +148,19 @@ class SPADE(DistanceModel):
         return features[-1].mean((2, 3))
 
     def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        banks, pooled = [], []
+        """Keep every training image's embedding and pooled features; a batch that would take the gallery past
+        --memory-mb is refused before it is kept (117 MB an image: WRN50's layers 1-3 at 512 px)."""
+        banks, pooled, size = [], [], 0
         for features in feature_batches:
-            banks.append(embedding(features))
-            pooled.append(self.pool(features))
+            emb, pool = embedding(features), self.pool(features)
+            size += emb.nbytes + pool.nbytes
+            if size > self.config.memory_mb * 2**20:
+                raise CflowInputError(
+                    f"SPADE's gallery ({sum(map(len, banks)) + len(emb):,} training images so far) needs more than"
+                    f" --memory-mb {self.config.memory_mb}: raise it, train on fewer images, or use a smaller"
+                    " --image-size or fewer --pool-layers")
+            banks.append(emb)
+            pooled.append(pool)
         self.bank, self.pooled = torch.cat(banks), torch.cat(pooled)
 
     def distance_maps(self, features, gallery_index=None, chunk: int = 8):
