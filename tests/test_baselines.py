@@ -125,6 +125,24 @@ def test_spade_leaves_an_image_out_of_its_own_search():
     assert (score_out > 0.5).all() and (out > 0.1).all()
 
 
+def test_spade_gallery_is_bounded_by_memory_mb():
+    """11 x 4 x 4 + 5 floats an image: 1 MiB holds 1,448 images. Three batches of 400 fit; the fourth is
+    refused in one line as it arrives, before it is kept, and no later batch is drawn."""
+    model = SPADE(TINY.replace(method="spade", image_size=32, memory_mb=1), encoder=_StubEncoder())
+    model.fit(_random_features(400, s) for s in range(3))
+    assert len(model.bank) == len(model.pooled) == 1200
+    drawn = []
+
+    def batches():
+        for s in range(6):
+            drawn.append(s)
+            yield _random_features(400, s)
+
+    with pytest.raises(CflowInputError, match="1,600 training images so far.*--memory-mb 1: raise it") as err:
+        model.fit(batches())
+    assert "\n" not in str(err.value) and drawn == [0, 1, 2, 3]
+
+
 def test_padim_exports_and_spade_is_refused_in_one_line(baseline, tmp_path):
     method, path = baseline
     if method == "padim":

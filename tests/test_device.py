@@ -193,32 +193,6 @@ def test_a_bad_file_in_a_worker(synthetic_root, tiny_checkpoint, tmp_path):
     assert np.isfinite([r["raw_score"] for r in rows if not r["error"]]).all()
 
 
-def test_onnxruntime_provider_follows_the_device(monkeypatch):
-    """Issue 34: `--device cuda` without onnxruntime's CUDA provider ran on the CPU's and said cuda."""
-    import onnxruntime as ort
-
-    from cflow_ad.device import check_provider, onnx_providers
-
-    assert onnx_providers(torch.device("cpu")) == onnx_providers("auto") == ["CPUExecutionProvider"]
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    for name in (torch.device("cuda", 1), "cuda", " CUDA:0 "):
-        with pytest.raises(CflowInputError, match="no CUDA execution provider: install onnxruntime-gpu"):
-            onnx_providers(name)
-    assert onnx_providers("auto") == ["CPUExecutionProvider"]  # auto: the CPU's, quietly
-    for bad in ("mps", "gpu", "cuda:x", "auto:1"):
-        with pytest.raises(CflowInputError, match="onnxruntime scores on auto, cpu, cuda or cuda:N"):
-            onnx_providers(bad)
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert onnx_providers(torch.device("cuda", 1)) == [("CUDAExecutionProvider", {"device_id": 1}),
-                                                       "CPUExecutionProvider"]
-    assert onnx_providers("auto")[0] == ("CUDAExecutionProvider", {"device_id": 0})
-    assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
-    with pytest.raises(CflowInputError, match="could not start its CUDA execution provider"):
-        check_provider("cuda:0", "CPUExecutionProvider")  # onnxruntime-gpu whose CUDA libraries failed to load
-    check_provider("auto", "CPUExecutionProvider")
-    check_provider("cuda", "CUDAExecutionProvider")
-
-
 def test_onnx_reports_the_provider_that_ran_and_refuses_a_missing_cuda(tiny_checkpoint, synthetic_root, tmp_path,
                                                                        capsys):
     """metrics.json and predictions.json name onnxruntime's provider, not the device asked for; an explicit CUDA

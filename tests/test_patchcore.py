@@ -47,7 +47,9 @@ def _greedy_reference(points: torch.Tensor, count: int, start: int) -> list[int]
 def test_coreset_is_the_brute_force_greedy_k_center():
     points = torch.randn(400, 7, generator=torch.Generator().manual_seed(3))
     ref = _greedy_reference(points, 40, start=11)
-    assert k_center_greedy(points, 40, start=11).tolist() == ref
+    picks = k_center_greedy(points, 40, start=11)
+    assert picks.dtype == torch.long and picks.device == points.device  # on the device: tests/test_device_rules.py
+    assert picks.tolist() == ref
     assert k_center_greedy(points.T.contiguous().T, 40, start=11).tolist() == ref  # column-major, as fit stores them
     assert len(set(ref)) == 40
 

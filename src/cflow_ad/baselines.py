@@ -130,7 +130,7 @@ class SPADE(DistanceModel):
 
     Image score: mean distance of the pooled deepest tap to its `knn_images` nearest training
     images. Pixel map: distance of each embedding vector to its nearest neighbour among all
-    locations of those images. The gallery grows with the training set (N x h x w x D floats).
+    locations of those images. The gallery grows with the training set (N x h x w x D floats, bounded by --memory-mb).
     """
 
     fitted = ("bank", "pooled")  # the gallery's size is the training set's
@@ -148,10 +148,19 @@ class SPADE(DistanceModel):
         return features[-1].mean((2, 3))
 
     def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        banks, pooled = [], []
+        """Keep every training image's embedding and pooled features; a batch that would take the gallery past
+        --memory-mb is refused before it is kept (117 MB an image: WRN50's layers 1-3 at 512 px)."""
+        banks, pooled, size = [], [], 0
         for features in feature_batches:
-            banks.append(embedding(features))
-            pooled.append(self.pool(features))
+            emb, pool = embedding(features), self.pool(features)
+            size += emb.nbytes + pool.nbytes
+            if size > self.config.memory_mb * 2**20:
+                raise CflowInputError(
+                    f"SPADE's gallery ({sum(map(len, banks)) + len(emb):,} training images so far) needs more than"
+                    f" --memory-mb {self.config.memory_mb}: raise it, train on fewer images, or use a smaller"
+                    " --image-size or fewer --pool-layers")
+            banks.append(emb)
+            pooled.append(pool)
         self.bank, self.pooled = torch.cat(banks), torch.cat(pooled)
 
     def distance_maps(self, features, gallery_index=None, chunk: int = 8):
@@ -173,24 +182,27 @@ class SPADE(DistanceModel):
         return torch.stack(maps).view(-1, *self.grid), near_d.mean(1)
 
 
-def k_center_greedy(points: torch.Tensor, count: int, start: int, chunk: int = CORESET_CHUNK) -> torch.Tensor:
-    """Greedy k-center selection (PatchCore's coreset): indices [count] of `points` [N, d], each the point
-    farthest from those chosen before it, from `start` on. The squared distance of every point to the chosen
-    set is kept as a running minimum updated `chunk` points at a time, so memory is N floats beyond the points
-    and no N x N matrix exists. Points stored column-major (a [d, N] tensor's .T) update ~2x faster on a CPU."""
+def k_center_greedy(points: torch.Tensor, count: int, start: int, chunk: int | None = None) -> torch.Tensor:
+    """Greedy k-center selection (PatchCore's coreset): indices [count] of `points` [N, d], on their device, each
+    the point farthest from those chosen before it, from `start` on. The squared distance of every point to the
+    chosen set is kept as a running minimum updated `chunk` points at a time, so memory is N floats beyond the
+    points and no N x N matrix exists. On a CPU the chunk (default CORESET_CHUNK) keeps the update in cache, and
+    points stored column-major (a [d, N] tensor's .T) update ~2x faster; elsewhere the default is one update of
+    all N, as each chunk is a kernel launch. Each pick stays on the device, so the host never waits on one."""
     n = len(points)
+    chunk = chunk or (CORESET_CHUNK if points.device.type == "cpu" else n)
     norms = points.square().sum(1)
     nearest = torch.full((n,), float("inf"), device=points.device)
-    picks = torch.empty(count, dtype=torch.long)
-    pick = start
+    picks = torch.empty(count, dtype=torch.long, device=points.device)
+    pick = torch.tensor(start, device=points.device)
     for i in range(count):
         picks[i] = pick
-        centre = points[pick]
+        centre, offset = points.index_select(0, pick)[0], norms.index_select(0, pick)  # not points[pick]: a host read
         for lo in range(0, n, chunk):
             part = slice(lo, lo + chunk)
-            d2 = torch.addmv(norms[part] + norms[pick], points[part], centre, alpha=-2)
+            d2 = torch.addmv(norms[part] + offset, points[part], centre, alpha=-2)
             torch.minimum(nearest[part], d2, out=nearest[part])
-        pick = int(nearest.argmax())
+        pick = nearest.argmax()
     return picks
 
 
@@ -250,7 +262,7 @@ class PatchCore(DistanceModel):
         start = int(torch.randint(count, (1,), generator=gen))
         picks = k_center_greedy(points, max(1, round(self.config.coreset_ratio * count)), start).sort().values
         del points
-        offsets = torch.tensor([0, *(len(f) for f in full)]).cumsum(0)
+        offsets = torch.tensor([0, *(len(f) for f in full)], device=picks.device).cumsum(0)
         batch = torch.searchsorted(offsets, picks, right=True) - 1  # gathered per batch: no copy of all patches
         self.remember(torch.cat([full[b][(picks[batch == b] - offsets[b]).to(full[b].device)]
                                  for b in batch.unique().tolist()]))

@@ -8,6 +8,7 @@ The EfficientNet-Lite encoders are not in torchvision: their architecture is bui
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -211,7 +212,9 @@ class Encoder(nn.Module):
         p = self.border_pad
         if p:
             x = F.pad(x, (p, p, p, p), mode="reflect")
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        # fp32 enters no autocast context: the meta device (tests/test_device_rules.py's stand-in for a GPU) has none
+        dtype = self.autocast_dtype
+        with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             out = self.body(x)
         feats = []
         for tap, stride in zip(self.tap_names, self.strides):
