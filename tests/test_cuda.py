@@ -73,6 +73,32 @@ def test_training_on_cuda_reaches_the_cpu_metrics(synthetic_root, tmp_path):
         assert metrics["cuda"][key] == pytest.approx(metrics["cpu"][key], abs=0.005), key  # 0.5 points
 
 
+@gpu
+@pytest.mark.parametrize("flows", ["tf32", "bf16"])
+def test_reduced_flow_products_on_cuda_stay_close_and_leave_tf32_off(flows, tiny_checkpoint, synthetic_root):
+    """The flows' products in TF32 (10 mantissa bits) or bf16 (7): the likelihood per dimension within 0.01 of
+    fp32's, or 1% where it is beyond -1 (a defect's fibers reach -245 here, and the rounding scales with |u|^2;
+    bf16 on the CPU: 0.3%), in training's forward and backward and in the folded form, with the process-wide
+    TF32 switch off again after every product."""
+    if flows == "tf32" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("TF32 needs compute capability 8.0 or later")
+    model = load_checkpoint(tiny_checkpoint)
+    x = torch.stack([api.D.load_image(p, TINY.image_size)
+                     for p in sorted((synthetic_root / "synthetic" / "test" / "spot").iterdir())[:2]]).cuda()
+    logs, grads = {}, {}
+    for precision in ("fp32", flows):
+        Compute("cuda", flow_precision=precision).place(model)
+        with torch.no_grad():
+            features = model.features(x)
+            logs[precision] = torch.cat([m.flatten() for m in model.log_density_maps(features)])
+        fibers, log_det = model.fibers(0, features[0])
+        lp = model.log_likelihood(0, fibers, log_det, tuple(features[0].shape[-2:]), model.decoders[0].log_prob)
+        grads[precision] = torch.cat([g.flatten() for g in torch.autograd.grad(lp.sum(), model.decoders[0].parameters())])
+        assert not torch.backends.cuda.matmul.allow_tf32 and logs[precision].dtype == lp.dtype == torch.float32
+    assert ((logs[flows] - logs["fp32"]).abs() <= 0.01 * logs["fp32"].abs().clamp_min(1)).all()
+    assert (grads[flows] - grads["fp32"]).norm() < 0.05 * grads["fp32"].norm()
+
+
 def _cuda_cmd(root: Path, out: Path, *extra: str) -> list[str]:
     return _train_cmd(root, out, "--device", "cuda", *extra)
 

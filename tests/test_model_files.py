@@ -124,6 +124,8 @@ BROKEN = {
                    " decoders.0.blocks.0.in_x.weight"),
     "Inf constant": ("padim", {"tensors": _set("train_max_score", float("inf"))}, "NaN or Inf values in train_max_score"),
     "unknown precision": ("tiny", {"meta": {"precision": "fp8"}}, "its precision 'fp8' is none of fp32, bf16, fp16"),
+    "unknown flow precision": ("tiny", {"meta": {"flow_precision": "fp16"}},
+                               "its flow precision 'fp16' is none of fp32, tf32, bf16"),
 }
 
 
@@ -155,11 +157,12 @@ def test_an_edited_checkpoint_is_one_line_naming_it_before_anything_is_built(cas
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_a_checkpoint_from_before_the_precision_was_recorded_reads_as_fp32(padim_checkpoint, tmp_path):
-    old = _rewrite(padim_checkpoint, tmp_path / "old.safetensors", meta={"precision": None})
-    assert "precision" not in safe_open(str(old), framework="pt").metadata()
-    assert checkpoint.read_metadata(old)["precision"] == load_checkpoint(old).precision == "fp32"
-    assert load_checkpoint(padim_checkpoint).precision == "fp32"  # trained in fp32, recorded
+@pytest.mark.parametrize("key", ["precision", "flow_precision"])
+def test_a_checkpoint_from_before_the_precision_was_recorded_reads_as_fp32(key, padim_checkpoint, tmp_path):
+    old = _rewrite(padim_checkpoint, tmp_path / "old.safetensors", meta={key: None})
+    assert key not in safe_open(str(old), framework="pt").metadata()
+    assert checkpoint.read_metadata(old)[key] == getattr(load_checkpoint(old), key) == "fp32"
+    assert getattr(load_checkpoint(padim_checkpoint), key) == "fp32"  # trained in fp32, recorded
 
 
 def _cli(*args: str) -> list[str]:

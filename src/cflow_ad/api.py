@@ -68,15 +68,16 @@ def train(
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
+    flow_precision: str = "fp32",
 ) -> Path:
     """Train on the defect-free images of `source` and write `output/model.safetensors`; returns its path.
     `config.method` picks CFLOW-AD or a baseline (PaDiM, SPADE, PatchCore). CFLOW-AD's training state is kept
     in `output/training_state.pt` after every epoch and on SIGINT/SIGTERM until the model is written;
     `resume=True` continues from it (and returns a finished run's model as it is). `device`,
-    `precision` and `workers` say where and how it computes (`device.Compute`); the checkpoint is the
-    same file whatever the device."""
+    `precision`, `workers` and `flow_precision` say where and how it computes (`device.Compute`); the
+    checkpoint is the same file whatever the device, and records the two precisions."""
     final, state = check_writable(output) / "model.safetensors", Path(output) / STATE_FILE
-    compute = Compute(device, precision, workers)
+    compute = Compute(device, precision, workers, flow_precision)
     with process_group(compute.torch_device) as (rank, world):  # under torchrun: one rank of data-parallel training
         if rank > 0:
             log = lambda message: None  # noqa: E731  (rank 0 speaks and writes for all)
@@ -92,7 +93,8 @@ def train(
         if config.calibration_fraction > 0:
             dataset, held_out = D.split_train_val(dataset, config.calibration_fraction, config.seed)
         model = build_model(config)
-        model.precision = compute.precision  # the constants and thresholds are fitted in it
+        model.precision, model.flow_precision = compute.precision, compute.flow_precision  # the fit's precisions
+        compute.flows(model)  # a flow precision for a baseline: refused before any work
         t0 = time.perf_counter()
         if not model.training_loop:
             history = fit_baseline(model, dataset, progress=progress, compute=compute)
@@ -183,21 +185,24 @@ def calibrate(
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
+    flow_precision: str = "fp32",
 ) -> Thresholds:
     """Set a checkpoint's thresholds on the test split of `source` and write it to `output` (default: in
     place). Without `f1` only the set's good images are used, at `target_fpr` (default: the config's);
     with `f1` the set must hold defect images with masks (the pixel threshold uses those with one).
-    They are fitted in `precision`, which the checkpoint records and then runs in (`inference.check_precision`)."""
+    They are fitted in `precision` and `flow_precision`, which the checkpoint records and then runs in
+    (`inference.check_precision`)."""
     path = Path(model) if isinstance(model, (str, Path)) else None
     target = output or path
     if target is not None:  # before any scoring: an unwritable target is a one-line error, not a lost run
         check_writable_file(target, "--output" if output else "--model")
-    compute = Compute(device, precision, workers)
+    compute = Compute(device, precision, workers, flow_precision)
     model = as_model(model).eval()
     dataset = source.open("test", model.config)
     model.thresholds = calibrate_thresholds(model, dataset, target_fpr, f1, progress, f"good images of {source}",
                                             compute)
-    model.precision = compute.precision  # the model now runs in this precision (`inference.check_precision`)
+    # the model now runs in these precisions (`inference.check_precision`)
+    model.precision, model.flow_precision = compute.precision, compute.flow_precision
     if target is not None:
         extra = read_metadata(path)["extra"] if path is not None else {}
         save_checkpoint(model, target, extra=extra)
@@ -283,6 +288,7 @@ def test(
     workers: int | None = None,
     runtime: str = "torch",
     quantize: str | None = None,
+    flow_precision: str = "fp32",
 ) -> dict:
     """Score the labelled test split of `source` in `runtime` (`onnx`: the model exported, with int8
     decoders under `quantize="int8"`), or an .onnx file as it was exported (what the line runs); writes
@@ -293,7 +299,7 @@ def test(
     (default: the config's), else binned."""
     model_path = model if isinstance(model, (str, Path)) else None
     folder = None if output is None else OutputFolder(output, "test")  # unwritable: one line, before any work
-    compute = Compute(device, precision, workers)
+    compute = Compute(device, precision, workers, flow_precision)
     onnx_file = is_onnx_file(model)  # an .onnx file's config, thresholds and heat-map scale are in its metadata
     model = load_runner(model, "onnx", compute, quantize=quantize) if onnx_file else as_model(model).eval()
     mode = normalization or model.config.normalization
@@ -305,7 +311,7 @@ def test(
         runner, runtime, quantize = model, "onnx", model.quantize
     else:
         runner = load_runner(model, runtime, compute, quantize=quantize) if exported else None
-        check_precision(model, compute.precision)
+        check_precision(model, compute)
     dataset = source.open("test", model.config)
     thresholds = model.thresholds if mode == fixed_mode(model.config) else None
     evaluation = _evaluation(model, mode, memory_mb, thresholds)
@@ -362,6 +368,7 @@ def predict(
     device: str = "auto",
     precision: str = "fp32",
     workers: int | None = None,
+    flow_precision: str = "fp32",
     min_defect_area: int = 0,
     quantize: str | None = None,
     all_regions: bool = False,
@@ -381,7 +388,7 @@ def predict(
     `runtime="onnx"`, scores in onnxruntime (on the GPU with onnxruntime-gpu and a CUDA device), with
     int8 decoders under `quantize="int8"`. Images are decoded by `workers` processes and scored on `device` (see `device.Compute`).
     """
-    compute = Compute(device, precision, workers)
+    compute = Compute(device, precision, workers, flow_precision)
     folder, files, unlisted = predict_inputs(paths, output)
     inspector = Inspector(model, runtime, target_fpr, image_threshold, pixel_threshold, compute, min_defect_area,
                           quantize=quantize, all_regions=all_regions)

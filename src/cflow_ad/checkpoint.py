@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CFlowConfig
-from .device import PRECISIONS
+from .device import FLOW_PRECISIONS, PRECISIONS
 from .errors import CflowInputError
 from .model import build_model
 from .outputs import replacing
@@ -40,7 +40,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict[str, A
         raise CflowInputError(f"refusing to save a model with NaN or Inf values in {', '.join(bad[:3])} to '{path}':"
                               " training diverged; check the training images or lower --lr")
     meta = {"format": FORMAT, "config": model.config.to_json(), "extra": json.dumps(extra or {}),
-            "precision": model.precision}
+            "precision": model.precision, "flow_precision": model.flow_precision}
     if model.thresholds is not None:
         meta["thresholds"] = json.dumps(model.thresholds.to_dict())
     with replacing(path) as tmp:
@@ -55,9 +55,9 @@ def _invalid(path: Path, what: str) -> CflowInputError:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The config, extra and thresholds (or None) of a checkpoint as plain JSON values, each checked
-    (`CFlowConfig` bounds, `Thresholds.from_dict`), and the precision they were fitted in (fp32 for a file
-    from before it was recorded, when every fit ran in fp32 unless asked otherwise): an edited file is one
-    line naming it."""
+    (`CFlowConfig` bounds, `Thresholds.from_dict`), and the precision and flow precision they were fitted in
+    (fp32 for a file from before either was recorded, when every fit ran in fp32 unless asked otherwise): an
+    edited file is one line naming it."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -80,9 +80,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             raise _invalid(path, f"its {key} is not JSON: {exc}") from None
     if not isinstance(out["extra"], dict):
         raise _invalid(path, f"its extra metadata is a {type(out['extra']).__name__}, not an object")
-    out["precision"] = meta.get("precision", "fp32")
-    if out["precision"] not in PRECISIONS:
-        raise _invalid(path, f"its precision '{out['precision']}' is none of {', '.join(PRECISIONS)}")
+    for key, allowed in (("precision", PRECISIONS), ("flow_precision", FLOW_PRECISIONS)):
+        out[key] = meta.get(key, "fp32")
+        if out[key] not in allowed:
+            raise _invalid(path, f"its {key.replace('_', ' ')} '{out[key]}' is none of {', '.join(allowed)}")
     try:
         CFlowConfig.from_dict(out["config"])
         if out["thresholds"] is not None:
@@ -149,5 +150,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tor
             state.setdefault(key, own[key])
     model.load_state_dict(state, strict=True)
     model.thresholds = Thresholds.from_dict(meta["thresholds"]) if meta["thresholds"] is not None else None
-    model.precision = meta["precision"]
+    model.precision, model.flow_precision = meta["precision"], meta["flow_precision"]
     return model.to(device).eval()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import METHODS, NORMALIZATIONS, QUANTIZE, CFlowConfig, default_text
-from .device import COMPUTE_FIELDS, PRECISIONS, Compute, available_cores, cuda_count, set_threads
+from .device import COMPUTE_FIELDS, FLOW_PRECISIONS, PRECISIONS, Compute, available_cores, cuda_count, set_threads
 from .errors import CflowInputError
 from .outputs import NAMES, as_text
 
@@ -112,13 +112,15 @@ def _add_threshold_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_compute_flags(parser: argparse.ArgumentParser, workers: bool = True) -> None:
-    """--device, --precision and --workers (`device.Compute`): where a run computes, never saved in the model."""
+    """--device, --precision, --workers and --flow-precision (`device.Compute`): where a run computes, never
+    saved in the model (the precisions are recorded with the constants fitted in them)."""
     g = parser.add_argument_group("compute (a run setting: the model file is the same on every device)")
+    choices = {"precision": PRECISIONS, "flow_precision": FLOW_PRECISIONS}
     for f in dataclasses.fields(Compute):
         if f.name == "workers" and not workers:
             continue
-        g.add_argument("--" + f.name, type=int if f.name == "workers" else str, default=f.default,
-                       choices=PRECISIONS if f.name == "precision" else None, help=f.metadata["help"])
+        g.add_argument("--" + f.name.replace("_", "-"), type=int if f.name == "workers" else str, default=f.default,
+                       choices=choices.get(f.name), help=f.metadata["help"])
 
 
 def _compute(args: argparse.Namespace) -> dict:
@@ -336,11 +338,9 @@ def _score_onnx(args: argparse.Namespace) -> int:
     """`predict` and `serve` of an .onnx file, without importing PyTorch (the lean runtime)."""
     if getattr(args, "workers", None) is not None and args.workers < 0:
         raise CflowInputError(f"--workers must be >= 0, got {args.workers}")
-    if args.precision != "fp32":
-        raise CflowInputError(f"--precision {args.precision} applies to --runtime torch: onnxruntime runs the"
-                              " exported fp32 model")
-    from .inference import check_quantize
+    from .inference import check_onnx_precision, check_quantize
 
+    check_onnx_precision(args.precision, args.flow_precision)
     check_quantize(args.quantize, "onnx", onnx_file=True)
     thresholds = {"target_fpr": args.target_fpr, "image_threshold": args.image_threshold,
                   "pixel_threshold": args.pixel_threshold, "min_defect_area": args.min_defect_area,

@@ -37,6 +37,8 @@ class AnomalyModel(nn.Module):
     thresholds: Thresholds | None = None  # decision thresholds, from calibration or the checkpoint
     # the precision its score constants and thresholds were fitted in (`device.PRECISIONS`): they move with it
     precision: str = "fp32"
+    # and that of its flows' matrix products (`device.FLOW_PRECISIONS`; fp32 for a method without flows)
+    flow_precision: str = "fp32"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

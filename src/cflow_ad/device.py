@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+FLOW_PRECISIONS = ("fp32", "tf32", "bf16")  # of the flows' matrix products (`flow_decoder.matmul`)
 MAX_DEFAULT_WORKERS = 4
 
 
@@ -105,37 +107,61 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise CflowInputError(f"unknown --device '{name}': use auto, cpu, cuda, cuda:N or mps")
 
 
-def _check_precision(precision: str, device: torch.device) -> None:
+def _no_bf16(device: torch.device) -> str | None:
+    """Why `device` cannot compute in bfloat16, or None where it can."""
     import torch
 
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} has no bfloat16"
+    return "MPS does not support it" if device.type == "mps" else None
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise CflowInputError(f"unknown --precision '{precision}': use one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type == "cpu":
         raise CflowInputError("--precision fp16 needs a GPU: on the CPU use --precision bf16 (or fp32)")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise CflowInputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16: use fp16")
-    if precision == "bf16" and device.type == "mps":
-        raise CflowInputError("--precision bf16 is not supported on MPS: use fp16")
+    if precision == "bf16" and _no_bf16(device):
+        raise CflowInputError(f"--precision bf16: {_no_bf16(device)}: use fp16")
+
+
+def _check_flow_precision(flow_precision: str, device: torch.device) -> None:
+    import torch
+
+    if flow_precision not in FLOW_PRECISIONS:
+        raise CflowInputError(f"unknown --flow-precision '{flow_precision}': use one of {', '.join(FLOW_PRECISIONS)}")
+    if flow_precision == "tf32" and device.type != "cuda":
+        raise CflowInputError(f"--flow-precision tf32 needs a CUDA GPU: on {device.type} use --flow-precision bf16 (or fp32)")
+    if flow_precision == "tf32" and torch.cuda.get_device_capability(device) < (8, 0):
+        raise CflowInputError(f"--flow-precision tf32: {torch.cuda.get_device_name(device)} has no TF32 tensor cores"
+                              " (compute capability 8.0 or later): use --flow-precision fp32")
+    if flow_precision == "bf16" and _no_bf16(device):
+        raise CflowInputError(f"--flow-precision bf16: {_no_bf16(device)}: use --flow-precision fp32")
 
 
 @dataclass(frozen=True)
 class Compute:
-    """The run settings every command takes (`--device`, `--precision`, `--workers`)."""
+    """The run settings every command takes (`--device`, `--precision`, `--workers`, `--flow-precision`)."""
 
     device: str = field(default="auto", metadata={
         "help": "auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps; a run setting, not saved"})
     precision: str = field(default="fp32", metadata={
-        "help": "fp32, or bf16 / fp16 autocast for the encoder (the flows stay fp32); bf16 also runs on CPUs."
+        "help": "fp32, or bf16 / fp16 autocast for the encoder (the flows: --flow-precision); bf16 also runs on CPUs."
                 " A model runs in the precision it was trained or last calibrated in"})
     workers: int | None = field(default=None, metadata={
         "help": f"image-decoding worker processes (0: in the main process; default min({MAX_DEFAULT_WORKERS},"
                 " cores - 1), 0 on 2 cores or fewer)"})
+    flow_precision: str = field(default="fp32", metadata={
+        "help": "the flows' matrix products: fp32, bf16 (fast on GPUs and on CPUs with avx512_bf16 or amx_bf16) or"
+                " tf32 (CUDA); their scales, log-determinants and likelihoods stay fp32. A model runs with the flow"
+                " precision it was trained or last calibrated with"})
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 0:
             raise CflowInputError(f"--workers must be >= 0, got {self.workers}")
         object.__setattr__(self, "torch_device", resolve_device(self.device))
         _check_precision(self.precision, self.torch_device)
+        _check_flow_precision(self.flow_precision, self.torch_device)
 
     @property
     def type(self) -> str:
@@ -163,12 +189,26 @@ class Compute:
             return contextlib.nullcontext()
         return torch.autocast(self.type, dtype=_dtype(self.precision))
 
+    def flows(self, model: torch.nn.Module) -> list:
+        """The model's flows (`ConditionalFlow`), refusing a flow precision other than fp32 for a model
+        without any (the baselines)."""
+        from .flow_decoder import ConditionalFlow
+
+        flows = [m for m in model.modules() if isinstance(m, ConditionalFlow)]
+        if not flows and self.flow_precision != "fp32":
+            raise CflowInputError(f"--flow-precision {self.flow_precision} applies to CFLOW-AD's flows: a"
+                                  f" {model.config.method} model has none: leave it at fp32")
+        return flows
+
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
-        """`model` moved to the device, its encoder autocast to the precision (the flows stay fp32)."""
+        """`model` moved to the device, its encoder autocast to the precision and its flows' matrix products
+        set to the flow precision (the rest of the flows and the likelihood stay fp32)."""
         import torch
 
         model.to(self.torch_device)
         model.encoder.autocast_dtype = _dtype(self.precision)
+        for flow in self.flows(model):
+            flow.matmul_precision = self.flow_precision
         if self.type == "cuda":  # fp32 means fp32: cuDNN would otherwise run convolutions in TF32 (10 bits)
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         return model
@@ -191,7 +231,33 @@ class Compute:
         name = str(self.torch_device)
         if self.type == "cuda":
             name += f" ({torch.cuda.get_device_name(self.torch_device)})"
-        return f"{name}, {self.precision}"
+        return f"{name}, {self.precision}" + (f", {self.flow_precision} flows" if self.flow_precision != "fp32" else "")
+
+
+_TF32_LOCK = threading.Lock()
+_tf32_users = 0
+
+
+@contextlib.contextmanager
+def tf32_matmuls():
+    """cuBLAS runs fp32 matrix products on TF32 tensor cores inside, in full fp32 again once the last thread
+    inside has left (`Compute.place` keeps TF32 off; `serve` scores in several threads). The switch is
+    process-wide, so the flows turn it on only around their products. It is the legacy flag that is set: it
+    moves the per-op `torch.backends.cuda.matmul.fp32_precision` along, where setting that one alone leaves
+    the two disagreeing, which this torch then refuses to read."""
+    import torch
+
+    global _tf32_users
+    with _TF32_LOCK:
+        _tf32_users += 1
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _tf32_users -= 1
+            if not _tf32_users:
+                torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def synchronize(device: torch.device | str) -> None:

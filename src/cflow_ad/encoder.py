@@ -174,7 +174,7 @@ class Encoder(nn.Module):
     CNN and the feature maps are cropped back, so border features see image content instead
     of zero padding. The module stays in eval mode whatever `train()` asks. With `autocast_dtype`
     (bf16 or fp16, set by `device.Compute.place`) the CNN runs under autocast and the features come
-    back as fp32, so the flows and the likelihood never see reduced precision.
+    back as fp32: the flows' precision is their own setting (`--flow-precision`), the likelihood's fp32.
     """
 
     autocast_dtype: torch.dtype | None = None

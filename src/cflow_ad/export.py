@@ -55,9 +55,10 @@ def export_onnx(model: CFlowModel, path: str | Path, quantize: str | None = None
         raise CflowInputError(f"unknown --quantize '{quantize}': choose {', '.join(QUANTIZE)}")
     if quantize and not model.quantizable:
         raise CflowInputError(f"{type(model).__name__} has no int8 form: --quantize applies to CFLOW-AD models")
-    if model.precision != "fp32":  # so every export's constants and thresholds are fp32's, as onnxruntime runs
-        raise CflowInputError(f"refusing to export a model fitted in {model.precision}: onnxruntime runs fp32;"
-                              " recalibrate it first with 'cflow-ad calibrate --precision fp32'")
+    for flag, fitted in (("precision", model.precision), ("flow-precision", model.flow_precision)):
+        if fitted != "fp32":  # so every export's constants and thresholds are fp32's, as onnxruntime runs
+            raise CflowInputError(f"refusing to export a model fitted with --{flag} {fitted}: onnxruntime runs fp32;"
+                                  f" recalibrate it first with 'cflow-ad calibrate --{flag} fp32'")
     bad = non_finite(model.state_dict())
     if bad:
         raise CflowInputError(f"refusing to export a model with NaN or Inf values in {', '.join(bad[:3])}: it would"

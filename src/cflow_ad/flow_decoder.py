@@ -18,14 +18,58 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import tf32_matmuls
 from .positional_encoding import PositionalCondition
 
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def project_condition(linear: nn.Linear, c: torch.Tensor | PositionalCondition) -> torch.Tensor:
-    """linear(c) for conditions given as a tensor [..., C] or as a `PositionalCondition` (cheaper)."""
-    return c.project(linear) if isinstance(c, PositionalCondition) else linear(c)
+class _TF32Product(torch.autograd.Function):
+    """x [..., in] @ w [in, out] in TF32, forward and backward: autograd runs the backward after the
+    forward has left `tf32_matmuls`, so the backward takes the switch again itself."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        with tf32_matmuls():
+            return x @ w
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        with tf32_matmuls():
+            dx = grad @ w.T if ctx.needs_input_grad[0] else None
+            dw = x.reshape(-1, x.shape[-1]).T @ grad.reshape(-1, grad.shape[-1]) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """x @ w in the flows' matrix-product precision (`device.FLOW_PRECISIONS`), the result in x's dtype, so
+    the scales, log-determinants and likelihoods computed from it stay fp32. bf16 rounds both factors to
+    bfloat16 (the kernels accumulate in fp32); tf32 keeps fp32 tensors and runs on TF32 tensor cores (CUDA).
+    Differentiable, for training."""
+    if precision == "bf16":
+        return (x.to(torch.bfloat16) @ w.to(torch.bfloat16)).to(x.dtype)
+    if precision == "tf32":
+        return _TF32Product.apply(x, w)
+    return x @ w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           precision: str = "fp32") -> torch.Tensor:
+    """F.linear with its product in `precision` and the bias added in x's dtype; fp32 is F.linear itself."""
+    if precision == "fp32":
+        return F.linear(x, weight, bias)
+    y = matmul(x, weight.T, precision)
+    return y if bias is None else y + bias
+
+
+def project_condition(layer: nn.Linear, c: torch.Tensor | PositionalCondition, precision: str = "fp32") -> torch.Tensor:
+    """layer(c) for conditions given as a tensor [..., C] or as a `PositionalCondition` (cheaper), its
+    products in `precision`."""
+    if isinstance(c, PositionalCondition):
+        return c.project(layer, lambda a, b: matmul(a, b, precision))
+    return linear(c, layer.weight, layer.bias, precision)
 
 
 def random_rotation(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -97,13 +141,14 @@ class CouplingBlock(nn.Module):
         """Global affine scaling and offset folded into the permutation: W (y * scale + offset) = M y + m."""
         return self.w_perm * self.scale(), self.w_perm @ self.global_offset
 
-    def _coeffs(self, x1: torch.Tensor, c: torch.Tensor | PositionalCondition | None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.in_x(x1)
+    def _coeffs(self, x1: torch.Tensor, c: torch.Tensor | PositionalCondition | None,
+                precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        h = linear(x1, self.in_x.weight, self.in_x.bias, precision)
         if self.in_c is not None:
             if c is None:
                 raise ValueError("this flow is conditional: pass a condition")
-            h = h + project_condition(self.in_c, c)
-        a = F.linear(F.relu(h), *self.out_params())
+            h = h + project_condition(self.in_c, c, precision)
+        a = linear(F.relu(h), *self.out_params(), precision)
         s = self.clamp * torch.tanh(a[..., : self.active])
         return s, a[..., self.active :]
 
@@ -113,24 +158,27 @@ class CouplingBlock(nn.Module):
         c: torch.Tensor | PositionalCondition | None = None,
         rev: bool = False,
         jac: bool = True,
+        precision: str = "fp32",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`precision`: that of the matrix products (`matmul`); the scales and the log-det stay in x's dtype."""
         scale = self.scale()
         log_scale = torch.log(scale).sum()
         if not rev:
             x1, x2 = x[..., : self.passive], x[..., self.passive :]
-            s, t = self._coeffs(x1, c)
+            s, t = self._coeffs(x1, c, precision)
             y = torch.cat([x1, x2 * torch.exp(s) + t], dim=-1)
-            y = F.linear(y, *self.mix_params())
+            y = linear(y, *self.mix_params(), precision)
             return y, (s.sum(-1) + log_scale) if jac else None
-        y = (F.linear(x, self.w_perm.T) - self.global_offset) / scale
+        y = (linear(x, self.w_perm.T, None, precision) - self.global_offset) / scale
         y1, y2 = y[..., : self.passive], y[..., self.passive :]
-        s, t = self._coeffs(y1, c)
+        s, t = self._coeffs(y1, c, precision)
         out = torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=-1)
         return out, (-s.sum(-1) - log_scale) if jac else None
 
 
 class ConditionalFlow(nn.Module):
-    """A sequence of coupling blocks: features z -> latent u with log|det J| (Eq. 7-8)."""
+    """A sequence of coupling blocks: features z -> latent u with log|det J| (Eq. 7-8). `matmul_precision`
+    is its matrix products' precision (`matmul`), a run setting that `device.Compute.place` sets."""
 
     def __init__(
         self,
@@ -144,6 +192,7 @@ class ConditionalFlow(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.dim, self.cond_dim = dim, cond_dim
+        self.matmul_precision = "fp32"
         self.blocks = nn.ModuleList(
             CouplingBlock(dim, cond_dim, clamp, permutation, generator) for _ in range(n_blocks)
         )
@@ -157,7 +206,7 @@ class ConditionalFlow(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         log_det = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device) if jac else None
         for block in reversed(self.blocks) if rev else self.blocks:
-            x, j = block(x, c, rev=rev, jac=jac)
+            x, j = block(x, c, rev=rev, jac=jac, precision=self.matmul_precision)
             if jac:
                 log_det = log_det + j
         return x, log_det
@@ -182,7 +231,8 @@ class FoldedFlow(nn.Module):
       input is the layout that onnxruntime's int8 kernels take (`quantize.py`), and it measured 5-15%
       faster in fp32 than weight-first products over channels-first maps.
     `MATMULS` products per block, in the order `weights()` and `forward`'s `ranges` use.
-    Built from the flow's current weights: rebuild it after training changes them.
+    The products run in the flow's `matmul_precision`, with the weights rounded to bf16 once here for bf16.
+    Built from the flow's current weights and precision: rebuild it after either changes.
     """
 
     MATMULS = 3  # per block: passive half -> hidden, hidden -> (log-scale, shift), block output -> mixed
@@ -192,6 +242,7 @@ class FoldedFlow(nn.Module):
         blocks = list(flow.blocks)
         first = blocks[0]
         self.dim, self.passive, self.active, self.clamp = flow.dim, first.passive, first.active, first.clamp
+        self.precision = flow.matmul_precision
         with torch.no_grad():
             cond = []
             for b in blocks:
@@ -200,13 +251,14 @@ class FoldedFlow(nn.Module):
                 else:
                     if condition is None or condition.shape[0] != locations:
                         raise ValueError(f"this flow is conditional: pass a condition with {locations} rows")
-                    cond.append(project_condition(b.in_c, condition))
+                    cond.append(project_condition(b.in_c, condition, self.precision))
             stack = lambda f: torch.stack([f(b) for b in blocks]).contiguous()  # noqa: E731
-            self.register_buffer("w_in", stack(lambda b: b.in_x.weight.T))  # [n, p, H]
+            weight = lambda f: stack(f).to(torch.bfloat16) if self.precision == "bf16" else stack(f)  # noqa: E731
+            self.register_buffer("w_in", weight(lambda b: b.in_x.weight.T))  # [n, p, H]
             self.register_buffer("c_in", torch.stack(cond).contiguous())  # [n, L, H]
-            self.register_buffer("w_out", stack(lambda b: b.out_params()[0].T))  # [n, H, 2a]: log-scale, shift
+            self.register_buffer("w_out", weight(lambda b: b.out_params()[0].T))  # [n, H, 2a]: log-scale, shift
             self.register_buffer("b_out", stack(lambda b: b.out_params()[1]))
-            self.register_buffer("w_mix", stack(lambda b: b.mix_params()[0].T))  # [n, D, D]
+            self.register_buffer("w_mix", weight(lambda b: b.mix_params()[0].T))  # [n, D, D]
             self.register_buffer("b_mix", stack(lambda b: b.mix_params()[1]))
             self.register_buffer("log_scale", sum(torch.log(b.scale()).sum() for b in blocks))
 
@@ -223,7 +275,7 @@ class FoldedFlow(nn.Module):
             if ranges is not None:
                 ranges[j, i, 0] = torch.minimum(ranges[j, i, 0], v.min())
                 ranges[j, i, 1] = torch.maximum(ranges[j, i, 1], v.max())
-            return v @ w
+            return matmul(v, w, self.precision)
 
         log_det = torch.zeros_like(x[..., 0])
         for j in range(self.w_in.shape[0]):

@@ -53,14 +53,26 @@ def exportable(model):
     return model
 
 
-def check_precision(model, precision: str) -> None:
-    """Refuse to score `model` in another precision than its constants and thresholds were fitted in: an
-    fp32 fit scored in bf16 moved good images' whitened distances up to 10%, so the thresholds no longer held
-    their false-positive rate (issue 34). `calibrate --precision` fits them again in the new one."""
-    if precision != model.precision:
-        raise CflowInputError(f"--precision {precision}: this model's constants and thresholds were fitted in"
-                              f" {model.precision}: run it with --precision {model.precision}, or recalibrate it"
-                              f" with 'cflow-ad calibrate --precision {precision}'")
+def check_precision(model, compute) -> None:
+    """Refuse to score `model` on `compute` (a `device.Compute`) in another precision or flow precision than
+    its constants and thresholds were fitted in: an fp32 fit scored in bf16 moved good images' whitened
+    distances up to 10%, so the thresholds no longer held their false-positive rate (issue 34).
+    `calibrate --precision / --flow-precision` fits them again in the new one."""
+    compute.flows(model)  # a flow precision for a model without flows: that error, not a mismatch
+    for flag, asked, fitted, what in (("precision", compute.precision, model.precision, "in {}"),
+                                      ("flow-precision", compute.flow_precision, model.flow_precision, "with {} flows")):
+        if asked != fitted:
+            raise CflowInputError(f"--{flag} {asked}: this model's constants and thresholds were fitted"
+                                  f" {what.format(fitted)}: run it with --{flag} {fitted}, or recalibrate it"
+                                  f" with 'cflow-ad calibrate --{flag} {asked}'")
+
+
+def check_onnx_precision(precision: str, flow_precision: str) -> None:
+    """onnxruntime runs the exported model in fp32 throughout: another precision is a one-line error."""
+    for flag, value in (("precision", precision), ("flow-precision", flow_precision)):
+        if value != "fp32":
+            raise CflowInputError(f"--{flag} {value} applies to --runtime torch: onnxruntime runs the exported"
+                                  " fp32 model")
 
 
 def check_quantize(quantize: str | None, runtime: str, onnx_file: bool) -> None:
@@ -79,9 +91,8 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
         raise CflowInputError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
     onnx_file = is_onnx_file(model)
     check_quantize(quantize, runtime, onnx_file)
-    if (onnx_file or runtime == "onnx") and compute is not None and compute.precision != "fp32":
-        raise CflowInputError(f"--precision {compute.precision} applies to --runtime torch: onnxruntime runs the"
-                              " exported fp32 model")
+    if (onnx_file or runtime == "onnx") and compute is not None:
+        check_onnx_precision(compute.precision, compute.flow_precision)
     if onnx_file:
         return OnnxModel(model, threads, device=compute.onnx_device if compute is not None else device)
     from .device import Compute
@@ -92,7 +103,7 @@ def load_runner(model, runtime: str = "torch", compute=None, threads: int | None
         from .export import onnx_runner
 
         return onnx_runner(exportable(model), threads, device=compute.onnx_device, quantize=quantize)
-    check_precision(model, compute.precision)
+    check_precision(model, compute)
     return compute.place(model)
 
 

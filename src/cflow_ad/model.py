@@ -87,10 +87,11 @@ class CFlowModel(AnomalyModel):
 
     def folded(self, k: int, height: int, width: int) -> FoldedFlow:
         """Decoder k folded for inference at one map size. Rebuilt after every switch between train
-        and eval mode, and whenever an in-place change (a state-dict load, a plain optimiser step)
-        has bumped the version counter of one of the decoder's tensors."""
+        and eval mode, whenever an in-place change (a state-dict load, a plain optimiser step)
+        has bumped the version counter of one of the decoder's tensors, and when its precision changes."""
         decoder = self.decoders[k]
-        version = tuple(t._version for t in itertools.chain(decoder.parameters(), decoder.buffers()))
+        version = (decoder.matmul_precision,
+                   *(t._version for t in itertools.chain(decoder.parameters(), decoder.buffers())))
         key = (k, int(height), int(width))  # ints: an ONNX trace passes sizes as tensors
         if key not in self._folded or self._folded[key][0] != version:
             self._folded[key] = (version, FoldedFlow(decoder, self.condition(height, width), height * width))

@@ -48,11 +48,12 @@ class PositionalCondition:
         h, w = self.rows.shape[0], self.cols.shape[0]
         return torch.cat([self.cols.repeat(h, 1), self.rows.repeat_interleave(w, 0)], 1)
 
-    def project(self, linear: torch.nn.Linear) -> torch.Tensor:
-        """linear(c_i) for every location, [h*w, out], through the row/column factors."""
+    def project(self, linear: torch.nn.Linear, product=torch.matmul) -> torch.Tensor:
+        """linear(c_i) for every location, [h*w, out], through the row/column factors, each factor's
+        matrix product computed by `product` (the flows' precision: `flow_decoder.matmul`)."""
         weight = linear.weight
-        col = self.cols.to(weight) @ weight[:, : self.half].T  # [w, out]
-        row = self.rows.to(weight) @ weight[:, self.half :].T  # [h, out]
+        col = product(self.cols.to(weight), weight[:, : self.half].T)  # [w, out]
+        row = product(self.rows.to(weight), weight[:, self.half :].T)  # [h, out]
         out = (row[:, None, :] + col[None, :, :]).flatten(0, 1)
         return out if linear.bias is None else out + linear.bias
 

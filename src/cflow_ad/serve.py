@@ -30,7 +30,7 @@ from . import __version__
 from .device import available_cores
 from .errors import BrokenModelError, CflowInputError, ImageFormatError, ImageTooLargeError
 from .images import UPLOAD_FORMATS, read_scaled
-from .inference import Inspector, is_onnx_file
+from .inference import Inspector, check_onnx_precision, is_onnx_file
 from .thresholds import ScoreScale
 from .visualize import colour_bar, png_bytes
 
@@ -297,7 +297,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
           limits: Limits | None = None, target_fpr: float | None = None, image_threshold: float | None = None,
           pixel_threshold: float | None = None, device: str = "auto", precision: str = "fp32",
           min_defect_area: int = 0, threads: int | None = None, quantize: str | None = None,
-          all_regions: bool = False) -> None:
+          all_regions: bool = False, flow_precision: str = "fp32") -> None:
     """Bind the port, load the model once on `device` and serve it until interrupted (uploads are decoded in
     the request threads, so no loader workers). An .onnx file is served without PyTorch."""
     import uvicorn
@@ -309,9 +309,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
         limits = replace(limits, max_concurrency=concurrency)
         thresholds = (target_fpr, image_threshold, pixel_threshold)
         if is_onnx_file(model):
-            if precision != "fp32":
-                raise CflowInputError(f"--precision {precision} applies to --runtime torch: onnxruntime runs the"
-                                      " exported fp32 model")
+            check_onnx_precision(precision, flow_precision)
             inspector = Inspector(model, "onnx", *thresholds, None, min_defect_area, share, device, quantize,
                                   all_regions)
         else:
@@ -324,8 +322,9 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, runtime:
                     CFlowConfig.from_dict(read_metadata(model)["config"]).method].runtimes:
                 runtime = "torch"  # the method has no ONNX form (SPADE's gallery search)
             share = set_threads(share)
-            inspector = Inspector(model, runtime, *thresholds, Compute(device, precision, workers=0), min_defect_area,
-                                  share, quantize=quantize, all_regions=all_regions)
+            compute = Compute(device, precision, workers=0, flow_precision=flow_precision)
+            inspector = Inspector(model, runtime, *thresholds, compute, min_defect_area, share, quantize=quantize,
+                                  all_regions=all_regions)
         config = uvicorn.Config(create_app(inspector, limits), log_level="warning",
                                 limit_concurrency=limits.max_connections, timeout_keep_alive=KEEP_ALIVE_S)
         print(f"cflow-ad: serving {model} ({inspector.config.method}, {inspector.runtime} on {inspector.device},"
