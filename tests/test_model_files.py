@@ -125,7 +125,7 @@ BROKEN = {
     "Inf constant": ("padim", {"tensors": _set("train_max_score", float("inf"))}, "NaN or Inf values in train_max_score"),
     "unknown precision": ("tiny", {"meta": {"precision": "fp8"}}, "its precision 'fp8' is none of fp32, bf16, fp16"),
     "unknown flow precision": ("tiny", {"meta": {"flow_precision": "fp16"}},
-                               "its flow precision 'fp16' is none of fp32, tf32, bf16"),
+                               "its flow precision 'fp16' is none of fp32, bf16"),
 }
 
 

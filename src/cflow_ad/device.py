@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-FLOW_PRECISIONS = ("fp32", "tf32", "bf16")  # of the flows' matrix products (`flow_decoder.matmul`)
+FLOW_PRECISIONS = ("fp32", "bf16")  # of the flows' matrix products (`flow_decoder.matmul`)
 MAX_DEFAULT_WORKERS = 4
 
 
@@ -126,15 +125,8 @@ def _check_precision(precision: str, device: torch.device) -> None:
 
 
 def _check_flow_precision(flow_precision: str, device: torch.device) -> None:
-    import torch
-
     if flow_precision not in FLOW_PRECISIONS:
         raise CflowInputError(f"unknown --flow-precision '{flow_precision}': use one of {', '.join(FLOW_PRECISIONS)}")
-    if flow_precision == "tf32" and device.type != "cuda":
-        raise CflowInputError(f"--flow-precision tf32 needs a CUDA GPU: on {device.type} use --flow-precision bf16 (or fp32)")
-    if flow_precision == "tf32" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise CflowInputError(f"--flow-precision tf32: {torch.cuda.get_device_name(device)} has no TF32 tensor cores"
-                              " (compute capability 8.0 or later): use --flow-precision fp32")
     if flow_precision == "bf16" and _no_bf16(device):
         raise CflowInputError(f"--flow-precision bf16: {_no_bf16(device)}: use --flow-precision fp32")
 
@@ -152,8 +144,8 @@ class Compute:
         "help": f"image-decoding worker processes (0: in the main process; default min({MAX_DEFAULT_WORKERS},"
                 " cores - 1), 0 on 2 cores or fewer)"})
     flow_precision: str = field(default="fp32", metadata={
-        "help": "the flows' matrix products: fp32, bf16 (fast on GPUs and on CPUs with avx512_bf16 or amx_bf16) or"
-                " tf32 (CUDA); their scales, log-determinants and likelihoods stay fp32. A model runs with the flow"
+        "help": "the flows' matrix products: fp32, or bf16 (fast on GPUs and on CPUs with avx512_bf16 or"
+                " amx_bf16); their scales, log-determinants and likelihoods stay fp32. A model runs with the flow"
                 " precision it was trained or last calibrated with"})
 
     def __post_init__(self) -> None:
@@ -232,32 +224,6 @@ class Compute:
         if self.type == "cuda":
             name += f" ({torch.cuda.get_device_name(self.torch_device)})"
         return f"{name}, {self.precision}" + (f", {self.flow_precision} flows" if self.flow_precision != "fp32" else "")
-
-
-_TF32_LOCK = threading.Lock()
-_tf32_users = 0
-
-
-@contextlib.contextmanager
-def tf32_matmuls():
-    """cuBLAS runs fp32 matrix products on TF32 tensor cores inside, in full fp32 again once the last thread
-    inside has left (`Compute.place` keeps TF32 off; `serve` scores in several threads). The switch is
-    process-wide, so the flows turn it on only around their products. It is the legacy flag that is set: it
-    moves the per-op `torch.backends.cuda.matmul.fp32_precision` along, where setting that one alone leaves
-    the two disagreeing, which this torch then refuses to read."""
-    import torch
-
-    global _tf32_users
-    with _TF32_LOCK:
-        _tf32_users += 1
-        torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        with _TF32_LOCK:
-            _tf32_users -= 1
-            if not _tf32_users:
-                torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def synchronize(device: torch.device | str) -> None:

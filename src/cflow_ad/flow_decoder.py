@@ -18,40 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import tf32_matmuls
 from .positional_encoding import PositionalCondition
 
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-class _TF32Product(torch.autograd.Function):
-    """x [..., in] @ w [in, out] in TF32, forward and backward: autograd runs the backward after the
-    forward has left `tf32_matmuls`, so the backward takes the switch again itself."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        with tf32_matmuls():
-            return x @ w
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, w = ctx.saved_tensors
-        with tf32_matmuls():
-            dx = grad @ w.T if ctx.needs_input_grad[0] else None
-            dw = x.reshape(-1, x.shape[-1]).T @ grad.reshape(-1, grad.shape[-1]) if ctx.needs_input_grad[1] else None
-        return dx, dw
-
-
 def matmul(x: torch.Tensor, w: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """x @ w in the flows' matrix-product precision (`device.FLOW_PRECISIONS`), the result in x's dtype, so
     the scales, log-determinants and likelihoods computed from it stay fp32. bf16 rounds both factors to
-    bfloat16 (the kernels accumulate in fp32); tf32 keeps fp32 tensors and runs on TF32 tensor cores (CUDA).
-    Differentiable, for training."""
+    bfloat16 (the kernels accumulate in fp32). Differentiable, for training."""
     if precision == "bf16":
         return (x.to(torch.bfloat16) @ w.to(torch.bfloat16)).to(x.dtype)
-    if precision == "tf32":
-        return _TF32Product.apply(x, w)
     return x @ w
 
 
