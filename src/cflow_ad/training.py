@@ -348,6 +348,7 @@ class _Run:
                  progress: bool, log: Callable[[str], None], state_path: Path | None, resume: bool,
                  on_epoch: Callable[[int, CFlowModel], None] | None):
         cfg = self.cfg = model.config
+        self.compute = compute
         self.model, self.progress, self.log, self.state_path, self.on_epoch = model, progress, log, state_path, on_epoch
         saved = load_state(state_path, cfg) if resume and state_path is not None and state_path.is_file() else None
         torch.manual_seed(cfg.seed)
@@ -389,35 +390,47 @@ class _Run:
                 "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 **{f.name: getattr(self.state, f.name) for f in fields(TrainState)}})
 
-    def step(self, k: int, fibers: torch.Tensor, log_det: torch.Tensor | None, size: tuple[int, int]) -> None:
-        """One optimiser step on scale k's fiber rows; skipped (and counted) when the loss or the
-        gradient is not finite, on every rank alike."""
-        s, cfg = self.state, self.cfg
-        loss = fiber_loss(self.model.log_likelihood(k, fibers, log_det, size, self.steps[k]), cfg.loss)
+    def step(self, k: int, fibers: torch.Tensor, log_det: torch.Tensor | None,
+             size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on scale k's fiber rows that reads nothing back to the host: every rank
+        runs backward (DDP's gradient all-reduce would wait forever for one that did not), and the fused
+        Adam skips the update on the device when the loss or the gradient norm is not finite on any rank
+        (`found_inf`, as torch.amp.GradScaler sets it). Returns the loss and that flag (1.0: skipped)."""
+        loss = fiber_loss(self.model.log_likelihood(k, fibers, log_det, size, self.steps[k]), self.cfg.loss)
         self.opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        if self.world > 1 and any_rank(not math.isfinite(value)):
-            value = math.nan  # a step is taken by all ranks or by none
-        if math.isfinite(value):
-            loss.backward()
-            grad = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        if not math.isfinite(value) or not torch.isfinite(grad):
+        loss.backward()
+        grad = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad))).float()
+        if self.world > 1:
+            all_reduce(found_inf, "max")  # a step is taken by all ranks or by none
+        self.opt.found_inf = found_inf
+        self.opt.step()
+        return loss.detach(), found_inf
+
+    def count_steps(self, losses: list[torch.Tensor], skipped: list[torch.Tensor]) -> None:
+        """The bookkeeping of an image batch's steps, in step order, from one read of their losses and
+        skip flags: the loss sums, the skipped steps, and the learning rate halved after
+        `NONFINITE_PATIENCE` skipped steps in a row (from the next image batch on, as it is set per batch)."""
+        s, h = self.state, self.history
+        losses, skipped = (t.tolist() for t in self.compute.host(torch.stack(losses), torch.stack(skipped)))
+        for value, skip in zip(losses, skipped):
+            if not skip:
+                s.skipped_in_row = 0
+                s.loss_sum += value
+                s.loss_steps += 1
+                continue
             s.skipped_in_row += 1
-            self.history["skipped_steps"] += 1
+            h["skipped_steps"] += 1
             if s.skipped_in_row == NONFINITE_PATIENCE:
-                self.history["lr_scale"] /= 2
+                h["lr_scale"] /= 2
                 s.skipped_in_row = 0
                 self.log(f"warning: {NONFINITE_PATIENCE} non-finite steps in a row: learning rate halved"
-                         f" (x{self.history['lr_scale']:g})")
-            return
-        s.skipped_in_row = 0
-        self.opt.step()
-        s.loss_sum += value
-        s.loss_steps += 1
+                         f" (x{h['lr_scale']:g})")
 
     def image_batch(self, feats: list[torch.Tensor]) -> None:
         """The steps of one image batch: images with non-finite features dropped, then each scale's
-        fibers in random chunks of whole location sets."""
+        fibers in random chunks of whole location sets, queued without a host read per step (a GPU
+        would idle at each), then counted."""
         finite = _finite_rows(feats)
         if self.world > 1 and any_rank(not finite.all()):  # ranks must take the same steps: all skip it
             finite = torch.zeros_like(finite)
@@ -427,12 +440,17 @@ class _Run:
             self.log(f"warning: {bad} image(s) with non-finite features left out of this batch"
                      f" ({self.history['dropped_images']} so far)")
             feats = [f[finite] for f in feats]
+        losses, skipped = [], []
         for k, f in enumerate(feats):
             if f.shape[0] == 0:
                 continue
             fibers, log_det = self.model.fibers(k, f)
             for chunk in location_chunks(fibers, self.fiber_batch, self.gen):
-                self.step(k, chunk, log_det, tuple(f.shape[-2:]))
+                loss, found_inf = self.step(k, chunk, log_det, tuple(f.shape[-2:]))
+                losses.append(loss)
+                skipped.append(found_inf)
+        if losses:
+            self.count_steps(losses, skipped)
 
     def epoch(self, stop: "_StopRequests") -> None:
         """The rest of the current epoch (all of it unless resumed mid-way), then its bookkeeping."""
@@ -520,7 +538,9 @@ def fit(
 
     Non-finite values never reach the weights: images with non-finite features are dropped from
     their batch (and from the whitening fit), and a step whose loss or gradient is not finite is
-    skipped; after `NONFINITE_PATIENCE` skipped steps in a row the learning rate is halved. Both are
+    skipped (on the device: the optimiser leaves the weights and its moments as they were); after
+    `NONFINITE_PATIENCE` skipped steps in a row the learning rate is halved, from the next image batch
+    on (the steps' flags are read once per image batch, and the rate is set per image batch). Both are
     counted in the history and logged.
 
     `on_epoch(epoch, model)` runs after every epoch, outside the timed loop (benchmarks use it
