@@ -259,3 +259,42 @@ def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(synthetic_r
     assert not second["same"] and not second["adam untouched"] and second["skipped"] == 10 and second["taken"] == 10
     assert second["lr"] == pytest.approx(learning_rate(cfg, 1 / 3, 1) * 0.5)
     assert history["skipped_steps"] == 10 and history["lr_scale"] == 0.5
+
+
+def test_fitting_stops_its_image_loader_workers(synthetic_root):
+    """Persistent workers would outlive `fit` (the loader and `_Images` refer to each other), also when
+    training fails; so would PaDiM's `fit_baseline`'s."""
+    import multiprocessing
+
+    from cflow_ad.baselines import PaDiM
+    from cflow_ad.device import Compute
+    from cflow_ad.training import fit, fit_baseline
+
+    cfg = TINY.replace(sub_epochs=1, coupling_layers=1, rotation=5.0)  # rotated: every epoch reads the images
+    ds = DataSource(synthetic_root, "synthetic").open("train", cfg.image_size)
+    compute = Compute("cpu", workers=1)
+    fit(CFlowModel(cfg), ds, progress=False, log=lambda m: None, compute=compute)
+    assert multiprocessing.active_children() == []
+
+    def fail(epoch, model):
+        assert multiprocessing.active_children(), "the loader's worker should still run here"
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        fit(CFlowModel(cfg), ds, progress=False, log=lambda m: None, compute=compute, on_epoch=fail)
+    assert multiprocessing.active_children() == []
+    fit_baseline(PaDiM(TINY.replace(method="padim")), ds, progress=False, compute=compute)
+    assert multiprocessing.active_children() == []
+
+
+def test_the_image_cache_is_not_page_locked(monkeypatch):
+    """On a GPU the loader of `_Images` must not pin: the per-image cache keeps what it reads, and only
+    the stacked batch is pinned for its copy."""
+    from cflow_ad.device import Compute
+    from cflow_ad.training import _Images
+
+    monkeypatch.setattr(Compute, "pin_memory", property(lambda self: True))  # as on a GPU
+    images = _Images([{"image": torch.zeros(3, 4, 4)}], 0, Compute("cpu", workers=0))
+    images.todo = [[0]]
+    images._decoded()
+    assert images._loader.pin_memory is False

@@ -12,6 +12,7 @@ likelihood wins.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -75,9 +76,10 @@ class _Uncached:
 
 
 class _Images:
-    """The training images, decoded by `compute.loader_workers` processes (persistent across epochs)
-    and kept as uint8 in memory up to a byte budget. `batches(order)` gives [0, 1] float batches on
-    the compute device, NaN for images with non-finite values (remembered in `nonfinite`)."""
+    """The training images, decoded by `compute.loader_workers` processes (persistent across epochs,
+    until `close` or the end of a `with` block) and kept as uint8 in memory up to a byte budget.
+    `batches(order)` gives [0, 1] float batches on the compute device, NaN for images with non-finite
+    values (remembered in `nonfinite`); a batch crosses to the device as uint8, a quarter of the bytes."""
 
     def __init__(self, dataset: Dataset, budget_bytes: int, compute: Compute):
         self.dataset, self.budget, self.compute = dataset, budget_bytes, compute
@@ -89,12 +91,25 @@ class _Images:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __enter__(self) -> "_Images":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the loader's workers: the loader and these images refer to each other (`_Uncached`), so
+        without this they would outlive training until a garbage collection."""
+        if self._loader is not None:
+            D.shut_down(self._loader)
+            self._loader = None
+
     def _decoded(self) -> Iterator[list]:
         if not any(self.todo):  # all in memory: no loader needed
             return iter(())
-        if self._loader is None:
+        if self._loader is None:  # unpinned: the cache keeps what it reads, and page-locked memory is scarce
             self._loader = D.image_loader(_Decoded(self.dataset), self.compute, batch_sampler=_Uncached(self),
-                                          collate=list)
+                                          collate=list, pin=False)
         return D.checked(self._loader)
 
     def batches(self, order: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -110,11 +125,14 @@ class _Images:
                 if (len(self.cache) + 1) * img.numel() <= self.budget:
                     self.cache[i] = img
                 fresh[i] = img
-            batch = torch.stack([fresh[i] if i in fresh else self.cache[i] for i in idx.tolist()]).float() / 255
-            for row, i in enumerate(idx.tolist()):
-                if i in self.nonfinite:
-                    batch[row] = float("nan")
-            yield self.compute.put(batch)
+            imgs = [fresh[i] if i in fresh else self.cache[i] for i in idx.tolist()]
+            # stacked straight into page-locked memory on a GPU, so that the copy runs asynchronously
+            pinned = torch.empty((len(imgs), *imgs[0].shape), dtype=torch.uint8, pin_memory=self.compute.pin_memory)
+            batch = self.compute.put(torch.stack(imgs, out=pinned)).float() / 255
+            bad = [row for row, i in enumerate(idx.tolist()) if i in self.nonfinite]
+            if bad:
+                batch[bad] = float("nan")
+            yield batch
 
 
 def learning_rate(config: CFlowConfig, epoch: float, total_epochs: int) -> float:
@@ -346,7 +364,7 @@ class _Run:
 
     def __init__(self, model: CFlowModel, train_set: Dataset, val_set: Dataset | None, compute: Compute,
                  progress: bool, log: Callable[[str], None], state_path: Path | None, resume: bool,
-                 on_epoch: Callable[[int, CFlowModel], None] | None):
+                 on_epoch: Callable[[int, CFlowModel], None] | None, opened: contextlib.ExitStack):
         cfg = self.cfg = model.config
         self.compute = compute
         self.model, self.progress, self.log, self.state_path, self.on_epoch = model, progress, log, state_path, on_epoch
@@ -356,14 +374,15 @@ class _Run:
         self.rank, self.world = rank_world()
         mine, real = shard(len(train_set))  # all images in one process
         budget = cfg.memory_mb * 2**20
-        self.images = _Images(train_set if self.world == 1 else Subset(train_set, mine), budget // 3, compute)
+        self.images = opened.enter_context(
+            _Images(train_set if self.world == 1 else Subset(train_set, mine), budget // 3, compute))
         self.features = _Features(model, self.images, cfg, fit_whitening=True, progress=progress,
                                   budget_bytes=budget * 2 // 3, log=log, real=torch.tensor(real))
         # the same global batch whatever the number of ranks
         self.batch_size, self.fiber_batch = max(1, cfg.batch_size // self.world), max(1, cfg.fiber_batch // self.world)
         # validation runs once a meta-epoch: its images are decoded and encoded again rather than cached
-        self.val = None if not val_set else _Features(model, _Images(val_set, 0, compute), cfg.replace(rotation=0.0),
-                                                      False)
+        self.val = None if not val_set else _Features(model, opened.enter_context(_Images(val_set, 0, compute)),
+                                                      cfg.replace(rotation=0.0), False)
         self.val_size = len(val_set) if val_set else 0
         self.params = [p for p in model.decoders.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)  # one kernel a step: unfused is a third slower
@@ -550,14 +569,15 @@ def fit(
         raise ValueError("empty training set")
     compute = compute or Compute()
     compute.place(model)
-    run = _Run(model, train_set, val_set, compute, progress, log, Path(state_path) if state_path else None, resume,
-               on_epoch)
-    with _StopRequests() as stop:
-        while run.state.epoch < run.total_epochs:
-            run.epoch(stop)
-            if any_rank(stop.requested):
-                raise TrainingInterrupted(run.state_path)
-    return run.finish()
+    with contextlib.ExitStack() as opened:  # the image loaders' workers stop however training ends
+        run = _Run(model, train_set, val_set, compute, progress, log, Path(state_path) if state_path else None,
+                   resume, on_epoch, opened)
+        with _StopRequests() as stop:
+            while run.state.epoch < run.total_epochs:
+                run.epoch(stop)
+                if any_rank(stop.requested):
+                    raise TrainingInterrupted(run.state_path)
+        return run.finish()
 
 
 @torch.no_grad()
@@ -571,15 +591,16 @@ def fit_baseline(model: DistanceModel, train_set: Dataset, progress: bool = True
         raise ValueError("a baseline needs at least 2 training images")
     compute = compute or Compute()
     compute.place(model)
-    images = _Images(train_set, 0, compute)  # one pass: nothing to keep
-    batches = _batches(len(images), cfg.batch_size)
-    t0 = time.perf_counter()
-    bar = tqdm(images.batches(batches), total=len(batches), desc=f"fit {cfg.method}", disable=not progress, leave=False)
-    model.fit(model.features(x) for x in bar)
-    seconds = time.perf_counter() - t0
-    picks = torch.linspace(0, len(images) - 1, min(sample, len(images))).round().long().unique()
-    picks = list(picks.split(cfg.batch_size))
-    top = max(float(model.maps_from_features(model.features(x), idx)[1].max())
-              for idx, x in zip(picks, images.batches(picks)))
+    with _Images(train_set, 0, compute) as images:  # one pass: nothing to keep
+        batches = _batches(len(images), cfg.batch_size)
+        t0 = time.perf_counter()
+        bar = tqdm(images.batches(batches), total=len(batches), desc=f"fit {cfg.method}", disable=not progress,
+                   leave=False)
+        model.fit(model.features(x) for x in bar)
+        seconds = time.perf_counter() - t0
+        picks = torch.linspace(0, len(images) - 1, min(sample, len(images))).round().long().unique()
+        picks = list(picks.split(cfg.batch_size))
+        top = max(float(model.maps_from_features(model.features(x), idx)[1].max())
+                  for idx, x in zip(picks, images.batches(picks)))
     model.train_max_score.fill_(max(top, 1e-6))
     return {"fit_seconds": seconds, "epochs": 0}
