@@ -38,6 +38,10 @@ def init_from_env(device: torch.device = torch.device("cpu")) -> tuple[int, int]
     global _DEVICE
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return 0, 1
+    if device.type == "cuda":
+        # this rank's GPU is current before anything asks for the current one (nccl, the loader's pin-memory
+        # thread), each of which would otherwise open a context on GPU 0, every rank one
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = distributed_backend(device)
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
