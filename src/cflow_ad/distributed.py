@@ -105,4 +105,7 @@ def decoder_steps(decoders: nn.ModuleList) -> list:
     if rank_world()[1] == 1:
         return [d.log_prob for d in decoders]
     ids = [_DEVICE] if _DEVICE.type == "cuda" else None
-    return [nn.parallel.DistributedDataParallel(LogProb(d), device_ids=ids) for d in decoders]
+    # A decoder's only buffers are its blocks' fixed permutations / rotations (`w_perm`), drawn from the
+    # config's seed and never changed, so every rank holds the same: broadcasting them from rank 0 before
+    # every forward would be a collective per optimiser step for nothing.
+    return [nn.parallel.DistributedDataParallel(LogProb(d), device_ids=ids, broadcast_buffers=False) for d in decoders]

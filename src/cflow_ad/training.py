@@ -42,6 +42,10 @@ from .scoring import fit_constants
 
 
 NONFINITE_PATIENCE = 10  # skipped steps in a row before the learning rate is halved
+# The training state leaves out the model's tensors under this prefix: the encoder is frozen (no gradients,
+# always in eval mode, so not even its batch-norm statistics move) and rebuilt from the pretrained weights
+# that the config names, so saving it would only make every per-epoch save larger.
+FROZEN_PREFIX = "encoder."
 
 
 class _Decoded(Dataset):
@@ -348,9 +352,13 @@ def load_state(path: Path, config: CFlowConfig) -> dict:
         raise CflowInputError(f"the training state in '{path}' was saved with other options: "
                               "rerun with the same options, or without --resume to start over")
     if any(f.name not in state for f in fields(TrainState)):
-        raise CflowInputError(f"the training state in '{path}' was saved by another version of cflow-ad: "
-                              "rerun without --resume to start over")
+        raise _another_version(path)
     return state
+
+
+def _another_version(path: Path) -> CflowInputError:
+    return CflowInputError(f"the training state in '{path}' was saved by another version of cflow-ad: "
+                           "rerun without --resume to start over")
 
 
 def _finite_rows(features: list[torch.Tensor]) -> torch.Tensor:
@@ -392,7 +400,7 @@ class _Run:
         self.steps = decoder_steps(model.decoders)  # DDP-wrapped when distributed: gradients averaged over ranks
         self.state = TrainState()
         if saved is not None:
-            model.load_state_dict(saved["model"])
+            self.restore(saved["model"])
             self.opt.load_state_dict(saved["optimizer"])  # Adam moves its moments to the parameters' device
             self.gen.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
@@ -402,10 +410,22 @@ class _Run:
         self.history = self.state.history
         self.history["dropped_images"] = max(self.history["dropped_images"], self.features.dropped)
 
+    def restore(self, saved: dict) -> None:
+        """The model's tensors from a training state: exactly the `FROZEN_PREFIX` ones must be missing, anything
+        else missing, unexpected or of another shape is a state of another version. The keys are compared
+        here: `load_state_dict` does not report a missing batch-norm `num_batches_tracked`."""
+        if saved.keys() != {k for k in self.model.state_dict() if not k.startswith(FROZEN_PREFIX)}:
+            raise _another_version(self.state_path)
+        try:
+            self.model.load_state_dict(saved, strict=False)
+        except RuntimeError:  # a tensor of another shape
+            raise _another_version(self.state_path) from None
+
     def save(self) -> None:
         if self.state_path is not None and self.rank == 0:
+            model = {k: v for k, v in self.model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
             _save_state(self.state_path, {
-                "config": self.cfg.to_json(), "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "config": self.cfg.to_json(), "model": model, "optimizer": self.opt.state_dict(),
                 "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 **{f.name: getattr(self.state, f.name) for f in fields(TrainState)}})
 
@@ -549,8 +569,8 @@ def fit(
     """Train the decoders of `model` in place on `compute` (default: `Compute()`, the GPU when there is
     one); returns a history with losses and timings. The model is moved to the compute device.
 
-    With `state_path`, the whole training state (model, optimiser, RNG states, `TrainState`) is written
-    there atomically after every epoch and when SIGINT or SIGTERM arrives, and `resume=True` continues
+    With `state_path`, the whole training state (the model but its frozen encoder, optimiser, RNG states,
+    `TrainState`) is written there atomically after every epoch and when SIGINT or SIGTERM arrives, and `resume=True` continues
     from it exactly: the same seed gives the same model as a run that was never stopped. The learning
     rate is a function of the position, so it needs no state of its own. Every random draw comes from
     CPU generators, so the device changes no draw.
