@@ -569,11 +569,11 @@ def fit(
     """Train the decoders of `model` in place on `compute` (default: `Compute()`, the GPU when there is
     one); returns a history with losses and timings. The model is moved to the compute device.
 
-    With `state_path`, the whole training state (the model but its frozen encoder, optimiser, RNG states,
-    `TrainState`) is written there atomically after every epoch and when SIGINT or SIGTERM arrives, and `resume=True` continues
-    from it exactly: the same seed gives the same model as a run that was never stopped. The learning
-    rate is a function of the position, so it needs no state of its own. Every random draw comes from
-    CPU generators, so the device changes no draw.
+    With `state_path`, the whole training state (the model but its frozen encoder, optimiser, RNG
+    states, `TrainState`) is written there atomically after every epoch and when SIGINT or SIGTERM
+    arrives, and `resume=True` continues from it exactly: the same seed gives the same model as a run
+    that was never stopped. The learning rate is a function of the position, so it needs no state of
+    its own. Every random draw comes from CPU generators, so the device changes no draw.
 
     Non-finite values never reach the weights: images with non-finite features are dropped from
     their batch (and from the whitening fit), and a step whose loss or gradient is not finite is
