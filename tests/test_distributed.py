@@ -75,3 +75,23 @@ def test_ranks_without_a_gpu_each_are_refused_before_torchrun(device, nproc, ref
     err = _one_line_error(capsys, argv)
     assert refused in err and ("--device cuda " in err or "--nproc 2 or fewer" in err)
     assert started == []
+
+
+def test_a_cuda_rank_makes_its_gpu_current_before_joining(monkeypatch):
+    """Pretended: rank 1 of 2 on cuda:1 sets its device before the process group starts nccl, so that no
+    rank opens a context on GPU 0."""
+    from cflow_ad import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_DEVICE", distributed._DEVICE)  # restored afterwards
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, device_id: calls.append((backend, device_id)))
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    distributed.init_from_env(torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)), ("nccl", torch.device("cuda", 1))]
+    calls.clear()
+    distributed.init_from_env(torch.device("cpu"))  # gloo ranks leave CUDA alone
+    assert calls == [("gloo", None)]

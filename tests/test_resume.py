@@ -158,3 +158,25 @@ def test_a_nan_model_is_never_saved(tmp_path):
     with pytest.raises(CflowInputError, match="NaN or Inf"):
         save_checkpoint(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_the_state_leaves_out_the_frozen_encoder_and_resume_checks_the_rest(synthetic_root, tmp_path):
+    """The per-epoch state holds every model tensor but the pretrained encoder's (rebuilt from its weights);
+    a state that holds them, or lacks any other, is refused as another version's."""
+    cfg = TINY.replace(sub_epochs=1, coupling_layers=1)
+    train = DataSource(synthetic_root, "synthetic").open("train", cfg.image_size)
+    state = tmp_path / "state.pt"
+    fit(CFlowModel(cfg), train, progress=False, log=lambda m: None, state_path=state)
+    saved = torch.load(state, weights_only=True)
+    full = CFlowModel(cfg).state_dict()
+    encoder = {k for k in full if k.startswith("encoder.")}
+    assert encoder and saved["model"].keys() == full.keys() - encoder
+    model = CFlowModel(cfg)
+    fit(model, train, progress=False, log=lambda m: None, state_path=state, resume=True)  # finished: loads, trains no more
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items() if k.startswith("decoders."))
+    first_decoder_key = next(k for k in saved["model"] if k.startswith("decoders."))
+    for weights in ({**saved["model"], **{k: full[k] for k in encoder}},  # as versions before this one saved it
+                    {k: v for k, v in saved["model"].items() if k != first_decoder_key}):
+        torch.save({**saved, "model": weights}, state)
+        with pytest.raises(CflowInputError, match="another version"):
+            fit(CFlowModel(cfg), train, progress=False, log=lambda m: None, state_path=state, resume=True)

@@ -186,3 +186,115 @@ def test_a_partial_image_cache_trains_the_same_model(synthetic_root, tmp_path, m
     assert passes == [(24, 0), (24, 7), (24, 7), (24, 0), (24, 24), (24, 24)]
     assert models[0].keys() == models[1].keys()
     assert all(torch.allclose(models[0][k], models[1][k], atol=1e-6) for k in models[1])
+
+
+def test_the_fused_adam_skips_a_step_on_the_device_flag():
+    """What `_Run.step` relies on: with `found_inf` 1 the fused Adam leaves the weights, both moments and
+    the step count bitwise as they were (NaN gradients included); with 0 it is a plain step, bit for bit."""
+    def adam_after_two_steps():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen)), torch.nn.Parameter(torch.randn(4, generator=gen))]
+        opt = torch.optim.Adam(params, lr=1e-2, fused=True)
+        for _ in range(3):  # two steps, then the gradients of the third
+            if params[0].grad is not None:
+                opt.step()
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+        return params, opt
+
+    def snapshot(params, opt):
+        return [t.clone() for p in params for t in (p.detach(), *opt.state[p].values())]
+
+    params, opt = adam_after_two_steps()
+    before = snapshot(params, opt)
+    params[0].grad[0, 0] = float("nan")
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(params, opt)))
+
+    plain, flagged = adam_after_two_steps(), adam_after_two_steps()
+    plain[1].step()
+    flagged[1].found_inf = torch.zeros(())
+    flagged[1].step()
+    after = snapshot(*plain), snapshot(*flagged)
+    assert opt.state[params[0]]["step"] == 2 and plain[1].state[plain[0][0]]["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(*after))
+
+
+def test_a_non_finite_step_is_skipped_counted_and_leaves_the_weights(synthetic_root, monkeypatch):
+    """The first image batch's 10 steps (8 at 16x16, 2 at 8x8) all have a NaN loss: each is skipped and
+    counted, the decoders and Adam's state stay bitwise as they were, and the 10th in a row halves the
+    learning rate from the next image batch on, whose steps train again."""
+    from cflow_ad import training
+
+    real, calls = training.fiber_loss, {"n": 0}
+
+    def flaky(lp, kind):
+        calls["n"] += 1
+        loss = real(lp, kind)
+        return loss * float("nan") if calls["n"] <= 10 else loss
+
+    batches = []
+    image_batch = training._Run.image_batch
+
+    def watched(run, feats):
+        before = [t.clone() for t in run.model.decoders.state_dict().values()]
+        lr = run.opt.param_groups[0]["lr"]
+        image_batch(run, feats)
+        batches.append({
+            "same": all(torch.equal(a, b) for a, b in zip(before, run.model.decoders.state_dict().values())),
+            "adam untouched": all(not s["step"] and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
+                                  for s in run.opt.state.values()),
+            "lr": lr, "skipped": run.history["skipped_steps"], "scale": run.history["lr_scale"],
+            "taken": run.state.loss_steps})
+
+    monkeypatch.setattr(training, "fiber_loss", flaky)
+    monkeypatch.setattr(training._Run, "image_batch", watched)
+    cfg = TINY.replace(sub_epochs=1)
+    history = training.fit(CFlowModel(cfg), DataSource(synthetic_root, "synthetic").open("train", cfg.image_size),
+                           progress=False, log=lambda m: None)
+    first, second = batches[:2]
+    assert first == {"same": True, "adam untouched": True, "lr": learning_rate(cfg, 0.0, 1), "skipped": 10,
+                     "scale": 0.5, "taken": 0}
+    assert not second["same"] and not second["adam untouched"] and second["skipped"] == 10 and second["taken"] == 10
+    assert second["lr"] == pytest.approx(learning_rate(cfg, 1 / 3, 1) * 0.5)
+    assert history["skipped_steps"] == 10 and history["lr_scale"] == 0.5
+
+
+def test_fitting_stops_its_image_loader_workers(synthetic_root):
+    """Persistent workers would outlive `fit` (the loader and `_Images` refer to each other), also when
+    training fails; so would PaDiM's `fit_baseline`'s."""
+    import multiprocessing
+
+    from cflow_ad.baselines import PaDiM
+    from cflow_ad.device import Compute
+    from cflow_ad.training import fit, fit_baseline
+
+    cfg = TINY.replace(sub_epochs=1, coupling_layers=1, rotation=5.0)  # rotated: every epoch reads the images
+    ds = DataSource(synthetic_root, "synthetic").open("train", cfg.image_size)
+    compute = Compute("cpu", workers=1)
+    fit(CFlowModel(cfg), ds, progress=False, log=lambda m: None, compute=compute)
+    assert multiprocessing.active_children() == []
+
+    def fail(epoch, model):
+        assert multiprocessing.active_children(), "the loader's worker should still run here"
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        fit(CFlowModel(cfg), ds, progress=False, log=lambda m: None, compute=compute, on_epoch=fail)
+    assert multiprocessing.active_children() == []
+    fit_baseline(PaDiM(TINY.replace(method="padim")), ds, progress=False, compute=compute)
+    assert multiprocessing.active_children() == []
+
+
+def test_the_image_cache_is_not_page_locked(monkeypatch):
+    """On a GPU the loader of `_Images` must not pin: the per-image cache keeps what it reads, and only
+    the stacked batch is pinned for its copy."""
+    from cflow_ad.device import Compute
+    from cflow_ad.training import _Images
+
+    monkeypatch.setattr(Compute, "pin_memory", property(lambda self: True))  # as on a GPU
+    images = _Images([{"image": torch.zeros(3, 4, 4)}], 0, Compute("cpu", workers=0))
+    images.todo = [[0]]
+    images._decoded()
+    assert images._loader.pin_memory is False

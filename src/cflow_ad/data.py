@@ -162,15 +162,24 @@ class _Collate:
 
 
 def image_loader(dataset, compute, batch_size: int = 1, batch_sampler=None,
-                 collate=torch.utils.data.default_collate) -> torch.utils.data.DataLoader:
+                 collate=torch.utils.data.default_collate, pin: bool = True) -> torch.utils.data.DataLoader:
     """A DataLoader over `dataset` in order, decoding in `compute.loader_workers` processes (kept
-    across passes), into pinned memory when the device is a GPU. Read it with `checked`. It draws
-    from its own generator, so the number of workers changes no random draw of the run."""
+    across passes; `shut_down` stops them), into pinned memory when the device is a GPU unless `pin`
+    is False (a caller that keeps what it reads must not hold page-locked memory for it). Read it with
+    `checked`. It draws from its own generator, so the number of workers changes no random draw of the run."""
     workers = compute.loader_workers
     kw = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
     return torch.utils.data.DataLoader(
-        _Guarded(dataset), num_workers=workers, persistent_workers=workers > 0, pin_memory=compute.pin_memory,
+        _Guarded(dataset), num_workers=workers, persistent_workers=workers > 0, pin_memory=pin and compute.pin_memory,
         collate_fn=_Collate(collate), generator=torch.Generator(), **kw)
+
+
+def shut_down(loader: torch.utils.data.DataLoader) -> None:
+    """Stop the persistent worker processes of an `image_loader` now: they otherwise live as long as the
+    loader, which a reference cycle can keep until the garbage collector runs."""
+    if loader._iterator is not None:  # only a loader with persistent workers keeps its iterator
+        loader._iterator._shutdown_workers()
+        loader._iterator = None  # read again, it starts new workers
 
 
 def checked(loader: torch.utils.data.DataLoader, on_error=None):

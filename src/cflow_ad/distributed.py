@@ -38,6 +38,10 @@ def init_from_env(device: torch.device = torch.device("cpu")) -> tuple[int, int]
     global _DEVICE
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return 0, 1
+    if device.type == "cuda":
+        # this rank's GPU is current before anything asks for the current one (nccl, the loader's pin-memory
+        # thread), each of which would otherwise open a context on GPU 0, every rank one
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = distributed_backend(device)
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
@@ -101,4 +105,7 @@ def decoder_steps(decoders: nn.ModuleList) -> list:
     if rank_world()[1] == 1:
         return [d.log_prob for d in decoders]
     ids = [_DEVICE] if _DEVICE.type == "cuda" else None
-    return [nn.parallel.DistributedDataParallel(LogProb(d), device_ids=ids) for d in decoders]
+    # A decoder's only buffers are its blocks' fixed permutations / rotations (`w_perm`), drawn from the
+    # config's seed and never changed, so every rank holds the same: broadcasting them from rank 0 before
+    # every forward would be a collective per optimiser step for nothing.
+    return [nn.parallel.DistributedDataParallel(LogProb(d), device_ids=ids, broadcast_buffers=False) for d in decoders]

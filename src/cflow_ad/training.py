@@ -12,6 +12,7 @@ likelihood wins.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -41,6 +42,10 @@ from .scoring import fit_constants
 
 
 NONFINITE_PATIENCE = 10  # skipped steps in a row before the learning rate is halved
+# The training state leaves out the model's tensors under this prefix: the encoder is frozen (no gradients,
+# always in eval mode, so not even its batch-norm statistics move) and rebuilt from the pretrained weights
+# that the config names, so saving it would only make every per-epoch save larger.
+FROZEN_PREFIX = "encoder."
 
 
 class _Decoded(Dataset):
@@ -75,9 +80,10 @@ class _Uncached:
 
 
 class _Images:
-    """The training images, decoded by `compute.loader_workers` processes (persistent across epochs)
-    and kept as uint8 in memory up to a byte budget. `batches(order)` gives [0, 1] float batches on
-    the compute device, NaN for images with non-finite values (remembered in `nonfinite`)."""
+    """The training images, decoded by `compute.loader_workers` processes (persistent across epochs,
+    until `close` or the end of a `with` block) and kept as uint8 in memory up to a byte budget.
+    `batches(order)` gives [0, 1] float batches on the compute device, NaN for images with non-finite
+    values (remembered in `nonfinite`); a batch crosses to the device as uint8, a quarter of the bytes."""
 
     def __init__(self, dataset: Dataset, budget_bytes: int, compute: Compute):
         self.dataset, self.budget, self.compute = dataset, budget_bytes, compute
@@ -89,12 +95,25 @@ class _Images:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __enter__(self) -> "_Images":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the loader's workers: the loader and these images refer to each other (`_Uncached`), so
+        without this they would outlive training until a garbage collection."""
+        if self._loader is not None:
+            D.shut_down(self._loader)
+            self._loader = None
+
     def _decoded(self) -> Iterator[list]:
         if not any(self.todo):  # all in memory: no loader needed
             return iter(())
-        if self._loader is None:
+        if self._loader is None:  # unpinned: the cache keeps what it reads, and page-locked memory is scarce
             self._loader = D.image_loader(_Decoded(self.dataset), self.compute, batch_sampler=_Uncached(self),
-                                          collate=list)
+                                          collate=list, pin=False)
         return D.checked(self._loader)
 
     def batches(self, order: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -110,11 +129,14 @@ class _Images:
                 if (len(self.cache) + 1) * img.numel() <= self.budget:
                     self.cache[i] = img
                 fresh[i] = img
-            batch = torch.stack([fresh[i] if i in fresh else self.cache[i] for i in idx.tolist()]).float() / 255
-            for row, i in enumerate(idx.tolist()):
-                if i in self.nonfinite:
-                    batch[row] = float("nan")
-            yield self.compute.put(batch)
+            imgs = [fresh[i] if i in fresh else self.cache[i] for i in idx.tolist()]
+            # stacked straight into page-locked memory on a GPU, so that the copy runs asynchronously
+            pinned = torch.empty((len(imgs), *imgs[0].shape), dtype=torch.uint8, pin_memory=self.compute.pin_memory)
+            batch = self.compute.put(torch.stack(imgs, out=pinned)).float() / 255
+            bad = [row for row, i in enumerate(idx.tolist()) if i in self.nonfinite]
+            if bad:
+                batch[bad] = float("nan")
+            yield batch
 
 
 def learning_rate(config: CFlowConfig, epoch: float, total_epochs: int) -> float:
@@ -330,9 +352,13 @@ def load_state(path: Path, config: CFlowConfig) -> dict:
         raise CflowInputError(f"the training state in '{path}' was saved with other options: "
                               "rerun with the same options, or without --resume to start over")
     if any(f.name not in state for f in fields(TrainState)):
-        raise CflowInputError(f"the training state in '{path}' was saved by another version of cflow-ad: "
-                              "rerun without --resume to start over")
+        raise _another_version(path)
     return state
+
+
+def _another_version(path: Path) -> CflowInputError:
+    return CflowInputError(f"the training state in '{path}' was saved by another version of cflow-ad: "
+                           "rerun without --resume to start over")
 
 
 def _finite_rows(features: list[torch.Tensor]) -> torch.Tensor:
@@ -346,8 +372,9 @@ class _Run:
 
     def __init__(self, model: CFlowModel, train_set: Dataset, val_set: Dataset | None, compute: Compute,
                  progress: bool, log: Callable[[str], None], state_path: Path | None, resume: bool,
-                 on_epoch: Callable[[int, CFlowModel], None] | None):
+                 on_epoch: Callable[[int, CFlowModel], None] | None, opened: contextlib.ExitStack):
         cfg = self.cfg = model.config
+        self.compute = compute
         self.model, self.progress, self.log, self.state_path, self.on_epoch = model, progress, log, state_path, on_epoch
         saved = load_state(state_path, cfg) if resume and state_path is not None and state_path.is_file() else None
         torch.manual_seed(cfg.seed)
@@ -355,14 +382,15 @@ class _Run:
         self.rank, self.world = rank_world()
         mine, real = shard(len(train_set))  # all images in one process
         budget = cfg.memory_mb * 2**20
-        self.images = _Images(train_set if self.world == 1 else Subset(train_set, mine), budget // 3, compute)
+        self.images = opened.enter_context(
+            _Images(train_set if self.world == 1 else Subset(train_set, mine), budget // 3, compute))
         self.features = _Features(model, self.images, cfg, fit_whitening=True, progress=progress,
                                   budget_bytes=budget * 2 // 3, log=log, real=torch.tensor(real))
         # the same global batch whatever the number of ranks
         self.batch_size, self.fiber_batch = max(1, cfg.batch_size // self.world), max(1, cfg.fiber_batch // self.world)
         # validation runs once a meta-epoch: its images are decoded and encoded again rather than cached
-        self.val = None if not val_set else _Features(model, _Images(val_set, 0, compute), cfg.replace(rotation=0.0),
-                                                      False)
+        self.val = None if not val_set else _Features(model, opened.enter_context(_Images(val_set, 0, compute)),
+                                                      cfg.replace(rotation=0.0), False)
         self.val_size = len(val_set) if val_set else 0
         self.params = [p for p in model.decoders.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)  # one kernel a step: unfused is a third slower
@@ -372,7 +400,7 @@ class _Run:
         self.steps = decoder_steps(model.decoders)  # DDP-wrapped when distributed: gradients averaged over ranks
         self.state = TrainState()
         if saved is not None:
-            model.load_state_dict(saved["model"])
+            self.restore(saved["model"])
             self.opt.load_state_dict(saved["optimizer"])  # Adam moves its moments to the parameters' device
             self.gen.set_state(saved["generator"])
             torch.set_rng_state(saved["torch_rng"])
@@ -382,42 +410,66 @@ class _Run:
         self.history = self.state.history
         self.history["dropped_images"] = max(self.history["dropped_images"], self.features.dropped)
 
+    def restore(self, saved: dict) -> None:
+        """The model's tensors from a training state: exactly the `FROZEN_PREFIX` ones must be missing, anything
+        else missing, unexpected or of another shape is a state of another version. The keys are compared
+        here: `load_state_dict` does not report a missing batch-norm `num_batches_tracked`."""
+        if saved.keys() != {k for k in self.model.state_dict() if not k.startswith(FROZEN_PREFIX)}:
+            raise _another_version(self.state_path)
+        try:
+            self.model.load_state_dict(saved, strict=False)
+        except RuntimeError:  # a tensor of another shape
+            raise _another_version(self.state_path) from None
+
     def save(self) -> None:
         if self.state_path is not None and self.rank == 0:
+            model = {k: v for k, v in self.model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
             _save_state(self.state_path, {
-                "config": self.cfg.to_json(), "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "config": self.cfg.to_json(), "model": model, "optimizer": self.opt.state_dict(),
                 "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 **{f.name: getattr(self.state, f.name) for f in fields(TrainState)}})
 
-    def step(self, k: int, fibers: torch.Tensor, log_det: torch.Tensor | None, size: tuple[int, int]) -> None:
-        """One optimiser step on scale k's fiber rows; skipped (and counted) when the loss or the
-        gradient is not finite, on every rank alike."""
-        s, cfg = self.state, self.cfg
-        loss = fiber_loss(self.model.log_likelihood(k, fibers, log_det, size, self.steps[k]), cfg.loss)
+    def step(self, k: int, fibers: torch.Tensor, log_det: torch.Tensor | None,
+             size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on scale k's fiber rows that reads nothing back to the host: every rank
+        runs backward (DDP's gradient all-reduce would wait forever for one that did not), and the fused
+        Adam skips the update on the device when the loss or the gradient norm is not finite on any rank
+        (`found_inf`, as torch.amp.GradScaler sets it). Returns the loss and that flag (1.0: skipped)."""
+        loss = fiber_loss(self.model.log_likelihood(k, fibers, log_det, size, self.steps[k]), self.cfg.loss)
         self.opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        if self.world > 1 and any_rank(not math.isfinite(value)):
-            value = math.nan  # a step is taken by all ranks or by none
-        if math.isfinite(value):
-            loss.backward()
-            grad = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        if not math.isfinite(value) or not torch.isfinite(grad):
+        loss.backward()
+        grad = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad))).float()
+        if self.world > 1:
+            all_reduce(found_inf, "max")  # a step is taken by all ranks or by none
+        self.opt.found_inf = found_inf
+        self.opt.step()
+        return loss.detach(), found_inf
+
+    def count_steps(self, losses: list[torch.Tensor], skipped: list[torch.Tensor]) -> None:
+        """The bookkeeping of an image batch's steps, in step order, from one read of their losses and
+        skip flags: the loss sums, the skipped steps, and the learning rate halved after
+        `NONFINITE_PATIENCE` skipped steps in a row (from the next image batch on, as it is set per batch)."""
+        s, h = self.state, self.history
+        losses, skipped = (t.tolist() for t in self.compute.host(torch.stack(losses), torch.stack(skipped)))
+        for value, skip in zip(losses, skipped):
+            if not skip:
+                s.skipped_in_row = 0
+                s.loss_sum += value
+                s.loss_steps += 1
+                continue
             s.skipped_in_row += 1
-            self.history["skipped_steps"] += 1
+            h["skipped_steps"] += 1
             if s.skipped_in_row == NONFINITE_PATIENCE:
-                self.history["lr_scale"] /= 2
+                h["lr_scale"] /= 2
                 s.skipped_in_row = 0
                 self.log(f"warning: {NONFINITE_PATIENCE} non-finite steps in a row: learning rate halved"
-                         f" (x{self.history['lr_scale']:g})")
-            return
-        s.skipped_in_row = 0
-        self.opt.step()
-        s.loss_sum += value
-        s.loss_steps += 1
+                         f" (x{h['lr_scale']:g})")
 
     def image_batch(self, feats: list[torch.Tensor]) -> None:
         """The steps of one image batch: images with non-finite features dropped, then each scale's
-        fibers in random chunks of whole location sets."""
+        fibers in random chunks of whole location sets, queued without a host read per step (a GPU
+        would idle at each), then counted."""
         finite = _finite_rows(feats)
         if self.world > 1 and any_rank(not finite.all()):  # ranks must take the same steps: all skip it
             finite = torch.zeros_like(finite)
@@ -427,12 +479,17 @@ class _Run:
             self.log(f"warning: {bad} image(s) with non-finite features left out of this batch"
                      f" ({self.history['dropped_images']} so far)")
             feats = [f[finite] for f in feats]
+        losses, skipped = [], []
         for k, f in enumerate(feats):
             if f.shape[0] == 0:
                 continue
             fibers, log_det = self.model.fibers(k, f)
             for chunk in location_chunks(fibers, self.fiber_batch, self.gen):
-                self.step(k, chunk, log_det, tuple(f.shape[-2:]))
+                loss, found_inf = self.step(k, chunk, log_det, tuple(f.shape[-2:]))
+                losses.append(loss)
+                skipped.append(found_inf)
+        if losses:
+            self.count_steps(losses, skipped)
 
     def epoch(self, stop: "_StopRequests") -> None:
         """The rest of the current epoch (all of it unless resumed mid-way), then its bookkeeping."""
@@ -512,15 +569,17 @@ def fit(
     """Train the decoders of `model` in place on `compute` (default: `Compute()`, the GPU when there is
     one); returns a history with losses and timings. The model is moved to the compute device.
 
-    With `state_path`, the whole training state (model, optimiser, RNG states, `TrainState`) is written
-    there atomically after every epoch and when SIGINT or SIGTERM arrives, and `resume=True` continues
-    from it exactly: the same seed gives the same model as a run that was never stopped. The learning
-    rate is a function of the position, so it needs no state of its own. Every random draw comes from
-    CPU generators, so the device changes no draw.
+    With `state_path`, the whole training state (the model but its frozen encoder, optimiser, RNG
+    states, `TrainState`) is written there atomically after every epoch and when SIGINT or SIGTERM
+    arrives, and `resume=True` continues from it exactly: the same seed gives the same model as a run
+    that was never stopped. The learning rate is a function of the position, so it needs no state of
+    its own. Every random draw comes from CPU generators, so the device changes no draw.
 
     Non-finite values never reach the weights: images with non-finite features are dropped from
     their batch (and from the whitening fit), and a step whose loss or gradient is not finite is
-    skipped; after `NONFINITE_PATIENCE` skipped steps in a row the learning rate is halved. Both are
+    skipped (on the device: the optimiser leaves the weights and its moments as they were); after
+    `NONFINITE_PATIENCE` skipped steps in a row the learning rate is halved, from the next image batch
+    on (the steps' flags are read once per image batch, and the rate is set per image batch). Both are
     counted in the history and logged.
 
     `on_epoch(epoch, model)` runs after every epoch, outside the timed loop (benchmarks use it
@@ -530,14 +589,15 @@ def fit(
         raise ValueError("empty training set")
     compute = compute or Compute()
     compute.place(model)
-    run = _Run(model, train_set, val_set, compute, progress, log, Path(state_path) if state_path else None, resume,
-               on_epoch)
-    with _StopRequests() as stop:
-        while run.state.epoch < run.total_epochs:
-            run.epoch(stop)
-            if any_rank(stop.requested):
-                raise TrainingInterrupted(run.state_path)
-    return run.finish()
+    with contextlib.ExitStack() as opened:  # the image loaders' workers stop however training ends
+        run = _Run(model, train_set, val_set, compute, progress, log, Path(state_path) if state_path else None,
+                   resume, on_epoch, opened)
+        with _StopRequests() as stop:
+            while run.state.epoch < run.total_epochs:
+                run.epoch(stop)
+                if any_rank(stop.requested):
+                    raise TrainingInterrupted(run.state_path)
+        return run.finish()
 
 
 @torch.no_grad()
@@ -551,15 +611,16 @@ def fit_baseline(model: DistanceModel, train_set: Dataset, progress: bool = True
         raise ValueError("a baseline needs at least 2 training images")
     compute = compute or Compute()
     compute.place(model)
-    images = _Images(train_set, 0, compute)  # one pass: nothing to keep
-    batches = _batches(len(images), cfg.batch_size)
-    t0 = time.perf_counter()
-    bar = tqdm(images.batches(batches), total=len(batches), desc=f"fit {cfg.method}", disable=not progress, leave=False)
-    model.fit(model.features(x) for x in bar)
-    seconds = time.perf_counter() - t0
-    picks = torch.linspace(0, len(images) - 1, min(sample, len(images))).round().long().unique()
-    picks = list(picks.split(cfg.batch_size))
-    top = max(float(model.maps_from_features(model.features(x), idx)[1].max())
-              for idx, x in zip(picks, images.batches(picks)))
+    with _Images(train_set, 0, compute) as images:  # one pass: nothing to keep
+        batches = _batches(len(images), cfg.batch_size)
+        t0 = time.perf_counter()
+        bar = tqdm(images.batches(batches), total=len(batches), desc=f"fit {cfg.method}", disable=not progress,
+                   leave=False)
+        model.fit(model.features(x) for x in bar)
+        seconds = time.perf_counter() - t0
+        picks = torch.linspace(0, len(images) - 1, min(sample, len(images))).round().long().unique()
+        picks = list(picks.split(cfg.batch_size))
+        top = max(float(model.maps_from_features(model.features(x), idx)[1].max())
+                  for idx, x in zip(picks, images.batches(picks)))
     model.train_max_score.fill_(max(top, 1e-6))
     return {"fit_seconds": seconds, "epochs": 0}
