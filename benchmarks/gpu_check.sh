@@ -71,16 +71,17 @@ step() {
     return "$rc"
 }
 
-# cli NAME DEVICE PRECISION [TRAIN FLAGS...]: `cflow-ad train` (with $CLI_FLAGS and the flags) and `test` on the
-# subset; wall seconds to $WORK/NAME/wall
+# cli NAME DEVICE PRECISION FLOW_PRECISION [TRAIN FLAGS...]: `cflow-ad train` (with $CLI_FLAGS and the flags) and
+# `test` on the subset; wall seconds to $WORK/NAME/wall
 cli() {
-    local dir=$WORK/$1 device=$2 precision=$3 t0=$SECONDS
-    shift 3
+    local dir=$WORK/$1 t0=$SECONDS
+    local compute=(--device "$2" --precision "$3" --flow-precision "$4")
+    shift 4
     # CLI_FLAGS unquoted: it holds several flags
-    python3 -m cflow_ad --quiet train --data "$DATA" --category "$CATEGORY" --output "$dir" \
-        --device "$device" --precision "$precision" $CLI_FLAGS "$@" &&
+    python3 -m cflow_ad --quiet train --data "$DATA" --category "$CATEGORY" --output "$dir" "${compute[@]}" \
+        $CLI_FLAGS "$@" &&
         python3 -m cflow_ad --quiet test --model "$dir/model.safetensors" --data "$DATA" --category "$CATEGORY" \
-            --output "$dir/test" --device "$device" --precision "$precision" &&
+            --output "$dir/test" "${compute[@]}" &&
         echo $((SECONDS - t0)) >"$dir/wall"
 }
 
@@ -131,7 +132,7 @@ EOF
     fi
 }
 export -f cli deploy
-CLI_FLAGS= SPEED=(--repeats 3 --b1-calls 10 --warmup 2) TRAIN_SPEED=(--precisions fp32 bf16 --epochs 3)
+CLI_FLAGS= SPEED=(--repeats 3 --b1-calls 10 --warmup 2) TRAIN_SPEED=(--precisions fp32 bf16/bf16 --epochs 3)
 FIBERS=(--fiber-batches 2048 8192 32768 --images 64 --repeats 1)  # the default, the paper's, larger: is a GPU faster?
 if ((QUICK)); then
     CLI_FLAGS="--epochs 1 --sub-epochs 1 --min-steps 0"
@@ -156,7 +157,7 @@ EOF' _ "$DEVICE"
 HAVE_DATA=0
 [[ -d $DATA/$CATEGORY ]] && HAVE_DATA=1
 if ((HAVE_DATA)); then
-    step "CLI train + test, $DEVICE fp32" 50 bash -c 'cli "$@"' _ "$DEVICE-fp32" "$DEVICE" fp32
+    step "CLI train + test, $DEVICE fp32" 50 bash -c 'cli "$@"' _ "$DEVICE-fp32" "$DEVICE" fp32 fp32
 else
     FAILED+=("data")
     printf '\n## CLI train + test: FAILED, no %s: build it with benchmarks/gpu_prepare.sh\n' "$DATA/$CATEGORY" \
@@ -168,10 +169,10 @@ step "CUDA tests (pytest -m cuda tests/test_cuda.py)" 90 \
     python3 -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider
 RUNS=("$DEVICE-fp32")
 if ((HAVE_DATA)); then
-    step "CLI train + test, $DEVICE bf16" 35 bash -c 'cli "$@"' _ "$DEVICE-bf16" "$DEVICE" bf16
+    step "CLI train + test, $DEVICE bf16 (encoder and flows)" 35 bash -c 'cli "$@"' _ "$DEVICE-bf16" "$DEVICE" bf16 bf16
     RUNS+=("$DEVICE-bf16")
     for method in padim patchcore spade; do
-        step "CLI train + test, $DEVICE $method" 20 bash -c 'cli "$@"' _ "$DEVICE-$method" "$DEVICE" fp32 \
+        step "CLI train + test, $DEVICE $method" 20 bash -c 'cli "$@"' _ "$DEVICE-$method" "$DEVICE" fp32 fp32 \
             --method "$method"
         RUNS+=("$DEVICE-$method")
     done
@@ -185,7 +186,7 @@ step "fiber batch per step: benchmarks/train_speed.py --device $DEVICE ${FIBERS[
     python3 benchmarks/train_speed.py --device "$DEVICE" --data "$DATA" --category "$CATEGORY" "${FIBERS[@]}"
 if [[ $DEVICE != cpu ]] && ((HAVE_DATA)); then  # the same subset on the CPU, if time allows
     if ((DEADLINE - SECONDS >= 60)); then
-        step "CLI train + test, cpu fp32 (for comparison)" 60 bash -c 'cli "$@"' _ cpu-fp32 cpu fp32
+        step "CLI train + test, cpu fp32 (for comparison)" 60 bash -c 'cli "$@"' _ cpu-fp32 cpu fp32 fp32
         RUNS+=(cpu-fp32)
     else
         printf '\n## CLI train + test, cpu fp32: skipped, under 60 s left\n' >>"$REPORT"

@@ -23,7 +23,8 @@ x 32x32 patches x 0.01). SPADE runs in PyTorch only.
 With --device it times the paper's own Table 6 configurations instead, on that device (a GPU:
 the paper used a GTX 1080): ResNet-18, Wide-ResNet-50 and MobileNetV3-L with the paper's taps and
 decoders (3 scales, 8 couplings, C = 128, no whitening), and MobileNetV2 with this project's
-default decoder, at 256 and 512 px, batch 1 and 32, fp32 and bf16 autocast of the encoder. Each
+default decoder, at 256 and 512 px, batch 1 and 32, in fp32 and in bf16 (the encoder autocast and
+the flows' matrix products, `--precisions fp32 bf16/bf16`; `bf16` alone is the encoder only). Each
 row gives the encoder alone and the whole model from image tensor to anomaly map and score (the
 images already on the device, outputs left there; the device is synchronised before and after
 each timed repeat), the median of --repeats, beside the paper's fps. Random weights: speed does
@@ -48,7 +49,7 @@ import time
 import torch
 
 from cflow_ad.config import CFlowConfig
-from cflow_ad.device import PRECISIONS, Compute, available_cores, set_threads, synchronize
+from cflow_ad.device import Compute, available_cores, set_threads, synchronize
 from cflow_ad.export import onnx_runner, trace_onnx
 from cflow_ad.runtime import CHUNK, session_options
 from cflow_ad.encoder import encoder_for
@@ -207,7 +208,8 @@ def table6(args: argparse.Namespace) -> dict:
             runs = {"encoder": model.encoder, "cflow": model}
             at = PAPER_SIZES.index(size) if paper and size in PAPER_SIZES else None
             for precision in args.precisions:
-                compute = Compute(args.device, precision, workers=0)
+                encoder_p, _, flows_p = precision.partition("/")
+                compute = Compute(args.device, encoder_p, workers=0, flow_precision=flows_p or "fp32")
                 compute.place(model)
                 for batch in args.batches:
                     x = compute.put(torch.rand(batch, 3, size, size, generator=gen))
@@ -260,8 +262,9 @@ def main() -> None:
     t6.add_argument("--device", help="cuda, cuda:N, cpu or mps: time the Table 6 configurations there")
     t6.add_argument("--encoders", nargs="+", default=list(TABLE6), choices=list(TABLE6))
     t6.add_argument("--sizes", nargs="+", type=int, default=list(PAPER_SIZES), help="input sizes in pixels")
-    t6.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS,
-                    help="encoder autocast precision (the flows stay fp32)")
+    t6.add_argument("--precisions", nargs="+", default=["fp32", "bf16/bf16"], metavar="ENCODER[/FLOWS]",
+                    help="the encoder's autocast precision (fp32, bf16, fp16), and after a slash the flows' matrix"
+                         " products' (--flow-precision; fp32 without one)")
     t6.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     t6.add_argument("--warmup", type=int, default=3, help="untimed calls per part before the timed repeats")
     args = p.parse_args()

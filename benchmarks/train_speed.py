@@ -16,7 +16,7 @@ epoch and the median of the later ones. `default` is this project's default conf
 whitening, +-5 degree rotation, so the encoder runs every epoch; encoder batch 32, 8,192 fibers a step), with
 random encoder weights when no ImageNet weights are installed (speed does not depend on them).
 
-    python benchmarks/train_speed.py --device cuda --precisions fp32 bf16
+    python benchmarks/train_speed.py --device cuda --precisions fp32 bf16/bf16
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Subset
 
 from cflow_ad.config import CFlowConfig
-from cflow_ad.device import PRECISIONS, Compute, set_threads, synchronize
+from cflow_ad.device import Compute, set_threads, synchronize
 from cflow_ad.encoder import packaged_weights_path
 from cflow_ad.model import CFlowModel
 from cflow_ad.source import DataSource
@@ -72,7 +72,8 @@ def epochs(args: argparse.Namespace, root: Path) -> None:
         full = DataSource(root, args.category).open("train", cfg.image_size)
         subset = Subset(full, range(min(args.images, len(full))))
         for precision in args.precisions:
-            compute = Compute(args.device, precision, args.workers)
+            encoder_p, _, flows_p = precision.partition("/")
+            compute = Compute(args.device, encoder_p, args.workers, flow_precision=flows_p or "fp32")
             model = CFlowModel(cfg, pretrained=pretrained)
             t0 = time.perf_counter()
             history = fit(model, subset, progress=False, log=lambda m: None, compute=compute)
@@ -104,7 +105,8 @@ def main() -> None:
                    " the cores available)")
     p.add_argument("--device", help="cuda, cuda:N, cpu or mps: seconds per epoch there (default: auto, fiber batches)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=PRECISIONS)
+    p.add_argument("--precisions", nargs="+", default=["fp32"], metavar="ENCODER[/FLOWS]",
+                   help="per-epoch timing: the encoder's precision, and after a slash the flows' (fp32 without one)")
     p.add_argument("--epochs", type=int, default=3, help="per-epoch timing: epochs per run (the first one warms up)")
     p.add_argument("--workers", type=int, help="image-decoding worker processes (default: the package's)")
     args = p.parse_args()

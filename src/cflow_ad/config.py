@@ -150,7 +150,8 @@ class CFlowConfig:
     memory_mb: int = _opt(
         6144, "RAM (MB) for data held across a set: training caches decoded images in a third and encoder features in"
         " two thirds, and test keeps maps for exact pixel metrics in an eighth (sorting them takes ~6x that). Past it"
-        " training decodes and encodes again each pass and test bins the map values: memory stays bounded."
+        " training decodes and encodes again each pass and test bins the map values: memory stays bounded. SPADE's"
+        " gallery and PatchCore's training patches must fit in it."
     )
     seed: int = _opt(0, "Random seed: the same seed gives the same model and metrics.")
     # scoring (Eq. 8)

@@ -237,6 +237,15 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
+def make_current(device: torch.device) -> None:
+    """Make a GPU this process's current one, before anything asks for the current one (nccl, a loader's
+    pin-memory thread), each of which would otherwise open a context on GPU 0; nothing elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def distributed_backend(device: torch.device) -> str:
     """nccl for CUDA ranks, gloo otherwise (nccl refuses CPU tensors)."""
     return "nccl" if device.type == "cuda" else "gloo"

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from .device import distributed_backend
+from .device import distributed_backend, make_current
 
 _DEVICE = torch.device("cpu")  # where this rank's collectives run: its own device under nccl
 
@@ -38,10 +38,7 @@ def init_from_env(device: torch.device = torch.device("cpu")) -> tuple[int, int]
     global _DEVICE
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return 0, 1
-    if device.type == "cuda":
-        # this rank's GPU is current before anything asks for the current one (nccl, the loader's pin-memory
-        # thread), each of which would otherwise open a context on GPU 0, every rank one
-        torch.cuda.set_device(device)
+    make_current(device)  # else every rank would also open a context on GPU 0
     if not dist.is_initialized():
         backend = distributed_backend(device)
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
