@@ -26,10 +26,10 @@ from .geometry import full_boxes, restore
 from .images import read
 from .inference import (Inspector, Predictions, as_model, check_precision, exportable, is_onnx_file, load_runner,
                         predict_inputs)
-from .metrics import Evaluation
+from .metrics import FPR_LIMIT, Evaluation
 from .model import METHOD_CLASSES, build_model
 from .outputs import NAMES, OutputFolder, check_writable, check_writable_file, replacing, to_json
-from .report import FPR_LIMIT, WorstCases, write_test_artifacts
+from .report import WorstCases, write_test_artifacts
 from .scoring import fixed_mode, paper_stream
 from .source import DataSource
 from .thresholds import PIXEL_SAMPLE, Thresholds, heat_scale

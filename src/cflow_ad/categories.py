@@ -18,8 +18,7 @@ from pathlib import Path
 
 from .config import CFlowConfig
 from .errors import CflowInputError
-from .outputs import check_writable, to_json, write_text
-from .report import percent
+from .outputs import check_writable, percent, to_json, write_text
 from .source import DataSource
 
 

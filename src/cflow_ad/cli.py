@@ -18,7 +18,7 @@ from . import __version__
 from .config import METHODS, NORMALIZATIONS, QUANTIZE, CFlowConfig, default_text
 from .device import COMPUTE_FIELDS, FLOW_PRECISIONS, PRECISIONS, Compute, available_cores, cuda_count, set_threads
 from .errors import CflowInputError
-from .outputs import NAMES, as_text
+from .outputs import NAMES, as_text, percent
 
 EXIT_STATUS = """exit status:
   0    done; predict also when it skipped some files (each is listed with its reason)
@@ -245,14 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pc(value: float | None) -> str:
-    """A metric in percent, 'n/a' where it could not be computed (e.g. no masks)."""
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def _print_metrics(metrics: dict) -> None:
-    print(f"image AUROC {_pc(metrics['image_auroc'])}  pixel AUROC {_pc(metrics['pixel_auroc'])}"
-          f"  AUPRO {_pc(metrics['aupro'])}")
+    print(f"image AUROC {percent(metrics['image_auroc'], 2, '')}  pixel AUROC {percent(metrics['pixel_auroc'], 2, '')}"
+          f"  AUPRO {percent(metrics['aupro'], 2, '')}")
     used = metrics.get("images_used", {})
     if used.get("pixel_metrics") != used.get("image_metrics"):
         print(f"pixel metrics on the {used['pixel_metrics']} of {used['image_metrics']} images that have masks")
@@ -260,12 +255,12 @@ def _print_metrics(metrics: dict) -> None:
     regions = rates.get("regions_per_type", {})
     for name, m in metrics.get("per_type", {}).items():
         found = regions.get(name, {}).get("region_recall")
-        print(f"  {name:<12} image AUROC {_pc(m['image_auroc'])}  pixel AUROC {_pc(m['pixel_auroc'])}"
-              + ("" if found is None else f"  region recall {_pc(found)}"))
+        print(f"  {name:<12} image AUROC {percent(m['image_auroc'], 2, '')}  pixel AUROC {percent(m['pixel_auroc'], 2, '')}"
+              + ("" if found is None else f"  region recall {percent(found, 2, '')}"))
     if rates:
-        print(f"at the thresholds: image FPR {_pc(rates['image_fpr'])}, recall {_pc(rates['image_recall'])};"
-              f" good images with a region {_pc(rates.get('region_false_alarm_rate'))},"
-              f" defects a region finds {_pc(rates.get('region_recall'))}")
+        print(f"at the thresholds: image FPR {percent(rates['image_fpr'], 2, '')}, recall {percent(rates['image_recall'], 2, '')};"
+              f" good images with a region {percent(rates.get('region_false_alarm_rate'), 2, '')},"
+              f" defects a region finds {percent(rates.get('region_recall'), 2, '')}")
 
 
 def _print_predictions(rows: list[dict], output: Path) -> None:

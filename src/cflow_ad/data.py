@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from .errors import CflowInputError
-from .geometry import InputFrame
-from .images import _as_hw, _images_in, _open, _PathLike, _to_8bit, as_chw, read
+from .geometry import InputFrame, as_hw
+from .images import _images_in, _open, _PathLike, _to_8bit, as_chw, read
 from .images import IMAGE_EXTENSIONS, list_images  # noqa: F401  (public here too: datasets are listed with them)
 
 def _to_tensor(im: Image.Image | np.ndarray) -> torch.Tensor:
@@ -60,7 +60,7 @@ def load_image(path: _PathLike, size) -> torch.Tensor:
 
 def load_mask(path: _PathLike, size: int | Sequence[int]) -> torch.Tensor:
     """Read a defect mask (binarised at 128) as float32 [1, H, W] in {0, 1}."""
-    return _read_mask(path, _as_hw(size))[0]
+    return _read_mask(path, as_hw(size))[0]
 
 
 class Record(NamedTuple):
@@ -398,7 +398,7 @@ def make_synthetic_mvtec(root: _PathLike, category: str = "synthetic", n_train: 
     seed gives byte-identical files.  The category folder must not already hold files,
     so stale images from an earlier run can never mix in.
     """
-    h, w = _as_hw(size)
+    h, w = as_hw(size)
     if min(h, w) < 32:
         raise CflowInputError(f"synthetic image size {size!r} is too small: use at least 32 pixels")
     if n_train < 1 or n_test_good < 0 or n_test_defect < 0:

@@ -35,6 +35,7 @@ from .device import Compute
 from .encoder import PACKAGED_WEIGHTS, packaged_weights_path
 from .errors import CflowInputError
 from .metrics import f1_optimal_threshold, to_json
+from .outputs import percent
 from .model import METHOD_CLASSES
 from .source import DataSource, layout
 
@@ -159,10 +160,12 @@ def _known(values: Sequence[float | None]) -> list[float]:
 
 
 def _pct(values: Sequence[float | None]) -> str:
-    vals = [100 * v for v in _known(values)]
-    if not vals:
-        return "n/a"
-    return f"{vals[0]:.1f}" if len(vals) == 1 else f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+    """One run's metric in percent, or the mean ± standard deviation of several seeds'."""
+    known = _known(values)
+    if len(known) < 2:
+        return percent(known[0] if known else None, 1, "")
+    vals = [100 * v for v in known]
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -13,10 +13,27 @@ numpy and Pillow only: the torch-free scoring runtime restores its maps with thi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from .errors import CflowInputError
+
+
+def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """Normalise an int or (H, W) size so every caller can accept both forms."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        hw = (int(size), int(size))
+    elif (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise CflowInputError(f"invalid image size {size!r}: use a positive int or a (height, width) pair")
+    if min(hw) <= 0:
+        raise CflowInputError(f"invalid image size {size!r}: height and width must be positive")
+    return hw
 
 
 @dataclass(frozen=True)
@@ -33,9 +50,7 @@ class InputFrame:
             return spec
         if hasattr(spec, "image_size"):
             return cls(tuple(spec.image_size), bool(getattr(spec, "keep_aspect", False)))
-        from .images import _as_hw
-
-        return cls(_as_hw(spec))
+        return cls(as_hw(spec))
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, height, width) of an image of `height` x `width` pixels in the input."""

@@ -40,20 +40,6 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")
 _PathLike = str | os.PathLike
 
 
-def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
-    """Normalise an int or (H, W) size so every caller can accept both forms."""
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        hw = (int(size), int(size))
-    elif (isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
-        hw = (int(size[0]), int(size[1]))
-    else:
-        raise CflowInputError(f"invalid image size {size!r}: use a positive int or a (height, width) pair")
-    if min(hw) <= 0:
-        raise CflowInputError(f"invalid image size {size!r}: height and width must be positive")
-    return hw
-
-
 def _one_line(exc: BaseException) -> str:
     """Collapse an exception text to one line so user messages stay single-line."""
     return " ".join(str(exc).split()) or type(exc).__name__

@@ -16,6 +16,8 @@ from .outputs import json_safe, to_json  # noqa: F401  (to_json: public here too
 from .regions import defect_regions
 
 GOOD = "good"
+FPR_LIMIT = 0.3  # the PRO curve's upper false-positive rate: AUPRO is its area up to here (MVTec AD's choice)
+
 
 # 8-connectivity inside each image and none across images, so one ndimage.label call
 # on the whole [N, H, W] stack gives the same regions as labelling image by image.
@@ -102,7 +104,7 @@ def _cut_at(fpr: np.ndarray, pro: np.ndarray, limit: float) -> tuple[np.ndarray,
     return x, y
 
 
-def pro_curve(masks, maps, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks, maps, fpr_limit: float = FPR_LIMIT) -> tuple[np.ndarray, np.ndarray]:
     """Per-region-overlap curve (fpr, pro) from (0, 0) up to fpr == fpr_limit (last point interpolated).
 
     Follows MVTec AD (Bergmann et al.): each 8-connected ground-truth component is a
@@ -156,7 +158,7 @@ def pro_curve(masks, maps, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarr
     return _cut_at(fpr, pro, fpr_limit)
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> float:
+def aupro(masks, maps, fpr_limit: float = FPR_LIMIT) -> float:
     """Normalised area under the per-region-overlap curve (`pro_curve`) for FPR in [0, fpr_limit].
 
     A perfect detector scores 1.0; nan when there is no defect region or no
@@ -252,7 +254,7 @@ def auroc_per_defect_type(
 
 
 def evaluate(
-    labels, scores, masks, maps, defect_types: Sequence[str], fpr_limit: float = 0.3
+    labels, scores, masks, maps, defect_types: Sequence[str], fpr_limit: float = FPR_LIMIT
 ) -> dict:
     """All metrics in one JSON-serialisable dict; pixel metrics are nan without masks/maps."""
     if (masks is None) != (maps is None):
@@ -391,7 +393,7 @@ class PixelHistograms:
             return np.zeros(0), np.zeros(0)
         return np.r_[0.0, np.cumsum(neg) / neg.sum()], np.r_[0.0, np.cumsum(pos) / pos.sum()]
 
-    def pro_curve(self, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    def pro_curve(self, fpr_limit: float = FPR_LIMIT) -> tuple[np.ndarray, np.ndarray]:
         """As `pro_curve`, with one threshold per bin."""
         if not 0.0 < fpr_limit <= 1.0:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -415,7 +417,7 @@ class PixelHistograms:
         best = int(np.argmax(f1))
         return float(self.low[used[best]]), float(f1[best])
 
-    def aupro(self, fpr_limit: float = 0.3) -> float:
+    def aupro(self, fpr_limit: float = FPR_LIMIT) -> float:
         fpr, pro = self.pro_curve(fpr_limit)
         return float(np.trapezoid(pro, fpr)) / fpr_limit if fpr.size else float("nan")
 
@@ -432,7 +434,7 @@ class Evaluation:
     parts of the masks) that one overlaps, overall and per defect type. `centre` is where the
     histograms' bins are finest (see `value_bins`): the maps' upper bound if known."""
 
-    def __init__(self, budget_bytes: int, thresholds: tuple[float, float] | None = None, fpr_limit: float = 0.3,
+    def __init__(self, budget_bytes: int, thresholds: tuple[float, float] | None = None, fpr_limit: float = FPR_LIMIT,
                  centre: float | None = None):
         self.budget, self.thresholds, self.fpr_limit, self.centre = budget_bytes, thresholds, fpr_limit, centre
         self.labels: list[int] = []

@@ -164,3 +164,11 @@ class OutputFolder:
             if isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts:
                 names.append(name)
         return names
+
+
+def percent(value: float | None, digits: int = 1, sign: str = "%") -> str:
+    """A fraction as a percentage for people; 'n/a' where it could not be computed (None, or nan from older
+    runs; e.g. pixel metrics without masks)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    return f"{100 * value:.{digits}f}{sign}"

@@ -13,7 +13,6 @@ import csv
 import heapq
 import io
 import json
-import math
 from html import escape
 from pathlib import Path
 
@@ -23,12 +22,12 @@ from matplotlib.figure import Figure
 
 from .data import load_image
 from .errors import CflowInputError
-from .outputs import OutputFolder, check_writable_file, to_json, write_text
+from .metrics import FPR_LIMIT
+from .outputs import OutputFolder, check_writable_file, percent, to_json, write_text
 from .regions import defect_regions
 from .thresholds import ScoreScale, Thresholds
 from .visualize import colour_bar, draw_boxes, heat_rgb, outline, overlay_rgb, png_bytes, save_png
 
-FPR_LIMIT = 0.3
 GT_OUTLINE = np.array([0, 255, 0], dtype=np.uint8)  # green: white marks predicted defects in predict's overlays
 
 
@@ -84,11 +83,6 @@ def _need(results: Path, name: str) -> Path:
     if not path.is_file():
         raise CflowInputError(f"{path} not found: rerun 'cflow-ad test --output {results}' to write the report's inputs")
     return path
-
-
-def percent(v) -> str:
-    """A fraction as a percentage for people, 'n/a' when missing or nan."""
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 
 
 def _num(v) -> str:
@@ -255,7 +249,7 @@ def write_report(results: Path, output: Path | None = None) -> Path:
 <h1>cflow-ad test report: {escape(res.name)}</h1>
 <p class=info>{" · ".join(info)}</p>{config_html}
 <h2>Metrics</h2>
-{_table(["image AUROC", "pixel AUROC", "AUPRO (FPR ≤ 0.3)"],
+{_table(["image AUROC", "pixel AUROC", f"AUPRO (FPR ≤ {FPR_LIMIT})"],
         [[percent(metrics.get("image_auroc")), percent(metrics.get("pixel_auroc")), percent(metrics.get("aupro"))]])}
 {coverage}
 <h3>Per defect type (against all good images)</h3>

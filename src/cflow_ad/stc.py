@@ -29,7 +29,7 @@ from PIL import Image
 
 from . import data as D
 from .errors import CflowInputError
-from .geometry import InputFrame
+from .geometry import InputFrame, as_hw
 from .images import IMAGE_EXTENSIONS, _one_line
 
 _MASK_CHUNK_BYTES = 8 << 20  # label scan of a pixel mask: this much mapped at a time
@@ -214,7 +214,7 @@ def make_synthetic_stc(root: D._PathLike, scenes: Sequence[str] = ("01", "02"), 
     test_pixel_mask/<video>.npy as uint8 0/1, and, with `frame_masks`, in test_frame_mask/.
     Training videos are named <scene>_001, ..., test videos <scene>_0001, ..., frames 000.jpg, ...
     """
-    h, w = D._as_hw(size)
+    h, w = as_hw(size)
     if min(h, w) < 32:
         raise CflowInputError(f"synthetic frame size {size!r} is too small: use at least 32 pixels")
     if train_videos < 1 or test_videos < 1 or frames < 1 or not scenes:
