@@ -28,9 +28,10 @@ FAILED=()
 mkdir -p "$(dirname "$REPORT")" && rm -rf "$WORK" && mkdir -p "$WORK" || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then  # packages the machine lacks, carried as wheels
-    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    SITE=$WORK/site  # inside the run folder: no path of any one machine
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         .whl/*.whl
-    then export PYTHONPATH=/tmp/site:$PYTHONPATH
+    then export PYTHONPATH=$PWD/$SITE:$PYTHONPATH
     else FAILED+=("install .whl")
     fi
 fi
